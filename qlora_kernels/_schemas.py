@@ -1,0 +1,19 @@
+"""The op schemas, for the builds without the CUDA extension.
+
+``csrc/ops.cpp`` is where the schemas are defined when the extension is built; this list is
+the same text, used to define the ops from Python when it is not. ``tests/test_build.py``
+checks that the two agree word for word.
+"""
+
+SCHEMAS = {
+    "quantize_4bit": "quantize_4bit(Tensor A, int blocksize, str quant_type) -> (Tensor, Tensor)",
+    "dequantize_4bit": (
+        "dequantize_4bit(Tensor packed, Tensor absmax, int blocksize, str quant_type, int numel, "
+        "ScalarType dtype, Tensor? nested_absmax=None, Tensor? nested_code=None, "
+        "Tensor? offset=None, int nested_blocksize=256) -> Tensor"
+    ),
+    "quantize_8bit": "quantize_8bit(Tensor A, Tensor offset, Tensor code, int blocksize) -> (Tensor, Tensor)",
+    "dequantize_8bit": (
+        "dequantize_8bit(Tensor q, Tensor absmax, Tensor code, Tensor offset, int blocksize) -> Tensor"
+    ),
+}

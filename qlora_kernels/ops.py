@@ -1,0 +1,71 @@
+"""Wires the three implementations to the dispatcher, once per process.
+
+* The schemas come from the CUDA extension (``csrc/ops.cpp``) when it is loaded, otherwise
+  from ``_schemas.py``.
+* CPU tensors always run the plain-torch reference.
+* CUDA tensors run the extension's kernels (registered in C++), or the Triton kernels, or
+  the reference, as ``_backend.choose()`` decided.
+* Every op has a fake (meta) kernel, so ``torch.compile(fullgraph=True)`` traces through.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _backend, reference
+from ._schemas import SCHEMAS
+
+BACKEND = _backend.choose()
+_backend.warn_if_degraded(BACKEND)
+
+_lib = torch.library.Library("qlora_kernels", "FRAGMENT")
+if BACKEND != "cuda":
+    for _schema in SCHEMAS.values():
+        _lib.define(_schema)
+
+for _name in SCHEMAS:
+    _lib.impl(_name, getattr(reference, _name), "CPU")
+
+if BACKEND == "triton":
+    from .triton import quant as _triton_quant
+
+    for _name in SCHEMAS:
+        _lib.impl(_name, getattr(_triton_quant, _name), "CUDA")
+elif BACKEND == "torch":
+    for _name in SCHEMAS:
+        _lib.impl(_name, getattr(reference, _name), "CUDA")
+
+
+def _nblocks(n, blocksize):
+    return -(-n // blocksize)
+
+
+@torch.library.register_fake("qlora_kernels::quantize_4bit")
+def _(A, blocksize, quant_type):
+    n = A.numel()
+    packed = A.new_empty(((n + 1) // 2, 1), dtype=torch.uint8)
+    return packed, A.new_empty((_nblocks(n, blocksize),), dtype=torch.float32)
+
+
+@torch.library.register_fake("qlora_kernels::dequantize_4bit")
+def _(packed, absmax, blocksize, quant_type, numel, dtype, nested_absmax=None, nested_code=None,
+      offset=None, nested_blocksize=256):
+    return packed.new_empty((numel,), dtype=dtype)
+
+
+@torch.library.register_fake("qlora_kernels::quantize_8bit")
+def _(A, offset, code, blocksize):
+    n = A.numel()
+    q = A.new_empty((n,), dtype=torch.uint8)
+    return q, A.new_empty((_nblocks(n, blocksize),), dtype=torch.float32)
+
+
+@torch.library.register_fake("qlora_kernels::dequantize_8bit")
+def _(q, absmax, code, offset, blocksize):
+    return q.new_empty((q.numel(),), dtype=torch.float32)
+
+
+quantize_4bit = torch.ops.qlora_kernels.quantize_4bit.default
+dequantize_4bit = torch.ops.qlora_kernels.dequantize_4bit.default
+quantize_8bit = torch.ops.qlora_kernels.quantize_8bit.default
+dequantize_8bit = torch.ops.qlora_kernels.dequantize_8bit.default

@@ -1,0 +1,110 @@
+"""Plain-torch implementation of every op: the ground truth the CUDA and Triton kernels are
+tested against bit for bit, and the kernel that serves CPU tensors.
+
+Arguments are assumed checked (``functional.py`` checks them); each function mirrors the op of
+the same name in ``csrc/ops.cpp``. Everything is computed in float32 with one rounding per
+operation, in the order the kernels use, so that results match to the bit:
+
+* quantize: ``scaled = x * (1 / max(absmax, 1e-38))``; the code is the nearest table entry,
+  decided by the float32 midpoints, a value exactly on a midpoint taking the lower entry.
+  (FP4's table is unsorted: the entries are ranked by value, +0 before -0, see codes.py.)
+* dequantize: ``table[code] * absmax`` in float32, then one rounding to the output dtype.
+* double quant decode: ``absmax = code8[q] * nested_absmax + offset`` (a multiply, then an
+  add: two roundings, never a fused multiply-add).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import codes
+
+# The smallest absmax used as a divisor: an all-zero block then scales to exact zeros instead of
+# 0 * inf = NaN (bitsandbytes clamps the same way).
+ABSMAX_FLOOR = 1e-38
+
+
+def _blocks(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """``flat`` zero-padded to whole blocks, as [blocks, blocksize]. Zeros never raise a max."""
+    n = flat.numel()
+    nblocks = -(-n // blocksize)
+    return torch.nn.functional.pad(flat, (0, nblocks * blocksize - n)).view(nblocks, blocksize)
+
+
+def _absmax_and_scaled(flat32: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    blocks = _blocks(flat32, blocksize)
+    absmax = blocks.abs().amax(dim=1)  # amax propagates NaN, so a NaN block has a NaN absmax
+    inv = 1.0 / absmax.clamp(min=ABSMAX_FLOOR)
+    return absmax, (blocks * inv[:, None]).reshape(-1)
+
+
+def encode_4bit(scaled: torch.Tensor, quant_type: str) -> torch.Tensor:
+    """4-bit codes (int64) of values already scaled into [-1, 1]."""
+    dev = str(scaled.device)
+    # bucketize(right=False) = number of thresholds strictly below x: ties take the lower entry
+    position = torch.bucketize(scaled, codes.thresholds(quant_type, dev))
+    return codes.order_tensor(quant_type, dev)[position]
+
+
+def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (packed uint8 [(n+1)//2, 1], absmax float32 [ceil(n / blocksize)]).
+
+    Element 2j goes to the high nibble of byte j, element 2j+1 to the low one; the unused low
+    nibble of an odd-sized tensor holds the code of 0.0 (what bitsandbytes writes there).
+    """
+    flat = A.reshape(-1).to(torch.float32)
+    n = flat.numel()
+    absmax, scaled = _absmax_and_scaled(flat, blocksize)
+    nbytes = (n + 1) // 2
+    q = encode_4bit(scaled[: 2 * nbytes], quant_type).to(torch.uint8)
+    packed = (q[0::2] << 4) | q[1::2]
+    return packed.reshape(nbytes, 1), absmax
+
+
+def unpack_4bit(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """The 4-bit codes (int64) of the first ``numel`` elements."""
+    p = packed.reshape(-1)
+    return torch.stack([p >> 4, p & 0xF], dim=1).reshape(-1)[:numel].long()
+
+
+def dequantize_8bit(
+    q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, offset: torch.Tensor, blocksize: int
+) -> torch.Tensor:
+    """float32 ``code[q] * absmax[i // blocksize] + offset``: two roundings, no FMA."""
+    n = q.numel()
+    values = code.to(torch.float32)[q.reshape(-1).long()]
+    scale = absmax.to(torch.float32).repeat_interleave(blocksize)[:n]
+    return (values * scale) + offset.to(torch.float32)
+
+
+def quantize_8bit(
+    A: torch.Tensor, offset: torch.Tensor, code: torch.Tensor, blocksize: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise 8-bit quantization of ``A - offset`` to the nearest entry of the ascending
+    256-entry ``code`` -> (q uint8 [n], absmax float32 [ceil(n / blocksize)])."""
+    x = A.reshape(-1).to(torch.float32) - offset.to(torch.float32)
+    n = x.numel()
+    absmax, scaled = _absmax_and_scaled(x, blocksize)
+    q = torch.bucketize(scaled[:n], codes.midpoints(code))
+    return q.to(torch.uint8), absmax
+
+
+def dequantize_4bit(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    quant_type: str,
+    numel: int,
+    dtype: torch.dtype,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    nested_blocksize: int = codes.NESTED_BLOCKSIZE,
+) -> torch.Tensor:
+    """1-D tensor of ``numel`` values in ``dtype``. With ``nested_absmax`` given, ``absmax``
+    holds the 8-bit double-quant codes and is decoded first."""
+    if nested_absmax is not None:
+        absmax = dequantize_8bit(absmax, nested_absmax, nested_code, offset, nested_blocksize)
+    values = codes.code_tensor(quant_type, str(packed.device))[unpack_4bit(packed, numel)]
+    scale = absmax.to(torch.float32).repeat_interleave(blocksize)[:numel]
+    return (values * scale).to(dtype)
