@@ -1,0 +1,27 @@
+// Every op schema of qlora_kernels, in one place. The CUDA kernels register themselves in
+// their own .cu files with TORCH_LIBRARY_IMPL(qlora_kernels, CUDA, m); the CPU kernels are
+// the plain-torch reference, registered from Python (qlora_kernels/ops.py).
+// qlora_kernels/_schemas.py repeats these strings for builds without this library; a test
+// keeps the two identical.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(qlora_kernels, m) {
+  m.def("quantize_4bit(Tensor A, int blocksize, str quant_type) -> (Tensor, Tensor)");
+  m.def(
+      "dequantize_4bit(Tensor packed, Tensor absmax, int blocksize, str quant_type, int numel, "
+      "ScalarType dtype, Tensor? nested_absmax=None, Tensor? nested_code=None, "
+      "Tensor? offset=None, int nested_blocksize=256) -> Tensor");
+  m.def("quantize_8bit(Tensor A, Tensor offset, Tensor code, int blocksize) -> (Tensor, Tensor)");
+  m.def(
+      "dequantize_8bit(Tensor q, Tensor absmax, Tensor code, Tensor offset, int blocksize) -> Tensor");
+}
+
+// Importing qlora_kernels._C only has to load this library (which runs the registrations
+// above); the module itself is empty, so there is no pybind11 layer.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
