@@ -25,6 +25,23 @@ def _say(msg: str) -> None:
     print(f"qlora_kernels setup: {msg}", file=sys.stderr, flush=True)
 
 
+def _set_cuda_home() -> None:
+    """Points CUDA_HOME at a real toolkit when it is unset. torch guesses it from the nvcc on
+    PATH, which is wrong when that nvcc is a wrapper script outside the toolkit."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")) and \
+                os.path.exists(os.path.join(home, "bin", "nvcc")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
 def _nvcc_found(cuda_home) -> bool:
     if cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")):
         return True
@@ -52,6 +69,7 @@ def _extensions():
         _say("QLORA_KERNELS_SKIP_CUDA is set: installing WITHOUT the CUDA extension "
              "(CUDA tensors will use Triton or plain torch).")
         return [], {}
+    _set_cuda_home()
     try:
         import torch
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension

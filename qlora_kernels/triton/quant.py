@@ -65,13 +65,16 @@ def _quant_tile(n: int, blocksize: int) -> tuple[int, int]:
 
 
 @triton.jit
-def _block_absmax_inv(x, FLOOR: tl.constexpr):
-    """Per-row absmax of a float32 [ROWS, ...] tile (NaN if the row holds one) and the IEEE
-    reciprocal of the floored absmax. ``x`` holds 0.0 at padding positions."""
-    bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-    while len(bits.shape) > 1:
-        bits = tl.max(bits, axis=len(bits.shape) - 1)
-    absmax = bits.to(tl.float32, bitcast=True)
+def _abs_bits(x):
+    """``|x|`` of float32 ``x`` as int32 bit patterns, ordered as the values (NaN above inf)."""
+    return x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+
+
+@triton.jit
+def _absmax_and_inv(max_bits, FLOOR: tl.constexpr):
+    """absmax from the per-block max of :func:`_abs_bits`, and the IEEE reciprocal of the
+    floored absmax."""
+    absmax = max_bits.to(tl.float32, bitcast=True)
     floor = tl.full([], FLOOR, tl.float32)
     # `absmax < floor` is false for NaN, so NaN passes through as torch's clamp lets it.
     m = tl.where(absmax < floor, floor, absmax)
@@ -95,7 +98,7 @@ def _quantize_4bit_kernel(
     elem = byte[:, :, None] * 2 + k[None, None, :]
     x = tl.load(a_ptr + elem, mask=elem < n, other=0.0).to(tl.float32)
 
-    absmax, inv = _block_absmax_inv(x, FLOOR)
+    absmax, inv = _absmax_and_inv(tl.max(tl.max(_abs_bits(x), axis=2), axis=1), FLOOR)
     tl.store(absmax_ptr + blk, absmax, mask=blk < nblocks)
 
     # Padding elements (the low nibble of an odd-sized tensor) scale 0.0 like the reference's
@@ -241,7 +244,7 @@ def _quantize_8bit_kernel(
     # Padding is 0.0 after the subtraction (the reference pads A - offset), not -offset.
     x = tl.where(mask, a - tl.load(offset_ptr), 0.0)
 
-    absmax, inv = _block_absmax_inv(x, FLOOR)
+    absmax, inv = _absmax_and_inv(tl.max(_abs_bits(x), axis=1), FLOOR)
     tl.store(absmax_ptr + blk, absmax, mask=blk < nblocks)
 
     # Branch-free lower bound over the ascending midpoints, one bit of the position per step

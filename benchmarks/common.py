@@ -1,0 +1,100 @@
+"""What every benchmark shares: timing with rotated inputs, the measured copy ceiling, and the
+JSON record (GPU, versions, commit) that results are saved with."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+from datetime import datetime, timezone
+
+import torch
+
+L2_FLUSH_BYTES = 4 * 50 * 2**20  # rotate inputs until the working set is 4x an H100's L2
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def gpu_slug() -> str:
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
+
+
+def environment() -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=HERE, check=False).stdout.strip()
+    except OSError:
+        commit = ""
+    info = {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "commit": commit or None,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    try:
+        import qlora_kernels
+
+        info["qlora_kernels_backend"] = qlora_kernels.backend()
+    except ImportError:
+        pass
+    bnb = bitsandbytes_functional()
+    if bnb is not None:
+        import bitsandbytes
+
+        info["bitsandbytes"] = bitsandbytes.__version__
+    return info
+
+
+def bitsandbytes_functional():
+    """bitsandbytes.functional when importable (the comparison baseline), else None."""
+    try:
+        import bitsandbytes.functional as F
+    except Exception:  # noqa: BLE001  (a broken install must not stop the benchmark)
+        return None
+    return F
+
+
+def copies_for(bytes_per_call: int) -> int:
+    return max(1, -(-L2_FLUSH_BYTES // max(bytes_per_call, 1)))
+
+
+def bench(fn_of_input, inputs: list, warmup_ms: float = 25, rep_ms: float = 200) -> float:
+    """Median milliseconds of fn_of_input(inputs[i]), i rotating so that no call finds its
+    operands in L2 from the call before."""
+    import triton.testing
+
+    state = {"i": 0}
+
+    def step():
+        fn_of_input(inputs[state["i"] % len(inputs)])
+        state["i"] += 1
+
+    return triton.testing.do_bench(step, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+
+
+def copy_bandwidth_gbs(nbytes: int = 2**30) -> float:
+    """Device-to-device copy rate, bytes read + written per second: the 100% of '% of peak'."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = bench(lambda _: dst.copy_(src), [None])
+    return 2 * nbytes / ms / 1e6
+
+
+def save(results: dict, name: str, path: str | None) -> str:
+    if path is None:
+        folder = os.path.join(HERE, "results", gpu_slug())
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    return path
