@@ -1,0 +1,217 @@
+// Shared by the CUDA kernels of qlora_kernels: the 4-bit code tables as float32 bit patterns,
+// the device helpers every kernel uses, and the host-side argument checks and launch sizing.
+//
+// Everything here must reproduce qlora_kernels/reference.py to the bit, so: no fast math,
+// no flush-to-zero (1e-38f, the absmax floor, is subnormal), and explicit __fmul_rn /
+// __fadd_rn wherever the reference rounds twice, so that nvcc cannot contract them into an FMA.
+#pragma once
+
+// No ATen/cuda/CUDAContext.h: it pulls in cuSPARSE / cuBLAS headers, which a toolkit without
+// them (or torch's pip wheels) may not provide, and the kernels need none of it.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/string_view.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace qlora_kernels {
+
+enum QuantType : int { kNF4 = 0, kFP4 = 1 };
+
+// The divisor floor of reference.ABSMAX_FLOOR: an all-zero block then scales to exact zeros
+// instead of 0 * inf = NaN. 1e-38f is subnormal, which is why nothing here may flush to zero.
+constexpr float kAbsmaxFloor = 1e-38f;
+
+// ---------------------------------------------------------------------------------------------
+// Code tables, as float32 bit patterns (bit-exact; generated from qlora_kernels/codes.py).
+// `static` gives every translation unit its own copy, so the host shadows do not collide.
+
+// The 16 values of each 4-bit code, index = code (codes.code_tensor). FP4 code 8 is +0.0,
+// as codes.json stores it.
+static __constant__ uint32_t kCodeValueBits[2][16] = {
+    {0xbf800000u, 0xbf3239b1u, 0xbf066b30u, 0xbeca32a0u, 0xbe91a24du, 0xbe3d353fu, 0xbdba7871u,
+     0x00000000u, 0x3da2faffu, 0x3e24cae3u, 0x3e7c04ddu, 0x3ead033au, 0x3ee1a4b8u, 0x3f1007abu,
+     0x3f3913b3u, 0x3f800000u},
+    {0x00000000u, 0x3baaaaabu, 0x3f2aaaabu, 0x3f800000u, 0x3eaaaaabu, 0x3f000000u, 0x3e2aaaabu,
+     0x3e800000u, 0x00000000u, 0xbbaaaaabu, 0xbf2aaaabu, 0xbf800000u, 0xbeaaaaabu, 0xbf000000u,
+     0xbe2aaaabu, 0xbe800000u},
+};
+
+// The 15 decision thresholds of each code: the float32 midpoints (lo + hi) * 0.5f between
+// neighbouring values in ascending order (codes.thresholds). A scaled value x lands at
+// position count(x > t); a NaN lands at position 15, as torch.bucketize puts it.
+static __constant__ uint32_t kThresholdBits[2][15] = {
+    {0xbf591cd8u, 0xbf1c5270u, 0xbeeb8480u, 0xbeadea76u, 0xbe703cecu, 0xbe0d38bcu, 0xbd3a7871u,
+     0x3d22faffu, 0x3df64862u, 0x3e5067e0u, 0x3e9582d4u, 0x3ec753f9u, 0x3f006d04u, 0x3f248dafu,
+     0x3f5c89dau},
+    {0xbf555556u, 0xbf155556u, 0xbed55556u, 0xbe955556u, 0xbe555556u, 0xbdb00000u, 0xbb2aaaabu,
+     0x00000000u, 0x3b2aaaabu, 0x3db00000u, 0x3e555556u, 0x3e955556u, 0x3ed55556u, 0x3f155556u,
+     0x3f555556u},
+};
+
+// Position (ascending value) -> stored code (codes.sorted_order): identity for NF4; FP4 is
+// sign-magnitude, ranked by value with +0 before -0 (a stable sort).
+static __constant__ uint8_t kSortedOrder[2][16] = {
+    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
+    {11, 10, 13, 12, 15, 14, 9, 0, 8, 1, 6, 7, 4, 5, 2, 3},
+};
+
+// ---------------------------------------------------------------------------------------------
+// Device helpers
+
+// max that propagates NaN (fmaxf drops it): a block holding a NaN must get absmax NaN, as
+// torch.amax gives. One FMNMX.NAN on sm_80+.
+__device__ __forceinline__ float nan_max(float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+#else
+  return (a != a || b != b) ? __int_as_float(0x7fffffff) : fmaxf(a, b);
+#endif
+}
+
+// 1 / max(absmax, 1e-38f) with IEEE rounding. The clamp is written so that a NaN absmax stays
+// NaN (torch.clamp propagates NaN; fmaxf would turn it into the floor), which makes every
+// scaled value of a NaN block NaN, as in the reference.
+__device__ __forceinline__ float inverse_absmax(float absmax) {
+  return __frcp_rn(absmax < kAbsmaxFloor ? kAbsmaxFloor : absmax);
+}
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// Round-to-nearest-even conversions, as torch's .to(dtype) on CUDA.
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// Two floats -> one 32-bit word of two 16-bit values, the first in the low half (the lower
+// address). One F2FP.PACK_AB per pair.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);
+  uint32_t u;
+  memcpy(&u, &h, sizeof(u));
+  return u;
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  uint32_t u;
+  memcpy(&u, &h, sizeof(u));
+  return u;
+}
+
+template <typename T>
+__device__ __forceinline__ T zero_value() {
+  return from_float<T>(0.0f);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host helpers
+
+// at::ScalarType -> the CUDA type the kernels compute with.
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls f(TypeTag<T>{}) with T the CUDA type of a float32 / float16 / bfloat16 tensor.
+template <typename F>
+inline void dispatch_float(at::ScalarType dtype, const char* name, F&& f) {
+  switch (dtype) {
+    case at::kFloat:
+      f(TypeTag<float>{});
+      break;
+    case at::kHalf:
+      f(TypeTag<__half>{});
+      break;
+    case at::kBFloat16:
+      f(TypeTag<__nv_bfloat16>{});
+      break;
+    default:
+      TORCH_CHECK(false, name, ": expected dtype float32, float16 or bfloat16, got ", dtype);
+  }
+}
+
+inline void check_cuda(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), name, ": expected a CUDA tensor, got one on ", t.device());
+}
+
+inline void check_contiguous(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor, got sizes ", t.sizes(),
+              " with strides ", t.strides());
+}
+
+inline void check_dtype(const at::Tensor& t, const char* name, at::ScalarType dtype) {
+  TORCH_CHECK(t.scalar_type() == dtype, name, ": expected dtype ", dtype, ", got ",
+              t.scalar_type());
+}
+
+// CUDA, contiguous, on the same device as `like` (named like_name).
+inline void check_operand(const at::Tensor& t, const char* name, const at::Tensor& like,
+                          const char* like_name) {
+  check_cuda(t, name);
+  TORCH_CHECK(t.device() == like.device(), name, ": expected a tensor on ", like.device(),
+              " (the device of ", like_name, "), got one on ", t.device());
+  check_contiguous(t, name);
+}
+
+inline void check_numel(const at::Tensor& t, const char* name, int64_t expected,
+                        const char* why) {
+  TORCH_CHECK(t.numel() == expected, name, ": expected ", expected, " elements (", why, "), got ",
+              t.numel());
+}
+
+// A power of two in 32..4096; returns its log2 (the kernels index blocks with shifts).
+inline int log2_blocksize(int64_t blocksize, const char* name) {
+  TORCH_CHECK(blocksize >= 32 && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0, name,
+              ": expected a power of two in 32..4096, got ", blocksize);
+  int lg = 0;
+  while ((int64_t{1} << lg) < blocksize) ++lg;
+  return lg;
+}
+
+inline QuantType parse_quant_type(c10::string_view quant_type) {
+  if (quant_type == "nf4") return kNF4;
+  if (quant_type == "fp4") return kFP4;
+  TORCH_CHECK(false, "quant_type: expected \"nf4\" or \"fp4\", got \"", std::string(quant_type),
+              "\"");
+}
+
+__host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline bool is_aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Grid of a grid-stride kernel: as many CTAs as fit on the device at once (more would only
+// queue behind them and repeat the per-CTA table setup), and never more than there is work for.
+template <typename Kernel>
+inline int grid_size(Kernel kernel, int threads, int64_t ctas_of_work) {
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
+                                        c10::cuda::current_device()));
+  const int64_t resident = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
+  return static_cast<int>(ctas_of_work < resident ? ctas_of_work : resident);
+}
+
+}  // namespace qlora_kernels
