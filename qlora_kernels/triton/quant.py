@@ -15,6 +15,7 @@ Numerics, matched to the reference step by step:
   thresholds ``t`` with ``!(t >= x)``, so NaN lands after every threshold.
 * Kernels with a multiply feeding an add are launched with ``enable_fp_fusion=False``: Triton
   would otherwise contract them into one FMA (one rounding instead of the reference's two).
+* bfloat16 inputs are widened by a bit shift (exact, subnormals included).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .. import codes, reference
 
 # The divisor floor of reference.py. 1e-38 is a float32 subnormal, and a Python float below
 # 2**-126 used in a kernel would be typed float64, so it enters as a float32 tl.full.
-_ABSMAX_FLOOR = tl.constexpr(reference.ABSMAX_FLOOR)
+_ABSMAX_FLOOR = reference.ABSMAX_FLOOR
 
 _FLOAT_INPUTS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -65,6 +66,18 @@ def _quant_tile(n: int, blocksize: int) -> tuple[int, int]:
 
 
 @triton.jit
+def _load_float32(ptr, mask):
+    """Loads float32 / float16 / bfloat16 values as float32 (0.0 where masked). bfloat16 is the
+    top half of a float32, so it is widened by shifting its bits: exact for every value, where
+    the Triton interpreter's bfloat16 conversion flushes subnormals."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        bits = tl.load(ptr, mask=mask, other=0.0).to(tl.int16, bitcast=True).to(tl.int32)
+        return (bits << 16).to(tl.float32, bitcast=True)
+    else:
+        return tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _abs_bits(x):
     """``|x|`` of float32 ``x`` as int32 bit patterns, ordered as the values (NaN above inf)."""
     return x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
@@ -88,22 +101,19 @@ def _quantize_4bit_kernel(
     BLOCKSIZE: tl.constexpr, ROWS: tl.constexpr, IDENTITY_ORDER: tl.constexpr,
     FLOOR: tl.constexpr,
 ):
-    # A [ROWS, BLOCKSIZE // 2, 2] tile: ROWS whole quant blocks, the last axis the two elements
-    # that share a byte, so packing is a split of that axis with no data movement.
+    # A [ROWS, BLOCKSIZE] tile of ROWS whole quant blocks, loaded 2-D so each thread reads a
+    # 16-byte run; the byte pairs are split off only at the end.
     HALF: tl.constexpr = BLOCKSIZE // 2
     blk = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
-    j = tl.arange(0, HALF)
-    k = tl.arange(0, 2)
-    byte = blk[:, None] * HALF + j[None, :]
-    elem = byte[:, :, None] * 2 + k[None, None, :]
-    x = tl.load(a_ptr + elem, mask=elem < n, other=0.0).to(tl.float32)
+    elem = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    x = _load_float32(a_ptr + elem, elem < n)
 
-    absmax, inv = _absmax_and_inv(tl.max(tl.max(_abs_bits(x), axis=2), axis=1), FLOOR)
+    absmax, inv = _absmax_and_inv(tl.max(_abs_bits(x), axis=1), FLOOR)
     tl.store(absmax_ptr + blk, absmax, mask=blk < nblocks)
 
     # Padding elements (the low nibble of an odd-sized tensor) scale 0.0 like the reference's
     # zero padding, so they store the code of 0.0 (or of NaN when the block's absmax is NaN).
-    scaled = x * inv[:, None, None]
+    scaled = x * inv[:, None]
     pos = tl.zeros(scaled.shape, dtype=tl.int32)
     for i in tl.static_range(15):
         pos += (scaled > tl.load(thr_ptr + i)).to(tl.int32)
@@ -112,7 +122,8 @@ def _quantize_4bit_kernel(
         code = pos
     else:
         code = tl.load(order_ptr + pos)
-    hi, lo = tl.split(code)
+    hi, lo = tl.split(tl.reshape(code, [ROWS, HALF, 2]))
+    byte = blk[:, None] * HALF + tl.arange(0, HALF)[None, :]
     tl.store(packed_ptr + byte, ((hi << 4) | lo).to(tl.uint8), mask=byte < nbytes)
 
 
@@ -146,15 +157,19 @@ def _dequantize_4bit_kernel(
     HALF: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr,
     NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
 ):
-    # ROWS * COLS contiguous packed bytes per program. COLS divides the bytes of a quant block
-    # (HALF), so each row lies in one block and needs a single absmax, decoded once per row.
+    # ROWS * COLS contiguous packed bytes per program, in rows of COLS bytes whose 2 * COLS
+    # outputs are one 16-byte store. COLS <= HALF (the bytes of a quant block), so a row lies
+    # in one quant block and its absmax is fetched (or decoded) once per row. Rows this narrow
+    # keep the byte load, the interleave and the store in one register layout: with wider rows
+    # Triton routes the interleaved values through shared memory to re-split them for the store.
     start = tl.program_id(0).to(tl.int64) * (ROWS * COLS)
     row = start + tl.arange(0, ROWS) * COLS
     byte = row[:, None] + tl.arange(0, COLS)[None, :]
     # evict_first: the weights are read once and should not push activations out of L2.
     b = tl.load(packed_ptr + byte, mask=byte < nbytes, other=0, eviction_policy="evict_first")
     b = b.to(tl.int32)
-    # The 16-entry table stays in L1; one gather per value is cheaper than a 15-select tree.
+    # One gather per value from the 64-byte table (an L1 hit, one address range per warp),
+    # where a select tree would cost 15 selects per value.
     hi = tl.load(table_ptr + (b >> 4))
     lo = tl.load(table_ptr + (b & 0xF))
 
@@ -177,8 +192,8 @@ def _dequantize_4bit_kernel(
 
 
 def _dequant_tile(nbytes: int) -> tuple[int, int]:
-    """(packed bytes per program, num_warps): 16 bytes a thread (one 128-bit load) in 4 KiB
-    tiles once there are >= 1024 of them; 1 KiB tiles for smaller tensors, to use all SMs."""
+    """(packed bytes per program, num_warps): 16 bytes (32 outputs) a thread in 4 KiB tiles
+    once there are >= 1024 of them; 1 KiB tiles for smaller tensors, to use all SMs."""
     if nbytes >= 1 << 22:
         return 4096, 8
     return 1024, 4
@@ -216,14 +231,14 @@ def dequantize_4bit(
         # Never read (NESTED is a compile-time False); any pointer fills the slots.
         nested_absmax = nested_code = offset = absmax
     tile, num_warps = _dequant_tile(nbytes)
-    half = blocksize // 2
-    cols = min(half, tile)
+    # One row of bytes -> 16 bytes of output: 4 bytes for 2-byte dtypes, 2 for float32.
+    cols = 16 // (2 * out.element_size())
     with _on_device(packed):
         _dequantize_4bit_kernel[(triton.cdiv(nbytes, tile),)](
             packed, absmax, codes.code_tensor(quant_type, str(packed.device)), out,
             nested_absmax, nested_code, offset,
             numel, nbytes, nblocks,
-            HALF=half, ROWS=tile // cols, COLS=cols,
+            HALF=blocksize // 2, ROWS=tile // cols, COLS=cols,
             NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize,
             num_warps=num_warps, enable_fp_fusion=False,
         )
@@ -240,7 +255,7 @@ def _quantize_8bit_kernel(
     blk = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     elem = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     mask = elem < n
-    a = tl.load(a_ptr + elem, mask=mask, other=0.0).to(tl.float32)
+    a = _load_float32(a_ptr + elem, mask)
     # Padding is 0.0 after the subtraction (the reference pads A - offset), not -offset.
     x = tl.where(mask, a - tl.load(offset_ptr), 0.0)
 
