@@ -90,14 +90,14 @@ def _extensions():
     os.environ["TORCH_CUDA_ARCH_LIST"] = archs.replace(",", ";")
     debug = os.environ.get("QLORA_KERNELS_DEBUG", "") not in ("", "0")
     nvcc_flags = [
-        "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo",
+        "-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo",
         # no --use_fast_math: the format is bit-exact, so divisions and roundings are IEEE
     ]
     nvcc_flags += _gencode_flags(archs)
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3", "-std=c++20"]
     if debug:
         nvcc_flags += ["-G"]
-        cxx_flags = ["-O0", "-g", "-std=c++17"]
+        cxx_flags = ["-O0", "-g", "-std=c++20"]
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/*.cu"))
     _say(f"building the CUDA extension for compute capabilities {archs} "
          f"(CUDA_HOME={CUDA_HOME}, torch {torch.__version__})")
