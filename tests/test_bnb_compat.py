@@ -108,7 +108,7 @@ def test_double_quant_against_bitsandbytes(quant_type, blocksize, rng):
     theirs_in_ours = qk.QuantState.from_dict(bstate.as_dict(packed=True))
     assert torch.equal(qk.dequantize_4bit(bpacked, theirs_in_ours), bnb_dequantize(F, bpacked, bstate))
     # Our 8-bit absmax codes are the nearest codes; bitsandbytes' CPU library searches with an
-    # approximate lookup (BinSearch) that is off by one code in about 0.1% of entries; where
+    # approximate lookup (BinSearch) that is off by one code in up to ~2% of entries; where
     # it found the nearest code, the bytes agree.
     code8 = codes.dynamic_map()
     absmax = F.quantize_4bit(W, blocksize=blocksize, quant_type=quant_type, compress_statistics=False)[1].absmax
@@ -120,7 +120,7 @@ def test_double_quant_against_bitsandbytes(quant_type, blocksize, rng):
     theirs_d = dist.gather(1, bstate.absmax.long()[:, None]).squeeze(1)
     assert (ours_d <= theirs_d).all()
     agree = state.absmax == bstate.absmax
-    assert agree.float().mean() > 0.99
+    assert agree.float().mean() > 0.95  # seen: 98-100%
     assert torch.equal(ours_d[~agree] < theirs_d[~agree], torch.ones_like(ours_d[~agree], dtype=torch.bool))
 
 
