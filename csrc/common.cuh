@@ -20,6 +20,8 @@
 
 #include <cstdint>
 #include <cstring>
+#include <mutex>
+#include <vector>
 
 namespace qlora_kernels {
 
@@ -205,12 +207,32 @@ inline bool is_aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) 
 // queue behind them and repeat the per-CTA table setup), and never more than there is work for.
 template <typename Kernel>
 inline int grid_size(Kernel kernel, int threads, int64_t ctas_of_work) {
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount,
-                                        c10::cuda::current_device()));
-  const int64_t resident = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
+  // The occupancy query and the SM count cost microseconds of host time, as much as a small
+  // kernel runs: asked once per (kernel, block size, device), then cached.
+  struct Entry {
+    const void* kernel;
+    int threads;
+    int device;
+    int64_t resident;
+  };
+  static std::mutex mutex;
+  static std::vector<Entry> cache;
+  const int device = c10::cuda::current_device();
+  const void* key = reinterpret_cast<const void*>(kernel);
+  int64_t resident = 0;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    for (const Entry& e : cache)
+      if (e.kernel == key && e.threads == threads && e.device == device) resident = e.resident;
+    if (resident == 0) {
+      int per_sm = 0;
+      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
+      int sms = 0;
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+      resident = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
+      cache.push_back({key, threads, device, resident});
+    }
+  }
   return static_cast<int>(ctas_of_work < resident ? ctas_of_work : resident);
 }
 

@@ -353,14 +353,24 @@ __global__ void __launch_bounds__(kDequantThreads)
   const uint32_t nfull = static_cast<uint32_t>(numel / kDequantTile);  // tiles wholly inside
   uint8_t* stage_bytes = reinterpret_cast<uint8_t*>(s_stage[warp]);
 
+  const uint32_t stride = gridDim.x * kDequantWarps;
+  // Evict-first loads: the packed weights are read once.
+  auto load_tile = [&](uint32_t t) {
+    return __ldcs(reinterpret_cast<const uint4*>(packed + (static_cast<int64_t>(t) * kDequantTile >> 1)) + lane);
+  };
+  // Software pipelining: the next tile's 16 bytes are requested before this tile is decoded
+  // and stored, so each lane keeps two loads in flight (one alone left HBM under-used: 84-88%
+  // of copy bandwidth measured on an H100).
+  uint4 next = make_uint4(0, 0, 0, 0);
+  if (aligned && blockIdx.x * kDequantWarps + warp < nfull) next = load_tile(blockIdx.x * kDequantWarps + warp);
+
   // Warp-uniform loop: whole warps take a tile, so the shuffles see all 32 lanes.
-  for (uint32_t tile = blockIdx.x * kDequantWarps + warp; tile < ntiles;
-       tile += gridDim.x * kDequantWarps) {
+  for (uint32_t tile = blockIdx.x * kDequantWarps + warp; tile < ntiles; tile += stride) {
     const int64_t base = static_cast<int64_t>(tile) * kDequantTile;
     if (tile < nfull) {
       if (aligned) {
-        // Evict-first: the packed weights are read once.
-        s_stage[warp][lane] = __ldcs(reinterpret_cast<const uint4*>(packed + (base >> 1)) + lane);
+        s_stage[warp][lane] = next;
+        if (tile + stride < nfull) next = load_tile(tile + stride);
       } else {
         // packed is a view that does not start on 16 bytes: coalesced byte loads instead.
 #pragma unroll
