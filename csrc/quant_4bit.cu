@@ -304,8 +304,9 @@ __device__ __forceinline__ float block_absmax(const void* __restrict__ absmax, i
   }
 }
 
-// One 16-byte store of 8 (16-bit types) or 4 (fp32) values. Streaming (evict-first): the output
-// is written once here and should not push the caller's working set out of L2.
+// One 16-byte store of 8 (16-bit types) or 4 (fp32) values. A plain store: streaming
+// (evict-first, __stcs) stores measured slower on an H100 (88% of copy bandwidth vs more), and
+// the caller usually reads the output next.
 template <typename OutT>
 __device__ __forceinline__ void store16(OutT* dst, const float* v) {
   uint4 u;
@@ -316,7 +317,7 @@ __device__ __forceinline__ void store16(OutT* dst, const float* v) {
     u = make_uint4(pack2<OutT>(v[0], v[1]), pack2<OutT>(v[2], v[3]), pack2<OutT>(v[4], v[5]),
                    pack2<OutT>(v[6], v[7]));
   }
-  __stcs(reinterpret_cast<uint4*>(dst), u);
+  *reinterpret_cast<uint4*>(dst) = u;
 }
 
 template <typename OutT, bool kNested>

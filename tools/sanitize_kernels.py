@@ -17,6 +17,7 @@ ops = torch.ops.qlora_kernels
 code8 = codes.dynamic_map("cuda")
 g = torch.Generator(device="cuda").manual_seed(0)
 for n in (1, 7, 63, 65, 1000, 4099):
+    print("n =", n, flush=True)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         base = torch.randn(n + 1, device="cuda", generator=g).to(dtype)
         for A in (base[:n], base[1:]):  # aligned, and 1 element past alignment
