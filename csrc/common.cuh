@@ -19,7 +19,9 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
+#include <string>
 #include <mutex>
 #include <vector>
 
@@ -154,13 +156,29 @@ inline void dispatch_float(at::ScalarType dtype, const char* name, F&& f) {
   }
 }
 
+// Integers in error messages are formatted here, into plain strings, instead of being streamed
+// by TORCH_CHECK: on the H100 machine (torch 2.11 built with gcc-toolset-13, this extension
+// with Ubuntu's gcc 13) streaming an int64_t from this library's code segfaulted the process
+// instead of raising, while messages of strings raised normally.
+inline std::string num(int64_t v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%lld", static_cast<long long>(v));
+  return std::string(buf);
+}
+
+inline std::string dims(at::IntArrayRef d) {
+  std::string s = "[";
+  for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + num(d[i]);
+  return s + "]";
+}
+
 inline void check_cuda(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), name, ": expected a CUDA tensor, got one on ", t.device());
 }
 
 inline void check_contiguous(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor, got sizes ", t.sizes(),
-              " with strides ", t.strides());
+  TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor, got sizes ", dims(t.sizes()),
+              " with strides ", dims(t.strides()));
 }
 
 inline void check_dtype(const at::Tensor& t, const char* name, at::ScalarType dtype) {
@@ -179,14 +197,14 @@ inline void check_operand(const at::Tensor& t, const char* name, const at::Tenso
 
 inline void check_numel(const at::Tensor& t, const char* name, int64_t expected,
                         const char* why) {
-  TORCH_CHECK(t.numel() == expected, name, ": expected ", expected, " elements (", why, "), got ",
-              t.numel());
+  TORCH_CHECK(t.numel() == expected, name, ": expected ", num(expected), " elements (", why,
+              "), got ", num(t.numel()));
 }
 
 // A power of two in 32..4096; returns its log2 (the kernels index blocks with shifts).
 inline int log2_blocksize(int64_t blocksize, const char* name) {
   TORCH_CHECK(blocksize >= 32 && blocksize <= 4096 && (blocksize & (blocksize - 1)) == 0, name,
-              ": expected a power of two in 32..4096, got ", blocksize);
+              ": expected a power of two in 32..4096, got ", num(blocksize));
   int lg = 0;
   while ((int64_t{1} << lg) < blocksize) ++lg;
   return lg;

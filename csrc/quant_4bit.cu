@@ -259,7 +259,7 @@ std::tuple<at::Tensor, at::Tensor> quantize_4bit(const at::Tensor& A, int64_t bl
 
   const int64_t n = A.numel();
   TORCH_CHECK(ceil_div(n, kQuantTile) <= int64_t{0x7fffffff}, "A: expected fewer than 2^31 * ",
-              kQuantTile, " elements, got ", n);
+              num(kQuantTile), " elements, got ", num(n));
   at::Tensor packed = at::empty({(n + 1) / 2, 1}, A.options().dtype(at::kByte));
   at::Tensor absmax = at::empty({ceil_div(n, blocksize)}, A.options().dtype(at::kFloat));
   dispatch_float(A.scalar_type(), "A", [&](auto tag) {
@@ -425,7 +425,7 @@ void launch_dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax,
                             int lg_nbs, QuantType qt) {
   auto kernel = dequantize_4bit_kernel<OutT, kNested>;
   TORCH_CHECK(ceil_div(numel, kDequantTile) <= int64_t{0x7fffffff} - kDequantThreads,
-              "numel: expected fewer than 2^31 * ", kDequantTile, " elements, got ", numel);
+              "numel: expected fewer than 2^31 * ", num(kDequantTile), " elements, got ", num(numel));
   const int64_t ctas = ceil_div(ceil_div(numel, kDequantTile), kDequantWarps);
   const int grid = grid_size(kernel, kDequantThreads, ctas);
   // 16-byte loads of packed need a 16-byte aligned start (a view may start anywhere).
@@ -448,7 +448,7 @@ at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, i
   check_operand(absmax, "absmax", packed, "packed");
   const int lg_bs = log2_blocksize(blocksize, "blocksize");
   const QuantType qt = parse_quant_type(quant_type);
-  TORCH_CHECK(numel >= 0, "numel: expected >= 0, got ", numel);
+  TORCH_CHECK(numel >= 0, "numel: expected >= 0, got ", num(numel));
   check_numel(packed, "packed", (numel + 1) / 2, "(numel + 1) / 2 bytes");
   const int64_t nblocks = ceil_div(numel, blocksize);
   check_numel(absmax, "absmax", nblocks, "ceil(numel / blocksize)");

@@ -94,8 +94,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_8bit(const at::Tensor& A, const at::
 
   const int64_t n = A.numel();
   const int64_t nblocks = ceil_div(n, blocksize);
-  TORCH_CHECK(nblocks <= int64_t{0x7fffffff}, "A: expected at most 2^31 - 1 blocks of ", blocksize,
-              " elements, got ", nblocks);
+  TORCH_CHECK(nblocks <= int64_t{0x7fffffff}, "A: expected at most 2^31 - 1 blocks of ", num(blocksize),
+              " elements, got ", num(nblocks));
   at::Tensor q = at::empty({n}, A.options().dtype(at::kByte));
   at::Tensor absmax = at::empty({nblocks}, A.options().dtype(at::kFloat));
   dispatch_float(A.scalar_type(), "A", [&](auto tag) {

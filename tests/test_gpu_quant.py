@@ -2,6 +2,8 @@
 same GPU), bytes and values bit for bit, over every blocksize, input dtype, quant type, with
 and without double quant, and awkward sizes. Skipped without a GPU."""
 
+import re
+
 import pytest
 import torch
 
@@ -142,3 +144,30 @@ def test_public_api_matches_reference_on_gpu(rng):
     ref = reference.dequantize_4bit(packed, state.absmax, 64, "nf4", W.numel(), torch.bfloat16,
                                     state.state2.absmax, state.state2.code, state.offset, 256)
     assert torch.equal(out.reshape(-1), ref)
+
+
+@pytest.mark.skipif(qk.backend() != "cuda", reason="the CUDA extension is not loaded")
+def test_cuda_host_checks_raise_instead_of_crashing():
+    """Every argument check of the C++ host code raises a RuntimeError naming the argument
+    (the Python API checks first, so only direct op calls reach these)."""
+    ops = torch.ops.qlora_kernels
+    A = torch.randn(300, device="cuda")
+    code8 = codes.dynamic_map("cuda")
+    packed, absmax = ops.quantize_4bit(A, 64, "nf4")
+    offset = absmax.mean()
+    q, nabs = ops.quantize_8bit(absmax, offset, code8, 256)
+    cases = [
+        (lambda: ops.quantize_4bit(A, 48, "nf4"), "blocksize: expected a power of two in 32..4096, got 48"),
+        (lambda: ops.quantize_4bit(A.to(torch.int32), 64, "nf4"), "A: expected dtype"),
+        (lambda: ops.quantize_4bit(A.cpu().to(torch.bfloat16).cuda()[::2], 64, "nf4"), "A: expected a contiguous tensor"),
+        (lambda: ops.quantize_4bit(A, 64, "int4"), 'quant_type: expected "nf4" or "fp4"'),
+        (lambda: ops.dequantize_4bit(packed[:-1], absmax, 64, "nf4", 300, torch.bfloat16), "packed: expected 150 elements"),
+        (lambda: ops.dequantize_4bit(packed, absmax[:-1], 64, "nf4", 300, torch.bfloat16), "absmax: expected 5 elements"),
+        (lambda: ops.dequantize_4bit(packed, q, 64, "nf4", 300, torch.bfloat16, nabs[:0], code8, offset, 256), "nested_absmax: expected 1 elements"),
+        (lambda: ops.dequantize_4bit(packed, absmax, 64, "nf4", 300, torch.bfloat16, nabs, code8, offset, 256), "absmax: expected dtype"),
+        (lambda: ops.dequantize_8bit(q, nabs, code8[:10], offset, 256), "code: expected 256 elements"),
+        (lambda: ops.quantize_8bit(absmax, offset.cpu(), code8, 256), "offset: expected a CUDA tensor"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            call()

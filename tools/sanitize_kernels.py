@@ -32,7 +32,7 @@ for n in (1, 7, 63, 65, 1000, 4099):
                         nb = -(-m // bs)
                         ops.dequantize_4bit(view, absmax[:nb] if nb <= absmax.numel() else
                                             torch.ones(nb, device="cuda"), bs, qt, m, dtype)
-                        if nb <= q.numel():
+                        if 0 < nb <= q.numel() and -(-nb // 256) == nabs.numel():
                             ops.dequantize_4bit(view, q[:nb], bs, qt, m, dtype, nabs, code8, offset, 256)
 torch.cuda.synchronize()
 print("sanitize_kernels: all kernels ran")
