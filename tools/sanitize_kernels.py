@@ -2,18 +2,24 @@
 
     compute-sanitizer --tool memcheck  python tools/sanitize_kernels.py
     compute-sanitizer --tool racecheck python tools/sanitize_kernels.py
+    compute-sanitizer --tool memcheck  python tools/sanitize_kernels.py triton   (the Triton kernels)
 
 Checks nothing itself (the tests do); it only has to touch every code path: all blocksizes,
 dtypes, quant types, odd sizes, unaligned pointers, nested and plain absmax.
 """
+
+import sys
 
 import torch
 
 import qlora_kernels as qk
 from qlora_kernels import codes
 
-assert qk.backend() == "cuda", f"the CUDA extension is not loaded (backend {qk.backend()})"
-ops = torch.ops.qlora_kernels
+if sys.argv[1:] == ["triton"]:
+    from qlora_kernels.triton import quant as ops
+else:
+    assert qk.backend() == "cuda", f"the CUDA extension is not loaded (backend {qk.backend()})"
+    ops = torch.ops.qlora_kernels
 code8 = codes.dynamic_map("cuda")
 g = torch.Generator(device="cuda").manual_seed(0)
 for n in (1, 7, 63, 65, 1000, 4099):
