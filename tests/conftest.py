@@ -41,3 +41,9 @@ def rng(request):
     g = torch.Generator()
     g.manual_seed(SEED ^ zlib.crc32(request.node.nodeid.encode()))
     return g
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    # -q hides the header: repeat the seed whenever something failed, so it can be replayed
+    if terminalreporter.stats.get("failed") or terminalreporter.stats.get("error"):
+        terminalreporter.write_line(f"qlora_kernels: failing run's test seed: QLORA_KERNELS_TEST_SEED={SEED}")

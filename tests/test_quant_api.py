@@ -34,11 +34,16 @@ def test_roundtrip_shapes_and_error(device, dtype, double_quant, rng):
     assert state.absmax.dtype == (torch.uint8 if double_quant else torch.float32)
     out = qk.dequantize_4bit(packed, state)
     assert out.shape == W.shape and out.dtype == dtype and out.device == W.device
-    # NF4 error: at most half the widest gap between codes (0.16) times the block's absmax,
-    # plus the double-quant error of absmax
-    absmax = qk.dequantize_absmax(state).repeat_interleave(64)[: W.numel()].view(W.shape)
+    # NF4 error: at most half the widest gap between codes (0.304 / 2) times the block's true
+    # absmax, plus what double quant moved the absmax by, plus the output's rounding.
+    blocks = torch.nn.functional.pad(W.float().reshape(-1), (0, (-W.numel()) % 64)).view(-1, 64)
+    true_absmax = blocks.abs().amax(1)
+    used_absmax = qk.dequantize_absmax(state)
+    per_element = lambda t: t.repeat_interleave(64)[: W.numel()].view(W.shape)  # noqa: E731
+    bound = per_element(0.1521 * true_absmax + (true_absmax - used_absmax).abs())
+    bound = bound + out.float().abs() * 2.0**-8 + 1e-7
     err = (out.float() - W.float()).abs()
-    assert (err <= absmax * 0.165 + 1e-3 * absmax + 1e-6).all()
+    assert (err <= bound).all()
     rel = err.pow(2).mean().sqrt() / W.float().pow(2).mean().sqrt()
     assert 0.02 < rel < 0.15  # a real quantization error, neither zero nor garbage
     assert qk.dequantize_4bit(packed, state, dtype=torch.float32).dtype == torch.float32
