@@ -124,11 +124,6 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
   return u;
 }
 
-template <typename T>
-__device__ __forceinline__ T zero_value() {
-  return from_float<T>(0.0f);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Host helpers
 

@@ -71,7 +71,7 @@ def quantize_4bit(
     """
     _check_tensor("W", W, FLOAT_DTYPES)
     _check_format(quant_type, blocksize)
-    W_flat = W.contiguous()
+    W_contiguous = W.contiguous()
     n = W.numel()
     device = W.device
     code = codes.code_tensor(quant_type, str(device))
@@ -79,7 +79,7 @@ def quantize_4bit(
         packed = torch.empty((0, 1), dtype=torch.uint8, device=device)
         absmax = torch.empty((0,), dtype=torch.float32, device=device)
     else:
-        packed, absmax = ops.quantize_4bit(W_flat, blocksize, quant_type)
+        packed, absmax = ops.quantize_4bit(W_contiguous, blocksize, quant_type)
         if check_finite and not torch.compiler.is_compiling():
             if not bool(torch.isfinite(absmax).all()):
                 _raise_non_finite(W, absmax, blocksize)
