@@ -15,6 +15,10 @@ TORCH_LIBRARY(qlora_kernels, m) {
   m.def("quantize_8bit(Tensor A, Tensor offset, Tensor code, int blocksize) -> (Tensor, Tensor)");
   m.def(
       "dequantize_8bit(Tensor q, Tensor absmax, Tensor code, Tensor offset, int blocksize) -> Tensor");
+  m.def(
+      "matmul_4bit(Tensor x, Tensor packed, Tensor absmax, int blocksize, str quant_type, int N, "
+      "Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, "
+      "int nested_blocksize=256, Tensor? bias=None) -> Tensor");
 }
 
 // Importing qlora_kernels._C only has to load this library (which runs the registrations

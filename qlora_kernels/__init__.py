@@ -7,6 +7,7 @@
 
 from . import ops as _ops
 from .functional import bits_per_weight, dequantize_4bit, dequantize_absmax, quantize_4bit
+from .matmul import matmul_4bit
 from .quant_state import QuantState
 
 __version__ = "0.1.0"
@@ -28,5 +29,5 @@ def backend_info() -> dict:
 
 __all__ = [
     "QuantState", "backend", "backend_info", "bits_per_weight", "dequantize_4bit",
-    "dequantize_absmax", "quantize_4bit",
+    "dequantize_absmax", "matmul_4bit", "quantize_4bit",
 ]

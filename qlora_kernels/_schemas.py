@@ -16,4 +16,9 @@ SCHEMAS = {
     "dequantize_8bit": (
         "dequantize_8bit(Tensor q, Tensor absmax, Tensor code, Tensor offset, int blocksize) -> Tensor"
     ),
+    "matmul_4bit": (
+        "matmul_4bit(Tensor x, Tensor packed, Tensor absmax, int blocksize, str quant_type, int N, "
+        "Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, "
+        "int nested_blocksize=256, Tensor? bias=None) -> Tensor"
+    ),
 }

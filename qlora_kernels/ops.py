@@ -27,10 +27,12 @@ for _name in SCHEMAS:
     _lib.impl(_name, getattr(reference, _name), "CPU")
 
 if BACKEND == "triton":
+    from .triton import matmul as _triton_matmul
     from .triton import quant as _triton_quant
 
     for _name in SCHEMAS:
-        _lib.impl(_name, getattr(_triton_quant, _name), "CUDA")
+        _module = _triton_matmul if hasattr(_triton_matmul, _name) else _triton_quant
+        _lib.impl(_name, getattr(_module, _name), "CUDA")
 elif BACKEND == "torch":
     for _name in SCHEMAS:
         _lib.impl(_name, getattr(reference, _name), "CUDA")
@@ -65,7 +67,14 @@ def _(q, absmax, code, offset, blocksize):
     return q.new_empty((q.numel(),), dtype=torch.float32)
 
 
+@torch.library.register_fake("qlora_kernels::matmul_4bit")
+def _(x, packed, absmax, blocksize, quant_type, N, nested_absmax=None, nested_code=None, offset=None,
+      nested_blocksize=256, bias=None):
+    return x.new_empty((x.shape[0], N))
+
+
 quantize_4bit = torch.ops.qlora_kernels.quantize_4bit.default
 dequantize_4bit = torch.ops.qlora_kernels.dequantize_4bit.default
 quantize_8bit = torch.ops.qlora_kernels.quantize_8bit.default
 dequantize_8bit = torch.ops.qlora_kernels.dequantize_8bit.default
+matmul_4bit = torch.ops.qlora_kernels.matmul_4bit.default

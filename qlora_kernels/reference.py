@@ -108,3 +108,27 @@ def dequantize_4bit(
     values = codes.code_tensor(quant_type, str(packed.device))[unpack_4bit(packed, numel)]
     scale = absmax.to(torch.float32).repeat_interleave(blocksize)[:numel]
     return (values * scale).to(dtype)
+
+
+def matmul_4bit(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    quant_type: str,
+    N: int,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    nested_blocksize: int = codes.NESTED_BLOCKSIZE,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` for x ``[M, K]`` and the 4-bit W ``[N, K]``: W dequantized to
+    float32, the product and the bias added in float32, one rounding to x's dtype at the end."""
+    K = x.shape[-1]
+    W = dequantize_4bit(packed, absmax, blocksize, quant_type, N * K, torch.float32,
+                        nested_absmax, nested_code, offset, nested_blocksize).view(N, K)
+    out = x.to(torch.float32) @ W.T
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.to(x.dtype)

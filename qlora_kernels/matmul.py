@@ -1,0 +1,100 @@
+"""``matmul_4bit``: ``x @ W.T (+ bias)`` with W stored in 4 bits, for inference.
+
+Two paths, chosen by the number of rows M of x (all leading dims flattened):
+
+* M <= ``fused_max_m()`` (decode: a few tokens): the fused kernel (op ``matmul_4bit``), which
+  reads each 4-bit weight byte once and decodes the codes and the (8-bit) absmax in
+  registers. There the layer is bound by the bytes of W, and 4-bit W is a quarter of bf16's.
+* larger M (prefill, training): the fast ``dequantize_4bit`` into a bf16/fp16 buffer, then
+  cuBLAS. There the layer is bound by arithmetic, and tensor-core GEMMs win.
+
+The fused path needs a 16-bit x (bf16 or fp16) and K (W's row length) a multiple of 32, so
+that every 16-byte load of packed W lies within one row and one absmax block. Other K, and
+float32 x, take the dequantize path: every shape works, only the speed differs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import ops
+from .functional import FLOAT_DTYPES, _check_tensor, check_packed, dequantize_4bit
+from .quant_state import QuantState
+
+#: The fused kernel reads K in pieces of 32 elements (16 bytes of packed W).
+FUSED_K_MULTIPLE = 32
+
+_ENV_MAX_M = "QLORA_KERNELS_FUSED_MAX_M"
+# Crossover measured on an H100 (benchmarks/bench_matmul_4bit.py): above this many rows the
+# dequantize + cuBLAS path is faster than the fused kernel.
+_DEFAULT_FUSED_MAX_M = 64
+
+
+def fused_max_m() -> int:
+    """The largest M that takes the fused kernel (``QLORA_KERNELS_FUSED_MAX_M`` overrides)."""
+    value = os.environ.get(_ENV_MAX_M, "")
+    if not value:
+        return _DEFAULT_FUSED_MAX_M
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{_ENV_MAX_M}: expected an integer, got {value!r}") from None
+
+
+def uses_fused_kernel(x: torch.Tensor, state: QuantState) -> bool:
+    """Whether ``matmul_4bit(x, packed, state)`` takes the fused kernel."""
+    K = state.shape[-1]
+    M = x.numel() // K if K else 0
+    return (
+        x.dtype in (torch.float16, torch.bfloat16)
+        and K % FUSED_K_MULTIPLE == 0
+        and 0 < M <= fused_max_m()
+    )
+
+
+def _nested_args(state: QuantState) -> tuple:
+    if not state.nested:
+        return (None, None, None, 256)
+    return (state.state2.absmax.contiguous(), state.state2.code.to(torch.float32).contiguous(),
+            state.offset.reshape(()).to(torch.float32), state.state2.blocksize)
+
+
+def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` where ``(packed, state)`` hold W ``[N, K]`` in 4 bits.
+
+    ``x``: ``[..., K]`` in bfloat16, float16 or float32; ``bias``: ``[N]`` or None. Returns
+    ``[..., N]`` in x's dtype, accumulated in float32. Any quant type, blocksize and double
+    quant; any K (see the module doc for which shapes take the fused kernel).
+    """
+    check_packed(packed, state)
+    _check_tensor("x", x, FLOAT_DTYPES)
+    if len(state.shape) != 2:
+        raise ValueError(f"state.shape: expected a 2-D weight [N, K], got {tuple(state.shape)}")
+    N, K = state.shape
+    if x.dim() == 0 or x.shape[-1] != K:
+        raise ValueError(f"x: expected shape [..., {K}] (W is [{N}, {K}]), got {tuple(x.shape)}")
+    if x.device != packed.device:
+        raise ValueError(f"x: expected a tensor on {packed.device} (the device of the weight), got {x.device}")
+    if bias is not None:
+        _check_tensor("bias", bias, FLOAT_DTYPES)
+        if bias.shape != (N,):
+            raise ValueError(f"bias: expected shape [{N}], got {tuple(bias.shape)}")
+        if bias.device != x.device:
+            raise ValueError(f"bias: expected a tensor on {x.device}, got {bias.device}")
+        bias = bias.to(x.dtype)
+    lead = x.shape[:-1]
+    if x.numel() == 0 or N == 0:
+        return torch.nn.functional.linear(x, x.new_zeros((N, K)), bias)
+    if not uses_fused_kernel(x, state):
+        return torch.nn.functional.linear(x, dequantize_4bit(packed, state, dtype=x.dtype), bias)
+    x2 = x.reshape(-1, K)
+    # 16-byte loads of x need a contiguous x starting on 16 bytes (a view may not)
+    if not x2.is_contiguous() or x2.data_ptr() % 16:
+        x2 = x2.clone(memory_format=torch.contiguous_format)
+    out = ops.matmul_4bit(x2, packed.contiguous(), state.absmax.contiguous(), state.blocksize,
+                          state.quant_type, N, *_nested_args(state), bias)
+    return out.view(*lead, N)
+

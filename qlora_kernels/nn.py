@@ -1,0 +1,169 @@
+"""Modules: ``Linear4bit``, a drop-in for ``torch.nn.Linear`` whose weight is stored in 4 bits.
+
+The state dict uses bitsandbytes' keys and layout exactly (``weight`` packed uint8 ``[n, 1]``,
+``weight.absmax``, ``weight.quant_map``, ``weight.nested_absmax``, ``weight.nested_quant_map``,
+``weight.quant_state.bitsandbytes__nf4``, ``bias``), so a layer saved by one library loads
+in the other.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import codes
+from .functional import FLOAT_DTYPES, dequantize_4bit, quantize_4bit
+from .matmul import matmul_4bit
+from .quant_state import QuantState
+
+class Linear4bit(nn.Module):
+    """``y = x @ W.T + bias`` with W ``[out_features, in_features]`` frozen in 4 bits.
+
+    Build one from a trained layer with :meth:`from_linear`, or construct it empty and
+    ``load_state_dict`` a bitsandbytes-format state dict into it. The packed weight and its
+    quant state are buffers (they move with ``.to()`` / ``.cuda()`` and never reach an
+    optimizer); ``bias``, if any, is a regular parameter.
+
+    ``forward`` takes ``x`` of shape ``[..., in_features]`` in bf16, fp16 or fp32 and returns
+    x's dtype; see :func:`qlora_kernels.matmul_4bit` for which kernel serves which shape.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
+                 weight_dtype: torch.dtype = torch.bfloat16, device=None):
+        super().__init__()
+        if quant_type not in codes.QUANT_TYPES:
+            raise ValueError(f"quant_type: expected one of {codes.QUANT_TYPES}, got {quant_type!r}")
+        if blocksize not in codes.BLOCKSIZES:
+            raise ValueError(f"blocksize: expected one of {codes.BLOCKSIZES}, got {blocksize!r}")
+        if weight_dtype not in FLOAT_DTYPES:
+            raise ValueError(f"weight_dtype: expected float32, float16 or bfloat16, got {weight_dtype}")
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.quant_type = quant_type
+        self.blocksize = int(blocksize)
+        self.double_quant = bool(double_quant)
+        # The dtype W had before quantization (bitsandbytes records it in the quant state).
+        self.weight_dtype = weight_dtype
+        n = self.in_features * self.out_features
+        nblocks = -(-n // self.blocksize)
+        # Placeholders of the right shapes (load_state_dict or from_linear fills them).
+        self.register_buffer("weight", torch.zeros(((n + 1) // 2, 1), dtype=torch.uint8, device=device),
+                             persistent=False)
+        if self.double_quant:
+            self.register_buffer("absmax", torch.zeros(nblocks, dtype=torch.uint8, device=device), persistent=False)
+            self.register_buffer("nested_absmax", torch.ones(-(-nblocks // codes.NESTED_BLOCKSIZE),
+                                                             dtype=torch.float32, device=device), persistent=False)
+            self.register_buffer("nested_quant_map", codes.dynamic_map().to(device), persistent=False)
+            self.register_buffer("nested_offset", torch.zeros((), dtype=torch.float32, device=device),
+                                 persistent=False)
+        else:
+            self.register_buffer("absmax", torch.ones(nblocks, dtype=torch.float32, device=device), persistent=False)
+        self.register_buffer("quant_map", codes.code_tensor(quant_type).to(device), persistent=False)
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(self.out_features, dtype=weight_dtype, device=device))
+        else:
+            self.register_parameter("bias", None)
+
+    # ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, quant_type: str = "nf4", blocksize: int = 64,
+                    double_quant: bool = True) -> "Linear4bit":
+        """Quantizes ``linear.weight`` on its device; the bias is kept as it is (a copy)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected a torch.nn.Linear, got {type(linear).__name__}")
+        W = linear.weight.detach()
+        if W.is_meta:
+            raise ValueError("linear: its weight is on the meta device; materialize it before quantizing")
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                    quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
+                    weight_dtype=W.dtype, device="meta")
+        packed, state = quantize_4bit(W, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
+        layer.set_quantized(packed, state)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+        return layer
+
+    def set_quantized(self, packed: torch.Tensor, state: QuantState) -> None:
+        """Replaces the stored weight by ``(packed, state)`` (shape must match the layer)."""
+        if state.shape != (self.out_features, self.in_features):
+            raise ValueError(f"state.shape: expected ({self.out_features}, {self.in_features}), got {tuple(state.shape)}")
+        if state.nested != self.double_quant:
+            raise ValueError(f"state: double quant is {state.nested}, the layer was built with double_quant={self.double_quant}")
+        self.quant_type = state.quant_type
+        self.blocksize = state.blocksize
+        self.weight_dtype = state.dtype
+        self._set_buffer("weight", packed)
+        self._set_buffer("absmax", state.absmax)
+        self._set_buffer("quant_map", state.code)
+        if state.nested:
+            self._set_buffer("nested_absmax", state.state2.absmax)
+            self._set_buffer("nested_quant_map", state.state2.code)
+            self._set_buffer("nested_offset", state.offset.reshape(()).to(torch.float32))
+
+    def _set_buffer(self, name: str, tensor: torch.Tensor) -> None:
+        # a buffer, not a plain attribute, so that .to() / .cuda() move it
+        if name in self._buffers:
+            self._buffers[name] = tensor
+        else:
+            self.register_buffer(name, tensor, persistent=False)
+
+    @property
+    def quant_state(self) -> QuantState:
+        """The weight's quant state, a view of the buffers (built on each call: cheap)."""
+        state2, offset = None, None
+        if self.double_quant:
+            state2 = QuantState(self.nested_absmax, None, self.nested_quant_map, codes.NESTED_BLOCKSIZE,
+                                None, torch.float32)
+            offset = self.nested_offset
+        return QuantState(self.absmax, (self.out_features, self.in_features), self.quant_map,
+                          self.blocksize, self.quant_type, self.weight_dtype, offset=offset, state2=state2)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """W ``[out_features, in_features]`` in ``dtype`` (default: the dtype it was quantized from)."""
+        return dequantize_4bit(self.weight, self.quant_state, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return matmul_4bit(x, self.weight, self.quant_state, self.bias)
+
+    # ----------------------------------------------------------------------------------------
+    # bitsandbytes' state-dict layout
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.weight
+        for key, value in self.quant_state.as_dict(packed=True).items():
+            destination[prefix + "weight." + key] = value
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        weight_key = prefix + "weight"
+        entries = {k[len(weight_key) + 1:]: v for k, v in state_dict.items() if k.startswith(weight_key + ".")}
+        if weight_key not in state_dict:
+            missing_keys.append(weight_key)
+        elif not entries:
+            error_msgs.append(
+                f"{weight_key}: no quant state ({weight_key}.absmax, ...quant_state.bitsandbytes__nf4): "
+                "this looks like an unquantized weight; load it into nn.Linear and use Linear4bit.from_linear")
+        else:
+            device = self.weight.device if not self.weight.is_meta else state_dict[weight_key].device
+            try:
+                state = QuantState.from_dict(entries, device=device)
+                packed = state_dict[weight_key].to(device)
+                if packed.dtype != torch.uint8:
+                    raise ValueError(f"expected uint8 packed 4-bit data, got {packed.dtype}")
+                if packed.numel() != (state.numel + 1) // 2:
+                    raise ValueError(f"has {packed.numel()} bytes, the quant state's shape "
+                                     f"{tuple(state.shape)} needs {(state.numel + 1) // 2}")
+                self.double_quant = state.nested
+                self.set_quantized(packed.reshape(-1, 1), state)
+            except ValueError as err:
+                error_msgs.append(f"{weight_key}: {err}")
+        rest = {k: v for k, v in state_dict.items() if not k.startswith(weight_key)}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        dq = ", double_quant" if self.double_quant else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, {self.quant_type}, blocksize={self.blocksize}{dq}")
