@@ -15,6 +15,7 @@ float32 x, take the dequantize path: every shape works, only the speed differs.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -43,10 +44,19 @@ def fused_max_m() -> int:
         raise ValueError(f"{_ENV_MAX_M}: expected an integer, got {value!r}") from None
 
 
+@functools.lru_cache(maxsize=None)
+def _has_16bit_mma(device_index: int) -> bool:
+    # The CUDA kernel's bf16/fp16 tensor-core MMA (m16n8k16) needs compute capability 8.0+.
+    return torch.cuda.get_device_capability(device_index) >= (8, 0)
+
+
 def uses_fused_kernel(x: torch.Tensor, state: QuantState) -> bool:
     """Whether ``matmul_4bit(x, packed, state)`` takes the fused kernel."""
     K = state.shape[-1]
     M = x.numel() // K if K else 0
+    if x.is_cuda and ops.BACKEND == "cuda" and not _has_16bit_mma(
+            x.device.index if x.device.index is not None else torch.cuda.current_device()):
+        return False
     return (
         x.dtype in (torch.float16, torch.bfloat16)
         and K % FUSED_K_MULTIPLE == 0

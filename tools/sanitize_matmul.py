@@ -1,0 +1,34 @@
+"""Runs every path of the CUDA fused 4-bit matmul once on small, awkward inputs, for
+compute-sanitizer:
+
+    compute-sanitizer --tool memcheck  python tools/sanitize_matmul.py
+    compute-sanitizer --tool racecheck python tools/sanitize_matmul.py
+
+Checks nothing itself (tests/test_matmul_4bit.py does); it only has to touch every code path:
+each n-tile count (M = 1, 9, 17, 33 and 65, which also takes a second token tile), N not a
+multiple of 16, K not a multiple of the 128-element warp step, bf16 and fp16, NF4 and FP4,
+plain and double-quantized absmax, with and without bias.
+"""
+
+import torch
+
+import qlora_kernels as qk
+from qlora_kernels.matmul import _nested_args
+
+assert qk.backend() == "cuda", f"the CUDA extension is not loaded (backend {qk.backend()})"
+op = torch.ops.qlora_kernels.matmul_4bit
+g = torch.Generator(device="cuda").manual_seed(0)
+for N, K in ((7, 32), (33, 160), (257, 4160)):
+    print(f"N={N} K={K}", flush=True)
+    W = torch.randn(N, K, device="cuda", generator=g)
+    for qt in ("nf4", "fp4"):
+        for bs, dq in ((32, False), (64, True), (4096, True)):
+            packed, st = qk.quantize_4bit(W, quant_type=qt, blocksize=bs, double_quant=dq)
+            for dtype in (torch.bfloat16, torch.float16):
+                bias = torch.randn(N, device="cuda", generator=g).to(dtype)
+                for M in (1, 9, 17, 33, 65):
+                    x = torch.randn(M, K, device="cuda", generator=g).to(dtype)
+                    op(x, packed, st.absmax, bs, qt, N, *_nested_args(st), bias)
+                    op(x, packed, st.absmax, bs, qt, N, *_nested_args(st), None)
+torch.cuda.synchronize()
+print("sanitize_matmul: all paths ran")
