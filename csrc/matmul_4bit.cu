@@ -78,20 +78,51 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
 #endif
 }
 
-// The absmax of the 32-element chunk starting at flat element e, as a broadcast pair of T.
-template <typename T>
-__device__ __forceinline__ uint32_t chunk_scale(const void* __restrict__ absmax, int64_t e,
-                                                int lg_bs, bool nested, const float* s_code8,
-                                                const float* __restrict__ nested_absmax,
-                                                float offset, int lg_nbs) {
-  const int64_t blk = e >> lg_bs;
-  float a;
+// What one warp step reads from global memory for one lane: 16 bytes of each of its two weight
+// rows and the raw absmax of both chunks (the float32 bits, or the 8-bit code and its nested
+// absmax). Loaded two steps ahead of its use, so that the loads of the next steps are in flight
+// while this one is decoded (loading each step when it came left an H100 at 20-55% of copy
+// bandwidth).
+struct StepLoads {
+  uint4 wa, wb;
+  uint32_t ra, rb;   // float32 absmax bits, or the double-quant code
+  float na, nb;      // the nested absmax (double quant only)
+};
+
+__device__ __forceinline__ StepLoads load_step(const uint8_t* wa, const uint8_t* wb, int64_t ea,
+                                               int64_t eb, int k0, bool k_ok,
+                                               const void* __restrict__ absmax, bool nested,
+                                               const float* __restrict__ nested_absmax, int lg_bs,
+                                               int lg_nbs) {
+  StepLoads l;
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  l.wa = zero;
+  l.wb = zero;
+  l.ra = l.rb = 0u;
+  l.na = l.nb = 0.0f;
+  if (!k_ok) return l;
+  // Evict-first: each weight byte is read once; x stays cached for the other CTAs.
+  l.wa = __ldcs(reinterpret_cast<const uint4*>(wa + k0 / 2));
+  l.wb = __ldcs(reinterpret_cast<const uint4*>(wb + k0 / 2));
+  const int64_t ba = (ea + k0) >> lg_bs, bb = (eb + k0) >> lg_bs;
   if (nested) {
-    const int q = __ldg(static_cast<const uint8_t*>(absmax) + blk);
-    a = s_code8[q] * __ldg(nested_absmax + (blk >> lg_nbs)) + offset;
+    l.ra = __ldg(static_cast<const uint8_t*>(absmax) + ba);
+    l.rb = __ldg(static_cast<const uint8_t*>(absmax) + bb);
+    l.na = __ldg(nested_absmax + (ba >> lg_nbs));
+    l.nb = __ldg(nested_absmax + (bb >> lg_nbs));
   } else {
-    a = __ldg(static_cast<const float*>(absmax) + blk);
+    l.ra = __float_as_uint(__ldg(static_cast<const float*>(absmax) + ba));
+    l.rb = __float_as_uint(__ldg(static_cast<const float*>(absmax) + bb));
   }
+  return l;
+}
+
+// A chunk's absmax as a broadcast pair of T (0 for a lane past K: its MMA terms vanish).
+template <typename T>
+__device__ __forceinline__ uint32_t chunk_scale(uint32_t raw, float nested_value, bool k_ok,
+                                                bool nested, const float* s_code8, float offset) {
+  if (!k_ok) return 0u;
+  const float a = nested ? s_code8[raw] * nested_value + offset : __uint_as_float(raw);
   const T h = from_float<T>(a);
   typename Pair<T>::type p;
   p.x = h;
@@ -135,6 +166,28 @@ __global__ void __launch_bounds__(kMmThreads)
   const int g = lane >> 2;
   const int t = lane & 3;
 
+  const int row0 = blockIdx.x * kTileRows;
+  const int tok0 = blockIdx.y * kT * 8;
+  // Rows past N load row N - 1 (valid memory) and are not stored.
+  const int64_t row_a = min(row0 + g, N - 1);
+  const int64_t row_b = min(row0 + g + 8, N - 1);
+  const uint8_t* wa = packed + row_a * (K / 2);
+  const uint8_t* wb = packed + row_b * (K / 2);
+  const int64_t ea = row_a * K, eb = row_b * K;  // flat index of each row's first element
+  const int nsteps = (K + kStepK - 1) / kStepK;
+  // K % 32 == 0: a lane's 32-element chunk is wholly inside K or wholly past it. A lane past
+  // K still takes part in the MMAs (they are warp-wide), with a zero scale and zero x.
+  auto step_k0 = [&](int step) { return step * kStepK + t * 32; };
+  auto load = [&](int step) {
+    const int k0 = step_k0(step);
+    return load_step(wa, wb, ea, eb, k0, step < nsteps && k0 < K, absmax, nested, nested_absmax,
+                     lg_bs, lg_nbs);
+  };
+  // Two steps of loads are kept in flight ahead of the one being decoded (about 3 KB per warp);
+  // the first ones go out before the table is built, so they overlap with it.
+  StepLoads next = load(warp);
+  StepLoads after_next = load(warp + kMmWarps);
+
   // Table: entry b holds (code[b >> 4], code[b & 15]) as a pair of T, the high nibble (the
   // element at the lower address) in the low half. All 32 copies of an entry are equal, so a
   // thread writes 4 lanes' copies with one 16-byte store.
@@ -151,33 +204,21 @@ __global__ void __launch_bounds__(kMmThreads)
   __syncthreads();
 
   const float off = nested ? __ldg(offset) : 0.0f;
-  const int row0 = blockIdx.x * kTileRows;
-  const int tok0 = blockIdx.y * kT * 8;
-  // Rows past N load row N - 1 (valid memory) and are not stored.
-  const int64_t row_a = min(row0 + g, N - 1);
-  const int64_t row_b = min(row0 + g + 8, N - 1);
-  const uint8_t* wa = packed + row_a * (K / 2);
-  const uint8_t* wb = packed + row_b * (K / 2);
   const uint32_t* table_lane = s_table + lane;
 
   float acc[kT][4];
 #pragma unroll
   for (int n = 0; n < kT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
 
-  const int nsteps = (K + kStepK - 1) / kStepK;
   for (int step = warp; step < nsteps; step += kMmWarps) {
-    const int k0 = step * kStepK + t * 32;
-    // K % 32 == 0: a lane's 32-element chunk is wholly inside K or wholly past it. A lane past
-    // K still takes part in the MMAs (they are warp-wide), with a zero scale and zero x.
+    const StepLoads cur = next;
+    next = after_next;
+    after_next = load(step + 2 * kMmWarps);
+    const int k0 = step_k0(step);
     const bool k_ok = k0 < K;
-    // Evict-first: each weight byte is read once; x stays cached for the other CTAs.
     const uint4 zero = make_uint4(0, 0, 0, 0);
-    const uint4 wra = k_ok ? __ldcs(reinterpret_cast<const uint4*>(wa + k0 / 2)) : zero;
-    const uint4 wrb = k_ok ? __ldcs(reinterpret_cast<const uint4*>(wb + k0 / 2)) : zero;
-    const uint32_t sa = k_ok ? chunk_scale<T>(absmax, row_a * K + k0, lg_bs, nested, s_code8,
-                                              nested_absmax, off, lg_nbs) : 0u;
-    const uint32_t sb = k_ok ? chunk_scale<T>(absmax, row_b * K + k0, lg_bs, nested, s_code8,
-                                              nested_absmax, off, lg_nbs) : 0u;
+    const uint32_t sa = chunk_scale<T>(cur.ra, cur.na, k_ok, nested, s_code8, off);
+    const uint32_t sb = chunk_scale<T>(cur.rb, cur.nb, k_ok, nested, s_code8, off);
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
       // x words 4q .. 4q + 3 (elements k0 + 8q .. k0 + 8q + 7) of each n-tile's token g.
@@ -186,10 +227,10 @@ __global__ void __launch_bounds__(kMmThreads)
       for (int n = 0; n < kT; ++n) {
         const int tok = tok0 + n * 8 + g;
         xq[n] = k_ok && tok < M ? __ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(tok) * K + k0) + q)
-                                  : zero;
+                                : zero;
       }
-      const uint32_t a_word = word_of(wra, q);
-      const uint32_t b_word = word_of(wrb, q);
+      const uint32_t a_word = word_of(cur.wa, q);
+      const uint32_t b_word = word_of(cur.wb, q);
 #pragma unroll
       for (int half = 0; half < 2; ++half) {
         // Sub-step s = 2q + half: bytes 2s, 2s + 1 of the chunk = bytes 2 half, 2 half + 1 of word q.
