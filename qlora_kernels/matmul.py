@@ -71,6 +71,16 @@ def _nested_args(state: QuantState) -> tuple:
             state.offset.reshape(()).to(torch.float32), state.state2.blocksize)
 
 
+def _needs_copy(x: torch.Tensor) -> bool:
+    """Whether x must be copied for the fused kernel: its 16-byte loads need a contiguous x
+    starting on 16 bytes (a view may not). Under torch.compile neither data_ptr() nor
+    storage_offset() can be traced (fullgraph fails), so x is always copied there: a fresh
+    buffer is aligned, and inductor fuses the copy into the op that produced x."""
+    if torch.compiler.is_compiling():
+        return True
+    return not x.is_contiguous() or x.data_ptr() % 16 != 0
+
+
 def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T + bias`` where ``(packed, state)`` hold W ``[N, K]`` in 4 bits.
@@ -101,8 +111,7 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
     if not uses_fused_kernel(x, state):
         return torch.nn.functional.linear(x, dequantize_4bit(packed, state, dtype=x.dtype), bias)
     x2 = x.reshape(-1, K)
-    # 16-byte loads of x need a contiguous x starting on 16 bytes (a view may not)
-    if not x2.is_contiguous() or x2.data_ptr() % 16:
+    if _needs_copy(x2):
         x2 = x2.clone(memory_format=torch.contiguous_format)
     out = ops.matmul_4bit(x2, packed.contiguous(), state.absmax.contiguous(), state.blocksize,
                           state.quant_type, N, *_nested_args(state), bias)

@@ -1,0 +1,459 @@
+"""matmul_4bit: the Triton kernel (interpreter on CPU, compiled on GPU), the CUDA op, the public
+API and nn.Linear4bit.
+
+Every fused result is compared with ``x.float() @ W.T`` where W is the reference's float32
+dequantization of the same 4-bit weight: that isolates the kernel's error (16-bit rounding of
+W for the tensor cores, float32 summation order, the one rounding of the output) from the
+quantization error. Relative error = ||got - want|| / ||want||.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import qlora_kernels as qk
+from qlora_kernels import reference as R
+from qlora_kernels.matmul import _nested_args, fused_max_m, uses_fused_kernel
+from qlora_kernels.nn import Linear4bit
+
+HAS_CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 1e-5}
+LAYER_KEYS = {"weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax",
+              "weight.nested_quant_map", "weight.quant_state.bitsandbytes__nf4", "bias"}
+
+
+# ------------------------------------------------------------------------------------------
+# helpers
+def quantized_weight(N, K, quant_type, blocksize, nested, g, device="cpu"):
+    """A fresh random W [N, K] (LLaMA-like scale, a few outliers) quantized on ``device``."""
+    W = torch.randn(N, K, generator=g) * 0.02
+    W.view(-1)[torch.randint(0, N * K, (max(1, N * K // 500),), generator=g)] *= 8
+    return qk.quantize_4bit(W.to(device), quant_type=quant_type, blocksize=blocksize, double_quant=nested)
+
+
+def reference_weight(packed, state) -> torch.Tensor:
+    """W [N, K] in float32, dequantized by the plain-torch reference on the CPU."""
+    nested = [t.cpu() if isinstance(t, torch.Tensor) else t for t in _nested_args(state)]
+    N, K = state.shape
+    return R.dequantize_4bit(packed.cpu(), state.absmax.cpu(), state.blocksize, state.quant_type, N * K,
+                             torch.float32, *nested).view(N, K)
+
+
+def expected(x, packed, state, bias=None) -> torch.Tensor:
+    want = x.detach().cpu().float() @ reference_weight(packed, state).T
+    if bias is not None:
+        want = want + bias.detach().cpu().float()
+    return want
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    want = want.detach().float()
+    return float((got.detach().cpu().float() - want.detach()).norm() / want.detach().norm())
+
+
+def random_x(shape, dtype, g, device="cpu"):
+    return torch.randn(shape, generator=g).to(dtype).to(device)
+
+
+def triton_matmul(x, packed, state, bias=None):
+    from qlora_kernels.triton import matmul as TM
+
+    return TM.matmul_4bit(x, packed, state.absmax, state.blocksize, state.quant_type, state.shape[0],
+                          *_nested_args(state), bias)
+
+
+# ------------------------------------------------------------------------------------------
+# (a) the Triton kernel in the interpreter (CPU)
+interpreter_only = pytest.mark.skipif(
+    HAS_CUDA or not INTERPRET,
+    reason="interpreter run: needs no GPU and TRITON_INTERPRET=1 (tests/conftest.py sets it)")
+
+# (M, K, N, quant_type, blocksize, nested, dtype, bias): the M=1 dot-product form and the
+# tl.dot form, with and without split-K (K >= 1024 splits), blocks straddling rows (K=160
+# and 4096, K=4160 and 128), more than one token tile (M=65), every dtype and format.
+INTERPRETER_CASES = [
+    (1, 64, 257, "nf4", 64, True, torch.bfloat16, True),
+    (1, 4160, 257, "nf4", 128, True, torch.float16, False),
+    (1, 160, 257, "fp4", 4096, False, torch.bfloat16, True),
+    (3, 160, 257, "fp4", 4096, True, torch.bfloat16, True),
+    (7, 4160, 257, "nf4", 64, False, torch.bfloat16, True),
+    (16, 256, 257, "fp4", 32, False, torch.float16, True),
+    (33, 160, 257, "nf4", 4096, False, torch.float16, False),
+    (2, 1024, 33, "fp4", 256, True, torch.float16, True),
+    (65, 96, 40, "nf4", 64, True, torch.bfloat16, True),
+]
+
+
+@interpreter_only
+@pytest.mark.parametrize("M,K,N,quant_type,blocksize,nested,dtype,with_bias", INTERPRETER_CASES)
+def test_triton_kernel_interpreter(M, K, N, quant_type, blocksize, nested, dtype, with_bias, rng):
+    packed, state = quantized_weight(N, K, quant_type, blocksize, nested, rng)
+    x = random_x((M, K), dtype, rng)
+    bias = random_x((N,), dtype, rng) if with_bias else None
+    out = triton_matmul(x, packed, state, bias)
+    assert out.shape == (M, N) and out.dtype == dtype
+    assert rel_err(out, expected(x, packed, state, bias)) < TOL[dtype]
+
+
+@interpreter_only
+def test_triton_split_k_is_deterministic(rng):
+    """Two-pass split-K sums the partials in a fixed order: the same bits every call."""
+    from qlora_kernels.triton import matmul as TM
+
+    M, K, N = 1, 2048, 48
+    assert TM._config(M, N, K, torch.device("cpu")).split > 1
+    packed, state = quantized_weight(N, K, "nf4", 64, True, rng)
+    x = random_x((M, K), torch.bfloat16, rng)
+    assert torch.equal(triton_matmul(x, packed, state), triton_matmul(x, packed, state))
+
+
+@pytest.mark.parametrize("N,K", [(4096, 4096), (4096, 11008), (11008, 4096), (28672, 8192), (257, 4160)])
+@pytest.mark.parametrize("M", [1, 2, 4, 16, 64])
+def test_triton_config_fills_the_gpu(M, N, K):
+    """The heuristic gives >= 2 programs per SM on an H100 (132 SMs) for decode shapes, each
+    split covers whole 32-column groups, and the splits cover K exactly."""
+    from qlora_kernels.triton import matmul as TM
+
+    cfg = TM._config(M, N, K, torch.device("cpu"))
+    programs = -(-N // cfg.block_n) * -(-M // cfg.block_m) * cfg.split
+    if N >= 4096:
+        assert programs >= 2 * 132
+    assert cfg.k_per_split % (32 * cfg.groups) == 0
+    assert (cfg.split - 1) * cfg.k_per_split < K <= cfg.split * cfg.k_per_split
+    assert cfg.use_dot == (M > 1)
+
+
+def test_triton_kernel_rejects_bad_input(rng):
+    packed, state = quantized_weight(8, 96, "nf4", 64, True, rng)
+    with pytest.raises(ValueError, match="K"):
+        triton_matmul(random_x((2, 48), torch.bfloat16, rng), packed[:48 * 8 // 2], _shaped(state, 8, 48))
+    with pytest.raises(ValueError, match="x: expected dtype"):
+        triton_matmul(random_x((2, 96), torch.float32, rng), packed, state)
+    with pytest.raises(ValueError, match="x: expected a 2-D"):
+        triton_matmul(random_x((2, 1, 96), torch.bfloat16, rng), packed, state)
+
+
+def _shaped(state, N, K):
+    """A state claiming shape [N, K] (only the shape matters before the K check raises)."""
+    return qk.QuantState(state.absmax, (N, K), state.code, state.blocksize, state.quant_type, state.dtype,
+                         offset=state.offset, state2=state.state2)
+
+
+@interpreter_only
+def test_triton_kernel_empty(rng):
+    packed, state = quantized_weight(8, 64, "nf4", 64, False, rng)
+    out = triton_matmul(random_x((0, 64), torch.float16, rng), packed, state)
+    assert out.shape == (0, 8)
+
+
+# ------------------------------------------------------------------------------------------
+# (b) the public API on CPU (the reference op, or the dequantize path)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_public_leading_dims_and_bias(dtype, rng):
+    packed, state = quantized_weight(40, 96, "nf4", 64, True, rng)
+    x = random_x((2, 3, 96), dtype, rng)
+    bias = random_x((40,), dtype, rng)
+    out = qk.matmul_4bit(x, packed, state, bias)
+    assert out.shape == (2, 3, 40) and out.dtype == dtype
+    want = expected(x.reshape(-1, 96), packed, state, bias).view(2, 3, 40)
+    assert rel_err(out, want) < TOL[dtype]
+
+
+def test_public_k_not_multiple_of_32(rng):
+    """K = 257 cannot take the fused kernel; the dequantize path serves it."""
+    packed, state = quantized_weight(33, 257, "fp4", 128, True, rng)
+    x = random_x((5, 257), torch.bfloat16, rng)
+    assert not uses_fused_kernel(x, state)
+    bias = random_x((33,), torch.bfloat16, rng)
+    assert rel_err(qk.matmul_4bit(x, packed, state, bias), expected(x, packed, state, bias)) < 1e-2
+
+
+def test_uses_fused_kernel(rng):
+    _, state = quantized_weight(8, 64, "nf4", 64, True, rng)
+    assert uses_fused_kernel(random_x((1, 64), torch.bfloat16, rng), state)
+    assert uses_fused_kernel(random_x((fused_max_m(), 64), torch.float16, rng), state)
+    assert not uses_fused_kernel(random_x((fused_max_m() + 1, 64), torch.bfloat16, rng), state)
+    assert not uses_fused_kernel(random_x((1, 64), torch.float32, rng), state)
+
+
+def test_public_errors_name_the_argument(rng):
+    packed, state = quantized_weight(16, 64, "nf4", 64, True, rng)
+    x = random_x((3, 64), torch.bfloat16, rng)
+    with pytest.raises(ValueError, match=r"x: expected shape \[\.\.\., 64\]"):
+        qk.matmul_4bit(random_x((3, 32), torch.bfloat16, rng), packed, state)
+    with pytest.raises(ValueError, match="x: expected dtype"):
+        qk.matmul_4bit(torch.randint(0, 5, (3, 64), generator=rng), packed, state)
+    with pytest.raises(TypeError, match="x: expected a torch.Tensor"):
+        qk.matmul_4bit([[1.0] * 64], packed, state)
+    with pytest.raises(ValueError, match="x: expected a tensor on cpu"):
+        qk.matmul_4bit(torch.empty(3, 64, dtype=torch.bfloat16, device="meta"), packed, state)
+    with pytest.raises(ValueError, match=r"bias: expected shape \[16\]"):
+        qk.matmul_4bit(x, packed, state, random_x((15,), torch.bfloat16, rng))
+    with pytest.raises(ValueError, match="bias: expected dtype"):
+        qk.matmul_4bit(x, packed, state, torch.ones(16, dtype=torch.int32))
+    with pytest.raises(ValueError, match="packed"):
+        qk.matmul_4bit(x, packed[:-1], state)
+
+
+def test_public_empty_x(rng):
+    packed, state = quantized_weight(16, 64, "nf4", 64, True, rng)
+    bias = random_x((16,), torch.bfloat16, rng)
+    assert qk.matmul_4bit(torch.empty(0, 64, dtype=torch.bfloat16), packed, state, bias).shape == (0, 16)
+    assert qk.matmul_4bit(torch.empty(2, 0, 64, dtype=torch.float16), packed, state).shape == (2, 0, 16)
+
+
+# ------------------------------------------------------------------------------------------
+# (c) nn.Linear4bit
+def test_linear4bit_from_linear_matches_reference(rng):
+    linear = nn.Linear(96, 48, bias=True).to(torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(48, 96, generator=rng) * 0.05)
+        linear.bias.copy_(torch.randn(48, generator=rng))
+    layer = Linear4bit.from_linear(linear, quant_type="nf4", blocksize=64, double_quant=True)
+    x = random_x((4, 7, 96), torch.bfloat16, rng)
+    with torch.no_grad():
+        out = layer(x)
+    want = x.float() @ reference_weight(layer.weight, layer.quant_state).T + linear.bias.float()
+    assert out.shape == (4, 7, 48) and out.dtype == torch.bfloat16
+    assert rel_err(out, want) < 1e-2
+    # and the 4-bit weight is close to the original (a quantization sanity check, loose)
+    assert rel_err(layer.dequantize(torch.float32), linear.weight.float()) < 0.15
+
+
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", True), ("fp4", False)])
+def test_linear4bit_state_dict_keys_and_roundtrip(quant_type, double_quant, rng):
+    linear = nn.Linear(64, 40).to(torch.float16)
+    layer = Linear4bit.from_linear(linear, quant_type=quant_type, blocksize=32, double_quant=double_quant)
+    sd = layer.state_dict()
+    keys = {k.replace("__nf4", f"__{quant_type}") for k in LAYER_KEYS}
+    if not double_quant:
+        keys -= {"weight.nested_absmax", "weight.nested_quant_map"}
+    assert set(sd) == keys
+    # bias is a parameter: load_state_dict copies into its dtype, so build the layer in fp16
+    fresh = Linear4bit(64, 40, bias=True, double_quant=double_quant, weight_dtype=torch.float16)
+    fresh.load_state_dict(sd)
+    assert fresh.quant_type == quant_type and fresh.blocksize == 32 and fresh.weight_dtype == torch.float16
+    assert torch.equal(fresh.dequantize(), layer.dequantize())
+    x = random_x((3, 64), torch.float16, rng)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), layer(x))
+
+
+def _bnb_dequantize(packed, bstate):
+    """bitsandbytes' dequantization through its portable path (its AVX-512 CPU kernel in
+    0.50.2 is wrong for 2-D tensors of even width; see test_bnb_compat.py)."""
+    import bitsandbytes.functional as F
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+    absmax = bstate.absmax
+    if bstate.nested:
+        absmax = F.dequantize_blockwise(bstate.absmax, bstate.state2) + bstate.offset
+    return _dequantize_4bit_compute(packed.reshape(-1), absmax, bstate.code, bstate.blocksize,
+                                    tuple(bstate.shape), bstate.dtype)
+
+
+def test_linear4bit_loads_bitsandbytes_and_back(rng):
+    bnb = pytest.importorskip("bitsandbytes")
+    W = (torch.randn(40, 96, generator=rng) * 0.05).to(torch.bfloat16)
+    blayer = bnb.nn.Linear4bit(96, 40, bias=True, compute_dtype=torch.bfloat16, compress_statistics=True,
+                               quant_type="nf4")
+    blayer.weight = bnb.nn.Params4bit(W, requires_grad=False, compress_statistics=True, quant_type="nf4",
+                                      blocksize=64)
+    blayer = blayer.to("cpu")  # quantizes
+    with torch.no_grad():
+        blayer.bias.copy_(torch.randn(40, generator=rng))
+    bsd = blayer.state_dict()
+    ours = Linear4bit(96, 40, bias=True)
+    ours.load_state_dict(bsd)
+    bnb_W = _bnb_dequantize(blayer.weight.data, blayer.weight.quant_state)
+    assert torch.equal(ours.dequantize(), bnb_W)
+    assert torch.equal(ours.bias, bsd["bias"].to(ours.bias.dtype))
+
+    # ours -> bitsandbytes, the way bitsandbytes (and transformers) load a 4-bit checkpoint
+    mine = Linear4bit.from_linear(nn.Linear(96, 40).to(torch.bfloat16), blocksize=128)
+    sd = mine.state_dict()
+    stats = {k.removeprefix("weight."): v for k, v in sd.items() if k.startswith("weight.")}
+    param = bnb.nn.Params4bit.from_prequantized(data=sd["weight"], quantized_stats=stats, requires_grad=False,
+                                                device="cpu")
+    assert torch.equal(_bnb_dequantize(param.data, param.quant_state), mine.dequantize())
+
+
+def test_linear4bit_to_moves_every_buffer():
+    layer = Linear4bit.from_linear(nn.Linear(64, 32).to(torch.bfloat16))
+    moved = layer.to("meta")
+    tensors = dict(moved.named_buffers()) | dict(moved.named_parameters())
+    assert {"weight", "absmax", "nested_absmax", "nested_quant_map", "nested_offset", "quant_map", "bias"} <= set(tensors)
+    assert all(t.device.type == "meta" for t in tensors.values())
+    assert moved.quant_state.device.type == "meta" and moved.quant_state.state2.absmax.device.type == "meta"
+
+
+# ------------------------------------------------------------------------------------------
+# (d) opcheck and torch.compile
+def _op_args(device, rng, nested=True, with_bias=True):
+    packed, state = quantized_weight(48, 64, "nf4", 64, nested, rng, device=device)
+    x = random_x((3, 64), torch.bfloat16, rng, device)
+    bias = random_x((48,), torch.bfloat16, rng, device) if with_bias else None
+    return (x, packed, state.absmax, state.blocksize, state.quant_type, 48, *_nested_args(state), bias)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("nested", [True, False])
+def test_opcheck(device, nested, rng):
+    args = _op_args(device, rng, nested=nested, with_bias=nested)
+    torch.library.opcheck(torch.ops.qlora_kernels.matmul_4bit.default, args)
+
+
+def _small_model(device, g):
+    layers = []
+    for k, n in ((64, 96), (96, 160), (160, 32)):
+        linear = nn.Linear(k, n, bias=n != 160).to(torch.bfloat16)
+        with torch.no_grad():
+            linear.weight.copy_(torch.randn(n, k, generator=g) * 0.05)
+        layers += [Linear4bit.from_linear(linear.to(device)), nn.SiLU()]
+    return nn.Sequential(*layers[:-1]).eval()
+
+
+def test_compile_fullgraph_cpu(rng):
+    """Traces Linear4bit models whole (fake kernel, no graph breaks); aot_eager keeps it fast."""
+    torch._dynamo.reset()
+    model = _small_model("cpu", rng)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = random_x((2, 3, 64), torch.bfloat16, rng)
+    x_view = random_x((6, 65), torch.bfloat16, rng)[:, 1:]   # misaligned, non-contiguous rows
+    with torch.no_grad():
+        assert torch.equal(compiled(x), model(x))
+        assert torch.equal(compiled(x_view), model(x_view))
+
+
+@pytest.mark.gpu
+def test_compile_fullgraph_inductor_gpu(rng):
+    torch._dynamo.reset()
+    model = _small_model("cuda", rng)
+    compiled = torch.compile(model, fullgraph=True)
+    x = random_x((1, 64), torch.bfloat16, rng, "cuda")
+    with torch.no_grad():
+        assert rel_err(compiled(x), model(x).float()) < 1e-2
+
+
+# ------------------------------------------------------------------------------------------
+# (e) GPU: the CUDA op and the compiled Triton kernel
+IMPLS = ["cuda", "triton"]
+GPU_M = [1, 2, 3, 7, 16, 33, 64, 65, 300]
+FORMATS = [("nf4", 64, True, True), ("fp4", 128, False, False), ("nf4", 32, True, False),
+           ("fp4", 4096, True, True), ("nf4", 4096, False, True)]
+
+
+def _impl(name):
+    if name == "cuda" and qk.backend() != "cuda":
+        pytest.skip("the CUDA extension is not loaded")
+    if name == "cuda":
+        def cuda_matmul(x, packed, state, bias=None):
+            return torch.ops.qlora_kernels.matmul_4bit(x, packed, state.absmax, state.blocksize,
+                                                       state.quant_type, state.shape[0],
+                                                       *_nested_args(state), bias)
+        return cuda_matmul
+    pytest.importorskip("triton")
+    return triton_matmul
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("K,N", [(4160, 257), (4096, 4096)])
+@pytest.mark.parametrize("M", GPU_M)
+def test_gpu_matmul(impl, M, K, N, dtype, rng):
+    fn = _impl(impl)
+    quant_type, blocksize, nested, with_bias = FORMATS[(M + K) % len(FORMATS)]
+    packed, state = quantized_weight(N, K, quant_type, blocksize, nested, rng, "cuda")
+    x = random_x((M, K), dtype, rng, "cuda")
+    bias = random_x((N,), dtype, rng, "cuda") if with_bias else None
+    out = fn(x, packed, state, bias)
+    assert out.shape == (M, N) and out.dtype == dtype and out.is_cuda
+    assert rel_err(out, expected(x, packed, state, bias)) < TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 4096])
+@pytest.mark.parametrize("quant_type,nested", [("nf4", True), ("nf4", False), ("fp4", True)])
+@pytest.mark.parametrize("M", [1, 7, 33])
+def test_gpu_formats(impl, M, quant_type, nested, blocksize, rng):
+    fn = _impl(impl)
+    K, N = 4160, 257
+    packed, state = quantized_weight(N, K, quant_type, blocksize, nested, rng, "cuda")
+    x = random_x((M, K), torch.bfloat16, rng, "cuda")
+    bias = random_x((N,), torch.bfloat16, rng, "cuda")
+    assert rel_err(fn(x, packed, state, bias), expected(x, packed, state, bias)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gpu_unaligned_x(impl, rng):
+    """x starting 2 bytes past a 16-byte boundary, and with a row stride wider than K."""
+    fn = _impl(impl)
+    K, N, M = 4096, 257, 5
+    packed, state = quantized_weight(N, K, "nf4", 64, True, rng, "cuda")
+    buf = random_x((M * K + 1,), torch.bfloat16, rng, "cuda")
+    x = buf[1:].view(M, K)
+    assert x.data_ptr() % 16 != 0
+    if impl == "triton":
+        assert rel_err(fn(x, packed, state), expected(x, packed, state)) < 1e-2
+    assert rel_err(qk.matmul_4bit(x, packed, state), expected(x, packed, state)) < 1e-2
+    wide = random_x((M, K + 8), torch.bfloat16, rng, "cuda")[:, 8:]
+    assert rel_err(qk.matmul_4bit(wide, packed, state), expected(wide, packed, state)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 16, 300])
+def test_gpu_public_k_257_dequantize_path(M, rng):
+    K, N = 257, 4160
+    packed, state = quantized_weight(N, K, "nf4", 64, True, rng, "cuda")
+    x = random_x((M, K), torch.bfloat16, rng, "cuda")
+    bias = random_x((N,), torch.bfloat16, rng, "cuda")
+    assert not uses_fused_kernel(x, state)
+    assert rel_err(qk.matmul_4bit(x, packed, state, bias), expected(x, packed, state, bias)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("lead", [(2, 3), (1, 1, 4), (40, 5)])
+def test_gpu_public_leading_dims(lead, dtype, rng):
+    K, N = 4160, 257
+    packed, state = quantized_weight(N, K, "nf4", 64, True, rng, "cuda")
+    x = random_x((*lead, K), dtype, rng, "cuda")
+    bias = random_x((N,), dtype, rng, "cuda")
+    out = qk.matmul_4bit(x, packed, state, bias)
+    assert out.shape == (*lead, N) and out.dtype == dtype
+    want = expected(x.reshape(-1, K), packed, state, bias).view(*lead, N)
+    assert rel_err(out, want) < max(TOL[dtype], 2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 4])
+def test_gpu_cuda_graph_replay_equals_eager(M, rng):
+    """Decode is launch-bound, so Linear4bit models must capture into a CUDA graph (no host
+    syncs, no allocations outside the graph pool) and replay bit for bit."""
+    model = _small_model("cuda", rng)
+    static_x = random_x((M, 64), torch.bfloat16, rng, "cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(stream):
+        for _ in range(2):
+            model(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        static_out = model(static_x)
+    for _ in range(2):
+        new_x = random_x((M, 64), torch.bfloat16, rng, "cuda")
+        static_x.copy_(new_x)
+        graph.replay()
+        with torch.no_grad():
+            eager = model(new_x)
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, eager)
