@@ -1,0 +1,144 @@
+"""Fused 4-bit matmul (``qlora_kernels.matmul_4bit``) against bf16 ``F.linear`` and
+bitsandbytes' ``matmul_4bit``, on LLaMA layer shapes, for decode batches.
+
+    python benchmarks/bench_matmul_4bit.py [--shapes 4096x4096,...] [--m 1,4,16] [--quick] [--json out.json]
+
+Shapes are W's ``N x K`` (out x in features). One row per (shape, M, implementation): median
+time with the weights rotated past L2, effective GB/s of weight traffic (4-bit: packed bytes
++ absmax bytes; bf16: 2 bytes a weight), % of the device copy rate measured in the same run,
+and the speedup over bf16 and over bitsandbytes. ``ours`` is the public path (fused kernel up
+to ``fused_max_m()`` rows, dequantize + cuBLAS above); ``triton`` is the Triton kernel called
+directly, timed too when the CUDA extension serves the public path. M above 64 shows the
+crossover to the dequantize path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+import torch.nn.functional as Fn
+
+import common
+
+LLAMA_SHAPES = {
+    "7B": ["4096x4096", "11008x4096", "4096x11008"],
+    "13B": ["5120x5120", "13824x5120", "5120x13824"],
+    "33B": ["6656x6656", "17920x6656", "6656x17920"],
+    "65B": ["8192x8192", "22016x8192", "8192x22016"],
+    "70B": ["28672x8192"],
+}
+ALL_SHAPES = [s for shapes in LLAMA_SHAPES.values() for s in shapes]
+DEFAULT_M = "1,2,4,8,16,32,64,128,256"
+QUICK_SHAPES = "4096x4096,11008x4096,28672x8192"
+QUICK_M = "1,4,16,64"
+
+
+def model_of(shape: str) -> str:
+    return next((m for m, shapes in LLAMA_SHAPES.items() if shape in shapes), "")
+
+
+def weight_bytes_4bit(N: int, K: int, blocksize: int = 64, nested: bool = True) -> int:
+    """Bytes of W read by a 4-bit matmul: packed nibbles plus absmax (8-bit codes and the
+    float32 nested absmax with double quant, else float32 per block)."""
+    n = N * K
+    nblocks = math.ceil(n / blocksize)
+    absmax = nblocks + 4 * math.ceil(nblocks / 256) if nested else 4 * nblocks
+    return (n + 1) // 2 + absmax
+
+
+def make_cases(N: int, K: int, copies: int, bnb_F):
+    """Per implementation: (function of one rotated input, list of inputs, weight bytes)."""
+    import qlora_kernels as qk
+    from qlora_kernels.matmul import _nested_args
+
+    W16 = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+    ours = [qk.quantize_4bit(W, "nf4", 64, double_quant=True) for W in W16]
+    b4 = weight_bytes_4bit(N, K)
+    cases = {
+        "bf16": (lambda item: Fn.linear(item[0], item[1]), W16, 2 * N * K),
+        "ours": (lambda item: qk.matmul_4bit(item[0], *item[1]), ours, b4),
+    }
+    if qk.backend() == "cuda":
+        from qlora_kernels.triton import matmul as TM
+
+        def triton_call(item):
+            packed, state = item[1]
+            return TM.matmul_4bit(item[0], packed, state.absmax, 64, "nf4", N, *_nested_args(state))
+
+        cases["triton"] = (triton_call, ours, b4)
+    if bnb_F is not None:
+        import bitsandbytes as bnb
+
+        bnb_items = [bnb_F.quantize_4bit(W, blocksize=64, compress_statistics=True, quant_type="nf4") for W in W16]
+        cases["bnb"] = (lambda item: bnb.matmul_4bit(item[0], item[1][0].t(), quant_state=item[1][1]),
+                        bnb_items, b4)
+    return cases
+
+
+def run(shapes, ms, copy_gbs, bnb_F, rep_ms):
+    from qlora_kernels.matmul import fused_max_m
+
+    header = (f"{'model':<5}{'shape':<13}{'M':>4} {'impl':<8}{'path':<7}{'time us':>9}{'GB/s':>7}{'% copy':>8}"
+              f"{'vs bf16':>9}{'vs bnb':>8}")
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for shape in shapes:
+        N, K = (int(v) for v in shape.lower().split("x"))
+        # rotate the largest pool (bf16 W) past L2; every implementation uses as many copies
+        copies = common.copies_for(2 * N * K)
+        cases = make_cases(N, K, copies, bnb_F)
+        for M in ms:
+            xs = [torch.randn(M, K, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+            times = {}
+            for name, (fn, pool, _) in cases.items():
+                items = list(zip(xs, pool))
+                times[name] = common.bench(lambda item, fn=fn: fn(item), items, rep_ms=rep_ms)
+            for name, ms_ in times.items():
+                nbytes = cases[name][2]
+                gbs = nbytes / ms_ / 1e6
+                vs_bf16 = times["bf16"] / ms_
+                vs_bnb = times["bnb"] / ms_ if "bnb" in times and name != "bnb" else None
+                path = "fused" if name == "triton" or (name == "ours" and M <= fused_max_m()) else (
+                    "deq" if name == "ours" else "")
+                print(f"{model_of(shape):<5}{shape:<13}{M:>4} {name:<8}{path:<7}{ms_ * 1e3:>9.1f}{gbs:>7.0f}"
+                      f"{100 * gbs / copy_gbs:>7.1f}%{vs_bf16:>8.2f}x"
+                      + (f"{vs_bnb:>7.2f}x" if vs_bnb else ""), flush=True)
+                rows.append({"model": model_of(shape), "shape": shape, "N": N, "K": K, "M": M, "impl": name,
+                             "path": path, "ms": ms_, "weight_bytes": nbytes, "gbs": gbs,
+                             "pct_copy": 100 * gbs / copy_gbs, "speedup_vs_bf16": vs_bf16,
+                             "speedup_vs_bnb": vs_bnb})
+            del xs
+        del cases
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default=None, help="comma-separated NxK (default: every LLaMA shape)")
+    ap.add_argument("--m", default=None, help=f"comma-separated M (default {DEFAULT_M})")
+    ap.add_argument("--quick", action="store_true", help=f"shapes {QUICK_SHAPES}, M {QUICK_M}, shorter timing")
+    ap.add_argument("--json", default=None, help="output path (default benchmarks/results/<gpu>/matmul_4bit.json)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_matmul_4bit.py needs a CUDA GPU")
+    shapes = (args.shapes or (QUICK_SHAPES if args.quick else ",".join(ALL_SHAPES))).split(",")
+    ms = [int(v) for v in (args.m or (QUICK_M if args.quick else DEFAULT_M)).split(",")]
+    rep_ms = 50 if args.quick else 100
+
+    bnb_F = common.bitsandbytes_functional()
+    env = common.environment()
+    copy_gbs = common.copy_bandwidth_gbs()
+    print(f"{env['gpu']}  torch {env['torch']}  CUDA {env['cuda']}  backend {env.get('qlora_kernels_backend')}"
+          f"  bitsandbytes {env.get('bitsandbytes', 'absent')}")
+    print(f"device copy: {copy_gbs:.0f} GB/s (read + write); NF4 + double quant, blocksize 64; x bf16\n")
+    rows = run(shapes, ms, copy_gbs, bnb_F, rep_ms)
+    path = common.save({"env": env, "copy_gbs": copy_gbs, "rows": rows}, "matmul_4bit", args.json)
+    print(f"\nsaved {path}")
+
+
+if __name__ == "__main__":
+    main()
