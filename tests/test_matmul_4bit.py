@@ -52,8 +52,8 @@ def expected(x, packed, state, bias=None) -> torch.Tensor:
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    want = want.detach().float()
-    return float((got.detach().cpu().float() - want.detach()).norm() / want.detach().norm())
+    want = want.detach().float().cpu()
+    return float((got.detach().cpu().float() - want).norm() / want.norm())
 
 
 def random_x(shape, dtype, g, device="cpu"):
