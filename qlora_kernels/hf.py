@@ -393,16 +393,19 @@ def _quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     and without tied duplicates (safetensors refuses shared storage; transformers re-ties them)."""
     model = peft_format.unwrap_model(model)
     lora_prefixes = [f"{p}.{part}." for p in peft_format.lora_layers(model) for part in ("lora_A", "lora_B")]
-    out, seen = {}, {}
+    tied = _tied_keys(model)
+    out, seen = {}, set()
     for key, t in model.state_dict().items():
-        if any(key.startswith(p) for p in lora_prefixes):
+        if key in tied or any(key.startswith(p) for p in lora_prefixes):
             continue
-        ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.numel() else None
-        if ptr is not None and ptr in seen:
-            continue
-        if ptr is not None:
-            seen[ptr] = key
-        out[key] = t.detach().to("cpu").contiguous()
+        t = t.detach().to("cpu").contiguous()
+        # Layers share their code maps (one quant_map tensor for all NF4 layers); safetensors
+        # refuses shared storage, and bitsandbytes wants each layer's own entry: copy repeats.
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() and ptr in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[key] = t
     return out
 
 
@@ -520,18 +523,10 @@ def prepare_model_for_training(model: nn.Module, use_gradient_checkpointing: boo
     return model
 
 
-def _trainer_callback_base():
-    try:
-        from transformers import TrainerCallback
-    except ImportError:  # transformers absent: the callback is never used then
-        return object
-    return TrainerCallback
-
-
-class SaveAdapterCallback(_trainer_callback_base()):
-    """A ``transformers.TrainerCallback`` that writes the LoRA adapter in peft's format into
-    every checkpoint directory (``<output_dir>/checkpoint-<step>``) and, at the end of training,
-    into ``<output_dir>/adapter`` (or ``final_dir``). ``PeftModel.from_pretrained`` loads either."""
+class _SaveAdapterCallbackMixin:
+    """Writes the LoRA adapter in peft's format into every checkpoint directory
+    (``<output_dir>/checkpoint-<step>``) and, at the end of training, into
+    ``<output_dir>/adapter`` (or ``final_dir``); ``PeftModel.from_pretrained`` loads either."""
 
     def __init__(self, final_dir: str | None = None, base_model_name_or_path: str | None = None):
         self.final_dir = final_dir
@@ -548,3 +543,20 @@ class SaveAdapterCallback(_trainer_callback_base()):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self._save(model, self.final_dir or os.path.join(args.output_dir, "adapter"), state)
         return control
+
+
+_callback_class = None
+
+
+def __getattr__(name):
+    # SaveAdapterCallback subclasses transformers.TrainerCallback, built on first use so that
+    # importing qlora_kernels does not import transformers.
+    global _callback_class
+    if name == "SaveAdapterCallback":
+        if _callback_class is None:
+            from transformers import TrainerCallback
+
+            _callback_class = type("SaveAdapterCallback", (_SaveAdapterCallbackMixin, TrainerCallback),
+                                   {"__doc__": _SaveAdapterCallbackMixin.__doc__, "__module__": __name__})
+        return _callback_class
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
