@@ -19,6 +19,10 @@ TORCH_LIBRARY(qlora_kernels, m) {
       "matmul_4bit(Tensor x, Tensor packed, Tensor absmax, int blocksize, str quant_type, int N, "
       "Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, "
       "int nested_blocksize=256, Tensor? bias=None) -> Tensor");
+  m.def(
+      "adamw_step(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+      "float lr, float beta1, float beta2, float eps, float weight_decay, "
+      "float bias_correction1, float bias_correction2) -> ()");
 }
 
 // Importing qlora_kernels._C only has to load this library (which runs the registrations

@@ -21,4 +21,9 @@ SCHEMAS = {
         "Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, "
         "int nested_blocksize=256, Tensor? bias=None) -> Tensor"
     ),
+    "adamw_step": (
+        "adamw_step(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+        "float lr, float beta1, float beta2, float eps, float weight_decay, "
+        "float bias_correction1, float bias_correction2) -> ()"
+    ),
 }

@@ -12,8 +12,16 @@ from __future__ import annotations
 
 import torch
 
-from . import _backend, reference
+from . import _backend, reference, reference_optim
 from ._schemas import SCHEMAS
+
+# Each op's implementation is the function of its name in the first module that has one.
+_REFERENCE_MODULES = (reference, reference_optim)
+
+
+def _impl(modules, name):
+    return getattr(next(m for m in modules if hasattr(m, name)), name)
+
 
 BACKEND = _backend.choose()
 _backend.warn_if_degraded(BACKEND)
@@ -24,18 +32,18 @@ if BACKEND != "cuda":
         _lib.define(_schema)
 
 for _name in SCHEMAS:
-    _lib.impl(_name, getattr(reference, _name), "CPU")
+    _lib.impl(_name, _impl(_REFERENCE_MODULES, _name), "CPU")
 
 if BACKEND == "triton":
+    from .triton import adamw as _triton_adamw
     from .triton import matmul as _triton_matmul
     from .triton import quant as _triton_quant
 
     for _name in SCHEMAS:
-        _module = _triton_matmul if hasattr(_triton_matmul, _name) else _triton_quant
-        _lib.impl(_name, getattr(_module, _name), "CUDA")
+        _lib.impl(_name, _impl((_triton_matmul, _triton_quant, _triton_adamw), _name), "CUDA")
 elif BACKEND == "torch":
     for _name in SCHEMAS:
-        _lib.impl(_name, getattr(reference, _name), "CUDA")
+        _lib.impl(_name, _impl(_REFERENCE_MODULES, _name), "CUDA")
 
 
 def _nblocks(n, blocksize):
@@ -73,8 +81,15 @@ def _(x, packed, absmax, blocksize, quant_type, N, nested_absmax=None, nested_co
     return x.new_empty((x.shape[0], N))
 
 
+@torch.library.register_fake("qlora_kernels::adamw_step")
+def _(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, bias_correction1,
+      bias_correction2):
+    return None
+
+
 quantize_4bit = torch.ops.qlora_kernels.quantize_4bit.default
 dequantize_4bit = torch.ops.qlora_kernels.dequantize_4bit.default
 quantize_8bit = torch.ops.qlora_kernels.quantize_8bit.default
 dequantize_8bit = torch.ops.qlora_kernels.dequantize_8bit.default
 matmul_4bit = torch.ops.qlora_kernels.matmul_4bit.default
+adamw_step = torch.ops.qlora_kernels.adamw_step.default
