@@ -22,6 +22,19 @@ _BLOCK = 1024
 
 
 @triton.jit
+def _to_param_dtype(x, dtype: tl.constexpr):
+    """float32 -> the param's dtype, rounding to nearest even. bfloat16 is rounded on the bits
+    (the Triton interpreter's conversion truncates); a NaN stays a quiet NaN."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(x != x, 0x7FC0, rounded)
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
 def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, n, decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
                   eps, neg_step_size, bc2_sqrt, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -37,7 +50,7 @@ def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, n, decay, beta1, one_minus_beta1, 
     p = p + neg_step_size * tl.math.div_rn(m, denom)
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)
-    tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+    tl.store(p_ptr + offs, _to_param_dtype(p, p_ptr.dtype.element_ty), mask=mask)
 
 
 def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
