@@ -144,6 +144,8 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", blocksize: int = 6
         del linear  # the float weight's last reference (the parent now holds the 4-bit layer)
     if weights is not None:
         _materialize_rest(model, weights, device)
+        if device is not None:  # buffers built for real (rotary tables) join the rest
+            model.to(device)
     _record_quantization_config(model, quant_type, double_quant, skipped)
     return model
 
