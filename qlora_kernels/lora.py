@@ -227,6 +227,6 @@ def matmul_4bit_lora(x: Tensor, packed: Tensor, state: QuantState, A: Tensor, B:
         raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p!r}")
     p = float(dropout_p)
     seed = draw_seed(generator) if p > 0.0 else None
-    Y, _ = _forward(x, packed.contiguous(), state.absmax.contiguous(), state.blocksize, state.quant_type, N, *_nested_args(state),
-                    A, B, float(scale), p, seed, bias)
+    Y, _ = _forward(x, packed.contiguous(), state.absmax.contiguous(), state.blocksize, state.quant_type, N,
+                    *_nested_args(state), A, B, float(scale), p, seed, bias)
     return Y
