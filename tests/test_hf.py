@@ -358,6 +358,13 @@ def test_trainer_flow_on_cuda(rng, tmp_path):
     torch.testing.assert_close(logits(compiled, ids), eager, rtol=2e-2, atol=2e-2)
     gpu = hf.load_quantized(FIXTURE, device="cuda")
     check_fixture_hashes(gpu)
+    # quantized on the CPU, then moved: the same bytes, the same function
+    moved = qk.quantize_model(tiny_llama(rng))
+    ids = token_batch(rng)
+    on_cpu = logits(moved, ids)
+    moved.to("cuda")
+    assert moved.model.layers[0].mlp.up_proj.weight.is_cuda
+    torch.testing.assert_close(logits(moved, ids.cuda()).cpu(), on_cpu, rtol=1e-3, atol=1e-3)
 
 
 def test_torch_compile_traces_the_quantized_lora_model(rng):
