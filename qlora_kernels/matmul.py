@@ -117,3 +117,27 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
                           state.quant_type, N, *_nested_args(state), bias)
     return out.view(*lead, N)
 
+
+
+# Gradients through the frozen 4-bit weight: dX = dY @ W (W dequantized for the backward only,
+# never saved), and the bias gradient when the bias trains. W itself gets none.
+def _setup_context(ctx, inputs, output):
+    x, packed, absmax, blocksize, quant_type, N, nested_absmax, nested_code, offset, nested_blocksize, bias = inputs
+    ctx.format = (blocksize, quant_type, N, x.shape[-1], x.dtype, nested_blocksize)
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(packed, absmax, nested_absmax, nested_code, offset)
+
+
+def _backward(ctx, grad):
+    packed, absmax, nested_absmax, nested_code, offset = ctx.saved_tensors
+    blocksize, quant_type, N, K, dtype, nested_blocksize = ctx.format
+    dx = None
+    if ctx.needs_input_grad[0]:
+        W = ops.dequantize_4bit(packed, absmax, blocksize, quant_type, N * K, dtype, nested_absmax,
+                                nested_code, offset, nested_blocksize).view(N, K)
+        dx = grad.to(dtype) @ W
+    dbias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[10] else None
+    return dx, None, None, None, None, None, None, None, None, None, dbias
+
+
+torch.library.register_autograd("qlora_kernels::matmul_4bit", _backward, setup_context=_setup_context)

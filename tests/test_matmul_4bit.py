@@ -457,3 +457,19 @@ def test_gpu_cuda_graph_replay_equals_eager(M, rng):
             eager = model(new_x)
         torch.cuda.synchronize()
         assert torch.equal(static_out, eager)
+
+
+@pytest.mark.parametrize("M", [1, 7, 70])
+def test_gradients_flow_through_frozen_4bit_layer(M, rng):
+    # dX = dY @ W and the bias gradient, on both the fused (M <= 64) and the dequantize path
+    lin = torch.nn.Linear(96, 40)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(40, 96, generator=rng) * 0.05)
+        lin.bias.copy_(torch.randn(40, generator=rng))
+    layer = Linear4bit.from_linear(lin.to(torch.bfloat16))
+    x = torch.randn(M, 96, generator=rng).to(torch.bfloat16).requires_grad_()
+    dy = torch.randn(M, 40, generator=rng)
+    (layer(x).float() * dy).sum().backward()
+    W = layer.dequantize(torch.float32)
+    assert rel_err(x.grad, dy @ W) < 1e-2
+    assert rel_err(layer.bias.grad, dy.sum(0)) < 1e-2
