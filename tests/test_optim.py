@@ -390,7 +390,7 @@ def test_cuda_kernel_checks_its_arguments(rng):
         op(p, g[:9], m, v, *s)
     with pytest.raises(RuntimeError, match="exp_avg: expected dtype Float, got BFloat16"):
         op(p, g, m.bfloat16(), v, *s)
-    with pytest.raises(RuntimeError, match="exp_avg_sq: expected a tensor on cuda"):
+    with pytest.raises(RuntimeError, match="exp_avg_sq: expected a CUDA tensor, got one on cpu"):
         op(p, g, m, v.cpu(), *s)
     with pytest.raises(RuntimeError, match="grad: expected a contiguous tensor"):
         op(p, torch.randn(20, device="cuda")[::2], m, v, *s)
