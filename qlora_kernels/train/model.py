@@ -18,7 +18,7 @@ from torch import nn
 
 from ..nn import Linear4bit
 from .config import MODEL_SHAPES
-from .tokenizer import ByteTokenizer, HFTokenizer
+from .tokenizer import ByteTokenizer, HFTokenizer  # noqa: F401  (re-exported for the loop)
 
 INIT_STD = 0.02  # LLaMA's initializer_range
 
@@ -132,7 +132,7 @@ def random_model(name: str, device, dtype: torch.dtype, seed: int, *, quant_type
     _rebuild_rotary(model, device)
     _check_materialized(model, f"model_config {name!r}")
     model.requires_grad_(False)
-    return model, ByteTokenizer()
+    return model
 
 
 def _checkpoint_index(path: str) -> dict[str, str]:
@@ -176,14 +176,15 @@ class _Shards:
 
 def pretrained_model(path: str, device, dtype: torch.dtype, *, quant_type="nf4", blocksize=64,
                      double_quant=True):
-    """A Hugging Face causal LM from a local directory, quantized layer by layer as it loads."""
+    """A Hugging Face causal LM from a local directory, quantized layer by layer as it loads
+    (the tokenizer is loaded separately, before it, so that bad data stops the run early)."""
     if not os.path.isdir(path):
         raise ModelError(f"model: expected a local directory holding a Hugging Face causal LM "
                          f"(config.json, *.safetensors, tokenizer files), got {path!r}: no such directory")
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ModelError(f"model: expected {os.path.join(path, 'config.json')} (a directory written by "
                          "save_pretrained); it is missing")
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -218,11 +219,7 @@ def pretrained_model(path: str, device, dtype: torch.dtype, *, quant_type="nf4",
     _rebuild_rotary(model, device)
     _check_materialized(model, f"model: {path!r}")
     model.requires_grad_(False)
-    try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise ModelError(f"model: expected tokenizer files (tokenizer.json or tokenizer.model) in {path!r}: {err}") from err
-    return model, HFTokenizer(tok)
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:
