@@ -31,3 +31,8 @@ __all__ = [
     "QuantState", "backend", "backend_info", "bits_per_weight", "dequantize_4bit",
     "dequantize_absmax", "matmul_4bit", "quantize_4bit",
 ]
+
+from .lora import matmul_4bit_lora  # noqa: E402
+from .nn import add_lora  # noqa: E402
+
+__all__ += ["add_lora", "matmul_4bit_lora"]

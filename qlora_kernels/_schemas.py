@@ -21,4 +21,6 @@ SCHEMAS = {
         "Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, "
         "int nested_blocksize=256, Tensor? bias=None) -> Tensor"
     ),
+    "dropout_forward": "dropout_forward(Tensor x, int seed, float p) -> Tensor",
+    "dropout_backward_add": "dropout_backward_add(Tensor(a!) out, Tensor grad, int seed, float p) -> ()",
 }

@@ -8,11 +8,14 @@ in the other.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from . import codes
 from .functional import FLOAT_DTYPES, dequantize_4bit, quantize_4bit
+from .lora import matmul_4bit_lora
 from .matmul import matmul_4bit
 from .quant_state import QuantState
 
@@ -167,3 +170,146 @@ class Linear4bit(nn.Module):
         dq = ", double_quant" if self.double_quant else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, {self.quant_type}, blocksize={self.blocksize}{dq}")
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA
+
+
+def _check_lora_args(r, alpha, dropout) -> None:
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"r: expected a positive int, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha: expected a number, got {type(alpha).__name__}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+
+
+class LoRALinear4bit(Linear4bit):
+    """QLoRA's layer: ``y = x @ W.T + scaling * dropout(x) @ A.T @ B.T + bias``, W frozen in 4 bits.
+
+    Submodules ``lora_A = nn.Linear(in_features, r, bias=False)`` and
+    ``lora_B = nn.Linear(r, out_features, bias=False)`` hold the trainable A ``[r, in]`` and
+    B ``[out, r]`` (float32 by default; cast to x's dtype inside the op, their gradients arrive in
+    their own dtype). Initialized as peft: A kaiming-uniform(a=sqrt(5)), B zeros, so a new layer
+    computes exactly what the 4-bit base does. ``scaling = lora_alpha / r``; ``lora_dropout`` (a
+    float p) applies in training mode only. The forward/backward is
+    :func:`qlora_kernels.matmul_4bit_lora`.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, r: int = 64,
+                 lora_alpha: float = 16, lora_dropout: float = 0.1, lora_dtype: torch.dtype = torch.float32,
+                 quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
+                 weight_dtype: torch.dtype = torch.bfloat16, device=None):
+        _check_lora_args(r, lora_alpha, lora_dropout)
+        if lora_dtype not in FLOAT_DTYPES:
+            raise ValueError(f"lora_dtype: expected float32, float16 or bfloat16, got {lora_dtype}")
+        super().__init__(in_features, out_features, bias=bias, quant_type=quant_type, blocksize=blocksize,
+                         double_quant=double_quant, weight_dtype=weight_dtype, device=device)
+        self.r = int(r)
+        self.lora_alpha = lora_alpha
+        self.scaling = lora_alpha / r
+        self.lora_dropout = float(lora_dropout)
+        self.lora_A = nn.Linear(self.in_features, self.r, bias=False, device=device, dtype=lora_dtype)
+        self.lora_B = nn.Linear(self.r, self.out_features, bias=False, device=device, dtype=lora_dtype)
+        if not self.lora_A.weight.is_meta:
+            self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        """peft's initialization: A kaiming-uniform(a=sqrt(5)), B zeros."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, r: int = 64, alpha: float = 16, dropout: float = 0.1,
+                    quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
+                    lora_dtype: torch.dtype = torch.float32) -> "LoRALinear4bit":
+        """Quantizes ``linear`` (see :meth:`Linear4bit.from_linear`) and adds the adapter."""
+        _check_lora_args(r, alpha, dropout)
+        base = Linear4bit.from_linear(linear, quant_type=quant_type, blocksize=blocksize,
+                                      double_quant=double_quant)
+        return cls.from_linear4bit(base, r, alpha, dropout, lora_dtype=lora_dtype)
+
+    @classmethod
+    def from_linear4bit(cls, layer: Linear4bit, r: int = 64, alpha: float = 16, dropout: float = 0.1,
+                        lora_dtype: torch.dtype = torch.float32) -> "LoRALinear4bit":
+        """Adds an adapter to ``layer``; the new layer shares its 4-bit weight and bias."""
+        if not isinstance(layer, Linear4bit):
+            raise TypeError(f"layer: expected a qlora_kernels.nn.Linear4bit, got {type(layer).__name__}")
+        device = layer.weight.device
+        new = cls(layer.in_features, layer.out_features, bias=layer.bias is not None, r=r, lora_alpha=alpha,
+                  lora_dropout=dropout, lora_dtype=lora_dtype, quant_type=layer.quant_type,
+                  blocksize=layer.blocksize, double_quant=layer.double_quant,
+                  weight_dtype=layer.weight_dtype, device="meta")
+        new.set_quantized(layer.weight, layer.quant_state)
+        new.bias = layer.bias
+        new.lora_A.to_empty(device=device)
+        new.lora_B.to_empty(device=device)
+        new.reset_lora_parameters()
+        new.train(layer.training)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.lora_dropout if self.training else 0.0
+        return matmul_4bit_lora(x, self.weight, self.quant_state, self.lora_A.weight, self.lora_B.weight,
+                                self.scaling, p, self.bias)
+
+    @torch.no_grad()
+    def merge(self, dtype: torch.dtype = torch.bfloat16) -> nn.Linear:
+        """An ``nn.Linear`` (bf16 by default) with ``W + scaling * B @ A`` folded in (float32
+        sum, one rounding), for export; this layer is left unchanged."""
+        W = self.dequantize(torch.float32)
+        W = W.addmm_(self.lora_B.weight.float(), self.lora_A.weight.float(), alpha=self.scaling)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=W.device, dtype=dtype)
+        linear.weight.copy_(W)
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", r={self.r}, lora_alpha={self.lora_alpha}, "
+                f"lora_dropout={self.lora_dropout}")
+
+
+def _matches(name: str, target) -> bool:
+    if target == "all-linear":
+        return name.split(".")[-1] != "lm_head"
+    return any(name == t or name.endswith("." + t) for t in target)
+
+
+def add_lora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: float = 0.1,
+             target="all-linear", lora_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Replaces every matching :class:`Linear4bit` of ``model`` by a :class:`LoRALinear4bit`
+    (sharing its 4-bit weight), freezes every parameter except the LoRA ones, and returns
+    ``model`` (modified in place).
+
+    ``target``: ``"all-linear"`` (every Linear4bit except ``lm_head`` and the model's output
+    embedding) or a list of module-name suffixes (``["q_proj", "v_proj"]``), matched at dot
+    boundaries. Layers that already carry an adapter are left as they are.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    _check_lora_args(r, alpha, dropout)
+    if isinstance(target, str):
+        if target != "all-linear":
+            raise ValueError(f"target: expected \"all-linear\" or a list of module-name suffixes, got {target!r}")
+    elif not isinstance(target, (list, tuple)) or not target or not all(isinstance(t, str) for t in target):
+        raise ValueError(f"target: expected \"all-linear\" or a non-empty list of module-name suffixes, got {target!r}")
+    output_layer = None
+    if target == "all-linear" and hasattr(model, "get_output_embeddings"):
+        output_layer = model.get_output_embeddings()
+    chosen = [(name, module) for name, module in model.named_modules()
+              if isinstance(module, Linear4bit) and not isinstance(module, LoRALinear4bit)
+              and module is not output_layer and _matches(name, target)]
+    if not chosen and not any(isinstance(m, LoRALinear4bit) for m in model.modules()):
+        what = "4-bit linear layers (quantize the model first)" if target == "all-linear" else \
+            f"Linear4bit layers named like {list(target)}"
+        raise ValueError(f"target: model has no {what}")
+    for name, module in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, LoRALinear4bit.from_linear4bit(module, r, alpha, dropout, lora_dtype=lora_dtype))
+    for pname, param in model.named_parameters():
+        param.requires_grad_(".lora_A." in f".{pname}" or ".lora_B." in f".{pname}")
+    return model

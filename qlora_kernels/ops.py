@@ -27,11 +27,14 @@ for _name in SCHEMAS:
     _lib.impl(_name, getattr(reference, _name), "CPU")
 
 if BACKEND == "triton":
+    from .triton import dropout as _triton_dropout
     from .triton import matmul as _triton_matmul
     from .triton import quant as _triton_quant
 
+    # each op is implemented by the first Triton module that defines a function of its name
+    _triton_modules = (_triton_matmul, _triton_quant, _triton_dropout)
     for _name in SCHEMAS:
-        _module = _triton_matmul if hasattr(_triton_matmul, _name) else _triton_quant
+        _module = next(m for m in _triton_modules if hasattr(m, _name))
         _lib.impl(_name, getattr(_module, _name), "CUDA")
 elif BACKEND == "torch":
     for _name in SCHEMAS:
@@ -73,8 +76,20 @@ def _(x, packed, absmax, blocksize, quant_type, N, nested_absmax=None, nested_co
     return x.new_empty((x.shape[0], N))
 
 
+@torch.library.register_fake("qlora_kernels::dropout_forward")
+def _(x, seed, p):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("qlora_kernels::dropout_backward_add")
+def _(out, grad, seed, p):
+    return None
+
+
 quantize_4bit = torch.ops.qlora_kernels.quantize_4bit.default
 dequantize_4bit = torch.ops.qlora_kernels.dequantize_4bit.default
 quantize_8bit = torch.ops.qlora_kernels.quantize_8bit.default
 dequantize_8bit = torch.ops.qlora_kernels.dequantize_8bit.default
 matmul_4bit = torch.ops.qlora_kernels.matmul_4bit.default
+dropout_forward = torch.ops.qlora_kernels.dropout_forward.default
+dropout_backward_add = torch.ops.qlora_kernels.dropout_backward_add.default

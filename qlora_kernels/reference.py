@@ -132,3 +132,82 @@ def matmul_4bit(
     if bias is not None:
         out = out + bias.to(torch.float32)
     return out.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout with a mask regenerated from a seed (LoRA's dropout on x, never stored).
+#
+# Element i of the flattened tensor keeps its value when the uint32 random number
+# ``philox4x32_10(counter=(g_lo, g_hi, 0, 0), key=(seed_lo, seed_hi))[i % 4]``, g = i // 4, is
+# >= ``dropout_threshold(p)``; kept values are scaled by ``dropout_scale(p)`` (float32). The CUDA
+# kernel (cuRAND's Philox), the Triton kernel (tl.randint4x) and this reference compute the same
+# function, so the three backends draw identical masks and are tested against each other bit
+# for bit.
+
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)  # round multipliers
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)  # key increments (Weyl sequence)
+_MASK32 = 0xFFFFFFFF
+
+
+def dropout_threshold(p: float) -> int:
+    """floor(p * 2^32): a uint32 random number below it drops its element (P = p to 2^-32)."""
+    return min(int(p * 4294967296.0), _MASK32)
+
+
+def dropout_scale(p: float) -> float:
+    """1 / (1 - p) rounded to float32, the factor kept values are multiplied by."""
+    return float(torch.tensor(1.0 / (1.0 - p), dtype=torch.float32))
+
+
+def _mulhilo32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit halves of a * b for the constant a and uint32 values b held in int64:
+    a is split in 16-bit halves so that no partial product overflows int64."""
+    p1 = b * (a >> 16)
+    p0 = b * (a & 0xFFFF)
+    hi = (p1 + (p0 >> 16)) >> 16
+    lo = (((p1 & 0xFFFF) << 16) + p0) & _MASK32
+    return hi, lo
+
+
+def philox4x32_10(counter_lo: torch.Tensor, counter_hi: torch.Tensor, seed: int) -> torch.Tensor:
+    """Philox4x32-10 (Salmon et al., SC'11) of the counters (lo, hi, 0, 0) under the 64-bit key
+    ``seed``: int64 tensor [n, 4] of uint32 values (cuRAND's curand_Philox4x32_10)."""
+    seed &= (1 << 64) - 1
+    k0, k1 = seed & _MASK32, seed >> 32
+    c0, c1 = counter_lo, counter_hi
+    c2 = c3 = torch.zeros_like(counter_lo)
+    for _ in range(10):
+        hi0, lo0 = _mulhilo32(_PHILOX_M[0], c0)
+        hi1, lo1 = _mulhilo32(_PHILOX_M[1], c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + _PHILOX_W[0]) & _MASK32
+        k1 = (k1 + _PHILOX_W[1]) & _MASK32
+    return torch.stack([c0, c1, c2, c3], dim=1)
+
+
+def dropout_keep(numel: int, seed: int, p: float, device) -> torch.Tensor:
+    """The bool keep-mask of ``numel`` elements (flat) for ``seed`` and ``p``."""
+    groups = torch.arange(-(-numel // 4), dtype=torch.int64, device=device)
+    r = philox4x32_10(groups & _MASK32, groups >> 32, seed).reshape(-1)[:numel]
+    return r >= dropout_threshold(p)
+
+
+def _dropout_compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # float32 arithmetic (one rounding to the output dtype), as the kernels; float64 stays float64
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dropout_forward(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+    """``x * keep / (1 - p)``: kept elements ``x * dropout_scale(p)`` (in float32), dropped +0."""
+    keep = dropout_keep(x.numel(), seed, p, x.device).view(x.shape)
+    xc = x.to(_dropout_compute_dtype(x.dtype))
+    return torch.where(keep, xc * dropout_scale(p), 0.0).to(x.dtype)
+
+
+def dropout_backward_add(out: torch.Tensor, grad: torch.Tensor, seed: int, p: float) -> None:
+    """``out += grad * keep / (1 - p)`` in place, with the mask ``dropout_forward`` drew for
+    ``seed``: a multiply, then an add (two roundings, no FMA), then one rounding to out's dtype."""
+    keep = dropout_keep(grad.numel(), seed, p, grad.device).view(grad.shape)
+    cdt = _dropout_compute_dtype(out.dtype)
+    add = torch.where(keep, grad.to(cdt) * dropout_scale(p), 0.0)
+    out.copy_((out.to(cdt) + add).to(out.dtype))

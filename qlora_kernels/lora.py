@@ -1,0 +1,232 @@
+"""``matmul_4bit_lora``: the QLoRA layer for training, one autograd op.
+
+    Y = x @ W.T + scale * dropout(x) @ A.T @ B.T (+ bias)
+
+W ``[N, K]`` frozen in 4 bits (no gradient), A ``[r, K]`` and B ``[N, r]`` trainable.
+
+Two custom ops, each an opaque composite of our kernels and cuBLAS, tied together with
+``torch.library.register_autograd`` (so ``torch.compile(fullgraph=True)`` traces a training step
+through them, using the fake kernels below for shapes):
+
+* ``qlora_kernels::matmul_4bit_lora`` (forward) -> ``(Y, xa)`` with ``xa = dropout(x) @ A.T``
+  ``[M, r]``. The base GEMM is our ``dequantize_4bit`` into a bf16/fp16 buffer, then cuBLAS: the
+  dequantize kernel runs at 95% of copy bandwidth on an H100, so at training sizes (M in the
+  thousands) it costs a few percent of the GEMM. A fused GEMM decoding 4-bit tiles in its
+  mainloop is out of scope for now. The buffer is freed right after its GEMM; the caching
+  allocator hands the same block to the next layer's dequantize, which makes it a reused
+  buffer without a global. The LoRA up-projection is accumulated into the base GEMM's output
+  by cuBLAS (``Y.addmm_(xa, B.T, alpha=scale)``, beta = 1), not added in a separate pass.
+* ``qlora_kernels::matmul_4bit_lora_backward`` -> ``(dX, dA, dB)``: ``g = scale * dY @ B``
+  ``[M, r]`` is computed once and shared by ``dA = g.T @ dropout(x)`` and
+  ``dX = dY @ W + dropout_backward(g @ A)``, the LoRA term accumulated into dX in place (cuBLAS
+  beta = 1 when p == 0, else the dropout_backward_add kernel); ``dB = scale * dY.T @ xa``.
+  Gradients not needed are not computed (dX when x needs none: no dequantize at all).
+
+Saved for backward: x, the small ``xa`` and the dropout seed (a CPU int64 scalar); never a
+dequantized weight, never a dense mask: the mask is regenerated from the seed by the dropout
+ops (the same function of (seed, element index) in CUDA, Triton and the reference).
+
+The seed is drawn per call from torch's default CPU generator (or ``generator``), so
+``torch.manual_seed`` makes runs reproducible, and ``torch.utils.checkpoint`` (which restores
+the CPU RNG state before recomputing) regenerates the same mask. It enters the ops as a tensor,
+so that under ``torch.compile`` it is a traced random draw, not a constant baked into the graph.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .functional import FLOAT_DTYPES, _check_tensor, check_packed
+from .matmul import _nested_args
+from .quant_state import QuantState
+
+#: dtypes x may have: the 16-bit training dtypes, float32, and float64 on CPU (gradcheck).
+X_DTYPES = FLOAT_DTYPES + (torch.float64,)
+
+_SEED_HIGH = 2**63 - 1
+
+
+def draw_seed(generator: torch.Generator | None = None) -> Tensor:
+    """A dropout seed: a CPU int64 scalar tensor drawn from ``generator`` (default: torch's
+    default CPU generator)."""
+    return torch.randint(0, _SEED_HIGH, (), generator=generator, dtype=torch.int64)
+
+
+def _dequantize(packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code, offset,
+                nested_blocksize, dtype) -> Tensor:
+    """W ``[N, K]`` in ``dtype`` (float64 via an exact float32 decode)."""
+    out_dtype = dtype if dtype in FLOAT_DTYPES else torch.float32
+    if nested_absmax is None:
+        W = ops.dequantize_4bit(packed, absmax, blocksize, quant_type, N * K, out_dtype)
+    else:
+        W = ops.dequantize_4bit(packed, absmax, blocksize, quant_type, N * K, out_dtype,
+                                nested_absmax, nested_code, offset, nested_blocksize)
+    return W.view(N, K).to(dtype)
+
+
+def _dropped(x2: Tensor, seed: Optional[Tensor], p: float) -> Tensor:
+    # p == 0 is exactly the no-dropout path: no kernel, no copy
+    return x2 if p == 0.0 else ops.dropout_forward(x2.contiguous(), int(seed), p)
+
+
+@torch.library.custom_op("qlora_kernels::matmul_4bit_lora", mutates_args=())
+def _forward(x: Tensor, packed: Tensor, absmax: Tensor, blocksize: int, quant_type: str, N: int,
+             nested_absmax: Optional[Tensor], nested_code: Optional[Tensor], offset: Optional[Tensor],
+             nested_blocksize: int, A: Tensor, B: Tensor, scale: float, p: float,
+             seed: Optional[Tensor], bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    K = x.shape[-1]
+    lead = x.shape[:-1]
+    dt = x.dtype
+    x2 = x.reshape(-1, K)
+    # The dropped-out x lives only until xa is computed (before W's buffer is allocated).
+    xa = _dropped(x2, seed, p) @ A.to(dt).T
+    W = _dequantize(packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code, offset,
+                    nested_blocksize, dt)
+    Y = torch.addmm(bias.to(dt), x2, W.T) if bias is not None else x2 @ W.T
+    del W
+    Y.addmm_(xa, B.to(dt).T, alpha=scale)
+    return Y.view(*lead, N), xa.view(*lead, xa.shape[-1])
+
+
+@_forward.register_fake
+def _(x, packed, absmax, blocksize, quant_type, N, nested_absmax, nested_code, offset,
+      nested_blocksize, A, B, scale, p, seed, bias):
+    lead = x.shape[:-1]
+    return x.new_empty((*lead, N)), x.new_empty((*lead, A.shape[0]))
+
+
+@torch.library.custom_op("qlora_kernels::matmul_4bit_lora_backward", mutates_args=())
+def _backward(dY: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, blocksize: int, quant_type: str,
+              N: int, nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],
+              offset: Optional[Tensor], nested_blocksize: int, A: Tensor, B: Tensor, xa: Tensor,
+              scale: float, p: float, seed: Optional[Tensor], need_dx: bool, need_dA: bool,
+              need_dB: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(dX in x's dtype, dA in A's, dB in B's); a gradient not needed is an empty tensor."""
+    K = x.shape[-1]
+    dt = x.dtype
+    x2 = x.reshape(-1, K)
+    dY2 = dY.reshape(-1, N).to(dt)
+    xa2 = xa.reshape(-1, xa.shape[-1])
+    empty = x.new_empty((0,))
+    dX, dA, dB = empty, empty, empty
+    if need_dB:
+        dB = torch.mm(dY2.T, xa2).mul_(scale).to(B.dtype)
+    if need_dA or need_dx:
+        A_ = A.to(dt)
+        g = torch.mm(dY2, B.to(dt)).mul_(scale)  # shared by dA and dX
+        if need_dA:
+            dA = torch.mm(g.T, _dropped(x2, seed, p)).to(A.dtype)
+        if need_dx:
+            W = _dequantize(packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code,
+                            offset, nested_blocksize, dt)
+            dX = torch.mm(dY2, W)
+            del W
+            if p == 0.0:
+                dX.addmm_(g, A_)
+            else:
+                ops.dropout_backward_add(dX, torch.mm(g, A_), int(seed), p)
+            dX = dX.view(x.shape)
+    return dX, dA, dB
+
+
+@_backward.register_fake
+def _(dY, x, packed, absmax, blocksize, quant_type, N, nested_absmax, nested_code, offset,
+      nested_blocksize, A, B, xa, scale, p, seed, need_dx, need_dA, need_dB):
+    return (x.new_empty(x.shape) if need_dx else x.new_empty((0,)),
+            A.new_empty(A.shape) if need_dA else x.new_empty((0,)),
+            B.new_empty(B.shape) if need_dB else x.new_empty((0,)))
+
+
+# Argument positions of the forward op
+_X, _A, _B, _BIAS = 0, 10, 11, 15
+
+
+def _setup_context(ctx, inputs, output):
+    (x, packed, absmax, blocksize, quant_type, N, nested_absmax, nested_code, offset, nested_blocksize,
+     A, B, scale, p, seed, bias) = inputs
+    _, xa = output
+    ctx.mark_non_differentiable(xa)
+    ctx.save_for_backward(x, packed, absmax, nested_absmax, nested_code, offset, A, B, xa, seed)
+    ctx.args = (blocksize, quant_type, N, nested_blocksize, scale, p)
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _backward_rule(ctx, dY, _dxa):
+    x, packed, absmax, nested_absmax, nested_code, offset, A, B, xa, seed = ctx.saved_tensors
+    blocksize, quant_type, N, nested_blocksize, scale, p = ctx.args
+    need = ctx.needs_input_grad
+    grads = [None] * 16
+    if need[_X] or need[_A] or need[_B]:
+        dX, dA, dB = _backward(dY, x, packed, absmax, blocksize, quant_type, N, nested_absmax,
+                               nested_code, offset, nested_blocksize, A, B, xa, scale, p, seed,
+                               need[_X], need[_A], need[_B])
+        grads[_X] = dX if need[_X] else None
+        grads[_A] = dA if need[_A] else None
+        grads[_B] = dB if need[_B] else None
+    if need[_BIAS]:
+        grads[_BIAS] = dY.reshape(-1, N).sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+    return tuple(grads)
+
+
+torch.library.register_autograd("qlora_kernels::matmul_4bit_lora", _backward_rule,
+                                setup_context=_setup_context)
+
+
+def _check_weight(name: str, t, shape: tuple[int, int], device) -> None:
+    _check_tensor(name, t, X_DTYPES)
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name}: expected shape [{shape[0]}, {shape[1]}], got {list(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (the device of x), got {t.device}")
+
+
+def matmul_4bit_lora(x: Tensor, packed: Tensor, state: QuantState, A: Tensor, B: Tensor, scale: float,
+                     dropout_p: float = 0.0, bias: Tensor | None = None, *,
+                     generator: torch.Generator | None = None) -> Tensor:
+    """``x @ W.T + scale * dropout(x) @ A.T @ B.T (+ bias)``, differentiable in x, A, B, bias.
+
+    ``(packed, state)``: W ``[N, K]`` in 4 bits (frozen: no gradient). ``x``: ``[..., K]``,
+    bfloat16 or float16 (training), float32, or float64 on CPU. ``A``: ``[r, K]``, ``B``:
+    ``[N, r]``, any float dtype (fp32 master copies are cast to x's dtype inside; their
+    gradients come back in their own dtype). ``bias``: ``[N]`` or None. ``dropout_p`` in
+    [0, 1): dropout on the LoRA branch's input (0 skips it entirely); its mask is drawn from
+    ``generator`` (default: torch's default CPU generator) and regenerated in backward.
+    Returns ``[..., N]`` in x's dtype (cuBLAS accumulates in float32).
+    """
+    check_packed(packed, state)
+    _check_tensor("x", x, X_DTYPES)
+    if len(state.shape) != 2:
+        raise ValueError(f"state.shape: expected a 2-D weight [N, K], got {tuple(state.shape)}")
+    N, K = state.shape
+    if x.dim() == 0 or x.shape[-1] != K:
+        raise ValueError(f"x: expected shape [..., {K}] (W is [{N}, {K}]), got {tuple(x.shape)}")
+    if x.device != packed.device:
+        raise ValueError(f"x: expected a tensor on {packed.device} (the device of the weight), got {x.device}")
+    if x.dtype == torch.float64 and x.device.type != "cpu":
+        raise ValueError("x: float64 is supported on CPU only (the kernels take bf16, fp16, fp32)")
+    if not isinstance(A, Tensor):
+        raise TypeError(f"A: expected a torch.Tensor, got {type(A).__name__}")
+    if A.dim() != 2 or A.shape[1] != K:
+        raise ValueError(f"A: expected shape [r, {K}], got {list(A.shape)}")
+    r = A.shape[0]
+    _check_weight("A", A, (r, K), x.device)
+    _check_weight("B", B, (N, r), x.device)
+    if bias is not None:
+        _check_tensor("bias", bias, X_DTYPES)
+        if tuple(bias.shape) != (N,):
+            raise ValueError(f"bias: expected shape [{N}], got {list(bias.shape)}")
+        if bias.device != x.device:
+            raise ValueError(f"bias: expected a tensor on {x.device} (the device of x), got {bias.device}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale: expected a float, got {type(scale).__name__}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p!r}")
+    p = float(dropout_p)
+    seed = draw_seed(generator) if p > 0.0 else None
+    Y, _ = _forward(x, packed.contiguous(), state.absmax.contiguous(), state.blocksize, state.quant_type, N, *_nested_args(state),
+                    A, B, float(scale), p, seed, bias)
+    return Y
