@@ -21,6 +21,10 @@ TORCH_LIBRARY(qlora_kernels, m) {
       "int nested_blocksize=256, Tensor? bias=None) -> Tensor");
   m.def("dropout_forward(Tensor x, int seed, float p) -> Tensor");
   m.def("dropout_backward_add(Tensor(a!) out, Tensor grad, int seed, float p) -> ()");
+  m.def(
+      "adamw_step(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+      "float lr, float beta1, float beta2, float eps, float weight_decay, "
+      "float bias_correction1, float bias_correction2) -> ()");
 }
 
 // Importing qlora_kernels._C only has to load this library (which runs the registrations

@@ -23,4 +23,9 @@ SCHEMAS = {
     ),
     "dropout_forward": "dropout_forward(Tensor x, int seed, float p) -> Tensor",
     "dropout_backward_add": "dropout_backward_add(Tensor(a!) out, Tensor grad, int seed, float p) -> ()",
+    "adamw_step": (
+        "adamw_step(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
+        "float lr, float beta1, float beta2, float eps, float weight_decay, "
+        "float bias_correction1, float bias_correction2) -> ()"
+    ),
 }

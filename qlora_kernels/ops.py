@@ -12,8 +12,16 @@ from __future__ import annotations
 
 import torch
 
-from . import _backend, reference
+from . import _backend, reference, reference_optim
 from ._schemas import SCHEMAS
+
+# Each op's implementation is the function of its name in the first module that has one.
+_REFERENCE_MODULES = (reference, reference_optim)
+
+
+def _impl(modules, name):
+    return getattr(next(m for m in modules if hasattr(m, name)), name)
+
 
 BACKEND = _backend.choose()
 _backend.warn_if_degraded(BACKEND)
@@ -24,21 +32,21 @@ if BACKEND != "cuda":
         _lib.define(_schema)
 
 for _name in SCHEMAS:
-    _lib.impl(_name, getattr(reference, _name), "CPU")
+    _lib.impl(_name, _impl(_REFERENCE_MODULES, _name), "CPU")
 
 if BACKEND == "triton":
+    from .triton import adamw as _triton_adamw
     from .triton import dropout as _triton_dropout
     from .triton import matmul as _triton_matmul
     from .triton import quant as _triton_quant
 
     # each op is implemented by the first Triton module that defines a function of its name
-    _triton_modules = (_triton_matmul, _triton_quant, _triton_dropout)
+    _triton_modules = (_triton_matmul, _triton_quant, _triton_dropout, _triton_adamw)
     for _name in SCHEMAS:
-        _module = next(m for m in _triton_modules if hasattr(m, _name))
-        _lib.impl(_name, getattr(_module, _name), "CUDA")
+        _lib.impl(_name, _impl(_triton_modules, _name), "CUDA")
 elif BACKEND == "torch":
     for _name in SCHEMAS:
-        _lib.impl(_name, getattr(reference, _name), "CUDA")
+        _lib.impl(_name, _impl(_REFERENCE_MODULES, _name), "CUDA")
 
 
 def _nblocks(n, blocksize):
@@ -86,6 +94,12 @@ def _(out, grad, seed, p):
     return None
 
 
+@torch.library.register_fake("qlora_kernels::adamw_step")
+def _(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, bias_correction1,
+      bias_correction2):
+    return None
+
+
 quantize_4bit = torch.ops.qlora_kernels.quantize_4bit.default
 dequantize_4bit = torch.ops.qlora_kernels.dequantize_4bit.default
 quantize_8bit = torch.ops.qlora_kernels.quantize_8bit.default
@@ -93,3 +107,4 @@ dequantize_8bit = torch.ops.qlora_kernels.dequantize_8bit.default
 matmul_4bit = torch.ops.qlora_kernels.matmul_4bit.default
 dropout_forward = torch.ops.qlora_kernels.dropout_forward.default
 dropout_backward_add = torch.ops.qlora_kernels.dropout_backward_add.default
+adamw_step = torch.ops.qlora_kernels.adamw_step.default
