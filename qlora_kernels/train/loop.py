@@ -295,7 +295,11 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
         s.strip() for s in config.lora_target.split(",") if s.strip()]
     add_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, target=target)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # non-reentrant: the frozen 4-bit base needs no input that requires grad
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -348,6 +352,11 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
         torch.cuda.reset_peak_memory_stats(device)
     try:
         with open(metrics_path, "a") as log:
+            if eval_set and step == 0:  # the starting point of the eval curve
+                rec = {"step": 0, "eval_loss": evaluate(model, eval_set, config.batch_size, tokenizer.pad_token_id,
+                                                        device)}
+                result.eval_losses.append((0, rec["eval_loss"]))
+                log.write(json.dumps(rec) + "\n")
             while step < total_steps:
                 t0 = time.perf_counter()
                 step += 1
