@@ -36,3 +36,10 @@ from .lora import matmul_4bit_lora  # noqa: E402
 from .nn import add_lora  # noqa: E402
 
 __all__ += ["add_lora", "matmul_4bit_lora"]
+
+from . import hf, peft_format  # noqa: E402
+from .hf import load_quantized, prepare_model_for_training, quantize_model, save_quantized  # noqa: E402
+from .peft_format import load_adapter, save_adapter  # noqa: E402
+
+__all__ += ["load_adapter", "load_quantized", "prepare_model_for_training", "quantize_model", "save_adapter",
+            "save_quantized"]

@@ -111,8 +111,8 @@ def _backward(dY: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, blocksize: 
     x2 = x.reshape(-1, K)
     dY2 = dY.reshape(-1, N).to(dt)
     xa2 = xa.reshape(-1, xa.shape[-1])
-    empty = x.new_empty((0,))
-    dX, dA, dB = empty, empty, empty
+    # gradients not needed: distinct empty tensors (custom-op outputs may not alias each other)
+    dX, dA, dB = x.new_empty((0,)), x.new_empty((0,)), x.new_empty((0,))
     if need_dB:
         dB = torch.mm(dY2.T, xa2).mul_(scale).to(B.dtype)
     if need_dA or need_dx:
@@ -227,6 +227,6 @@ def matmul_4bit_lora(x: Tensor, packed: Tensor, state: QuantState, A: Tensor, B:
         raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p!r}")
     p = float(dropout_p)
     seed = draw_seed(generator) if p > 0.0 else None
-    Y, _ = _forward(x, packed.contiguous(), state.absmax.contiguous(), state.blocksize, state.quant_type, N, *_nested_args(state),
-                    A, B, float(scale), p, seed, bias)
+    Y, _ = _forward(x, packed.contiguous(), state.absmax.contiguous(), state.blocksize, state.quant_type, N,
+                    *_nested_args(state), A, B, float(scale), p, seed, bias)
     return Y

@@ -129,6 +129,23 @@ class Linear4bit(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return matmul_4bit(x, self.weight, self.quant_state, self.bias)
 
+    _QUANT_BUFFERS = ("weight", "absmax", "quant_map", "nested_absmax", "nested_quant_map", "nested_offset")
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) / .half() cast every floating buffer; the quant state's
+        # float32 absmax / code maps / offset must keep their dtype (the format stores them in
+        # float32), so those buffers only follow the device change.
+        saved = {n: self._buffers.pop(n) for n in self._QUANT_BUFFERS if n in self._buffers}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, buf in saved.items():
+                new = fn(buf) if buf is not None else None
+                if new is not None and new.dtype != buf.dtype:
+                    new = buf.to(new.device)
+                self._buffers[name] = new
+        return self
+
     # ----------------------------------------------------------------------------------------
     # bitsandbytes' state-dict layout
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -70,10 +70,12 @@ class _Bucket:
     flat_grad: torch.Tensor | None = None
     grad_views: list | None = None
 
+    param_ptrs: list | None = None  # where each param's view of flat_param starts
+    grad_ptrs: list | None = None  # likewise for flat_grad
+
     def param_ptrs_ok(self) -> bool:
-        base = self.flat_param.data_ptr()
-        size = self.flat_param.element_size()
-        return all(p.data_ptr() == base + off * size for p, off in zip(self.params, self.offsets))
+        # one list comparison: this runs every step over hundreds of LoRA tensors
+        return [p.data_ptr() for p in self.params] == self.param_ptrs
 
 
 class _Pager:
@@ -265,6 +267,7 @@ class PagedAdamW(torch.optim.Optimizer):
             flat[off:off + p.numel()].copy_(p.detach().reshape(-1))
             p.data = flat[off:off + p.numel()].view_as(p)
         b.flat_param = flat
+        b.param_ptrs = [flat.data_ptr() + off * flat.element_size() for off in b.offsets]
 
     def _place(self, b: _Bucket, budgets: dict) -> None:
         """The longest prefix of the state that fits the budget on the device (halved while
@@ -315,19 +318,20 @@ class PagedAdamW(torch.optim.Optimizer):
         """(grads, flat): the params' grads (None where a param has none) and, when every param
         has one of the bucket's dtype, the bucket's flat gradient (copied there unless the
         grads already are views of it)."""
-        grads = []
-        for p in b.params:
-            g = p.grad
+        grads = [p.grad for p in b.params]
+        if b.flat_param is not None and b.grad_ptrs is not None and \
+                [0 if g is None else g.data_ptr() for g in grads] == b.grad_ptrs:
+            return grads, b.flat_grad  # the grads are the flat buffer's views already
+        for g in grads:
             if g is not None and g.is_sparse:
                 raise RuntimeError("PagedAdamW does not support sparse gradients")
-            grads.append(g)
         if b.flat_param is None or any(g is None or g.dtype != grads[0].dtype for g in grads):
             return grads, None
         if b.flat_grad is None or b.flat_grad.dtype != grads[0].dtype:
             b.flat_grad = torch.empty(b.numel, dtype=grads[0].dtype, device=b.device)
             b.grad_views = [b.flat_grad[o:o + p.numel()].view_as(p) for p, o in zip(b.params, b.offsets)]
-        base, size = b.flat_grad.data_ptr(), b.flat_grad.element_size()
-        if not all(g.data_ptr() == base + o * size for g, o in zip(grads, b.offsets)):
+            b.grad_ptrs = [v.data_ptr() for v in b.grad_views]
+        if [g.data_ptr() for g in grads] != b.grad_ptrs:
             torch._foreach_copy_(b.grad_views, grads)
             # the next backward accumulates into the flat buffer if the grads are not reset to None
             for p, view in zip(b.params, b.grad_views):
@@ -335,6 +339,8 @@ class PagedAdamW(torch.optim.Optimizer):
         return grads, b.flat_grad
 
     def _check_params(self, b: _Bucket) -> None:
+        if b.flat_param is not None and b.param_ptrs_ok():
+            return  # every param still is its view of the flat buffer
         for p in b.params:
             if p.device != b.device or p.dtype != b.dtype:
                 raise RuntimeError(

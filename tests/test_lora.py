@@ -1,0 +1,577 @@
+"""The QLoRA training op (matmul_4bit_lora), its seeded dropout, LoRALinear4bit and add_lora.
+
+CPU tests run the torch reference (and the Triton dropout kernels in the interpreter); tests
+marked gpu run the active backend (the CUDA extension or Triton) on CUDA tensors, and run the
+gradient tests once more in a subprocess with QLORA_KERNELS_BACKEND=triton.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import qlora_kernels as qk
+from qlora_kernels import lora, ops, reference
+from qlora_kernels.nn import Linear4bit, LoRALinear4bit
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MASK32 = 0xFFFFFFFF
+
+
+def randn(shape, dtype, device, rng, scale=1.0):
+    return (torch.randn(shape, generator=rng) * scale).to(dtype).to(device)
+
+
+def quantized(N, K, device, rng, **kw):
+    W = randn((N, K), torch.float32, device, rng, scale=0.05)
+    return qk.quantize_4bit(W, **kw)
+
+
+def rel_err(got, want):
+    got, want = got.detach().double(), want.detach().double()
+    return float((got - want).norm() / want.norm())
+
+
+def seed_of(rng):
+    return int(torch.randint(0, 2**63 - 1, (), generator=rng))
+
+
+# ---------------------------------------------------------------------------------------------
+# The seeded dropout ops
+
+
+def test_reference_philox_known_answer():
+    # Random123's known-answer vector for philox4x32_10, counter 0 and key 0
+    r = reference.philox4x32_10(torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), 0)
+    assert r[0].tolist() == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+
+
+def test_reference_philox_matches_a_plain_python_philox(rng):
+    # the int64-tensor emulation of 32-bit multiplies against Python's exact integers
+    def philox(c, k):
+        c, k = list(c), list(k)
+        for _ in range(10):
+            p0, p1 = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
+            c = [(p1 >> 32) ^ c[1] ^ k[0], p1 & MASK32, (p0 >> 32) ^ c[3] ^ k[1], p0 & MASK32]
+            k = [(k[0] + 0x9E3779B9) & MASK32, (k[1] + 0xBB67AE85) & MASK32]
+        return c
+
+    g = torch.randint(0, 2**62, (20,), generator=rng)
+    g[:3] = torch.tensor([0, MASK32, 2**32])  # carries between the counter words
+    for seed in (seed_of(rng), -1, 0):
+        got = reference.philox4x32_10(g & MASK32, g >> 32, seed)
+        for i, gi in enumerate(g.tolist()):
+            k = seed & (2**64 - 1)
+            assert got[i].tolist() == philox([gi & MASK32, gi >> 32, 0, 0], [k & MASK32, k >> 32])
+
+
+def dropout_impls(device):
+    """(name, forward, backward_add) for every implementation that serves `device`."""
+    impls = [("op", ops.dropout_forward, ops.dropout_backward_add)]
+    if device == "cuda":
+        from qlora_kernels.triton import dropout as T
+
+        impls.append(("triton", T.dropout_forward, T.dropout_backward_add))
+    return impls
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dropout_mask_properties(device, dtype, rng):
+    n = 3 * 4160 + 7
+    # |x| >= 0.5: an element is zero in the output exactly when it was dropped
+    x = (torch.randn((3, n // 3), generator=rng).abs() + 0.5).to(dtype).to(device)
+    for name, forward, backward_add in dropout_impls(device):
+        for p in (0.1, 0.5, 0.9):
+            seed = seed_of(rng)
+            y = forward(x, seed, p)
+            assert y.shape == x.shape and y.dtype == x.dtype
+            assert torch.equal(forward(x, seed, p), y), f"{name}: same seed, different mask"
+            keep = y != 0
+            assert not torch.equal(forward(x, seed + 1, p) != 0, keep), f"{name}: seeds give one mask"
+            # kept: x / (1 - p) in float32, rounded once; dropped: +0
+            want = torch.where(keep, (x.float() * reference.dropout_scale(p)).to(dtype), 0.0)
+            assert torch.equal(y, want)
+            # keep rate ~ 1 - p: within 6 standard deviations of a binomial
+            rate = keep.double().mean().item()
+            assert abs(rate - (1 - p)) < 6 * math.sqrt(p * (1 - p) / x.numel()), (name, p, rate)
+            # backward uses the very same mask
+            out = randn(x.shape, dtype, device, rng)
+            grad = randn(x.shape, dtype, device, rng)
+            expect = (out.float() + torch.where(keep, grad.float() * reference.dropout_scale(p), 0.0)).to(dtype)
+            backward_add(out, grad, seed, p)
+            assert torch.equal(out, expect), f"{name}: backward's mask differs from forward's"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dropout_kernels_bit_exact_with_reference(dtype, rng):
+    for name, forward, backward_add in dropout_impls("cuda"):
+        for n in (1, 3, 4, 5, 7, 8, 9, 63, 1000, 4160 * 257 + 3):
+            base = randn((n + 1,), dtype, "cuda", rng)
+            for x in (base[:n], base[1:]):  # aligned, and one element past 16 bytes
+                for p in (1e-6, 0.1, 0.75):
+                    seed = seed_of(rng)
+                    assert torch.equal(forward(x, seed, p), reference.dropout_forward(x, seed, p)), (name, n, p)
+                    out = randn((n + 1,), dtype, "cuda", rng)[1:]
+                    want = out.clone()
+                    backward_add(out, x, seed, p)
+                    reference.dropout_backward_add(want, x, seed, p)
+                    assert torch.equal(out, want), (name, n, p)
+
+
+@pytest.mark.skipif(HAS_CUDA or os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the Triton interpreter runs without a GPU (on a GPU the compiled kernels are tested)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_triton_dropout_in_interpreter(dtype, rng):
+    from qlora_kernels.triton import dropout as T
+
+    def same(a, b):
+        if dtype == torch.bfloat16:  # the interpreter truncates to bf16 where GPUs round: 1 ulp
+            return bool(((a.view(torch.int16).int() - b.view(torch.int16).int()).abs() <= 1).all())
+        return torch.equal(a, b)
+
+    for n in (1, 5, 4099, 9000):
+        x = randn((n,), dtype, "cpu", rng)
+        seed, p = seed_of(rng), 0.3
+        assert same(T.dropout_forward(x, seed, p), reference.dropout_forward(x, seed, p))
+        out = randn((n,), dtype, "cpu", rng)
+        want = out.clone()
+        T.dropout_backward_add(out, x, seed, p)
+        reference.dropout_backward_add(want, x, seed, p)
+        assert same(out, want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_opcheck(device, rng):
+    for dtype in (torch.float32, torch.bfloat16):
+        x = randn((7, 33), dtype, device, rng)
+        torch.library.opcheck(ops.dropout_forward, (x, seed_of(rng), 0.25))
+        torch.library.opcheck(ops.dropout_backward_add, (randn((7, 33), dtype, device, rng), x, seed_of(rng), 0.25))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(qk.backend() != "cuda", reason="the CUDA extension is not loaded")
+def test_cuda_dropout_host_checks_raise():
+    x = torch.randn(8, 8, device="cuda")
+    with pytest.raises(RuntimeError, match=r"p: expected a dropout probability in \[0, 1\), got 1"):
+        ops.dropout_forward(x, 1, 1.0)
+    with pytest.raises(RuntimeError, match="x: expected a contiguous tensor"):
+        ops.dropout_forward(x.t(), 1, 0.5)
+    with pytest.raises(RuntimeError, match="x: expected dtype float32, float16 or bfloat16"):
+        ops.dropout_forward(x.double(), 1, 0.5)
+    with pytest.raises(RuntimeError, match=r"grad: expected the shape of out \[8, 8\], got \[4, 16\]"):
+        ops.dropout_backward_add(x, x.view(4, 16), 1, 0.5)
+    with pytest.raises(RuntimeError, match="grad: expected the dtype of out"):
+        ops.dropout_backward_add(x, x.half(), 1, 0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# matmul_4bit_lora: gradients
+
+
+def lora_inputs(M, K, N, r, dtype, device, rng, lead=None, bias=True, param_dtype=None, **quant):
+    packed, state = quantized(N, K, device, rng, **quant)
+    param_dtype = param_dtype or dtype
+    x = randn(lead or (M, K), dtype, device, rng).requires_grad_()
+    A = randn((r, K), param_dtype, device, rng, scale=1 / math.sqrt(K)).requires_grad_()
+    B = randn((N, r), param_dtype, device, rng, scale=0.5).requires_grad_()
+    b = randn((N,), param_dtype, device, rng).requires_grad_() if bias else None
+    return packed, state, x, A, B, b
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("quant", [dict(), dict(quant_type="fp4", blocksize=128, double_quant=False)],
+                         ids=["nf4-dq", "fp4"])
+def test_gradcheck_float64(p, quant, rng):
+    packed, state, x, A, B, b = lora_inputs(None, 40, 12, 3, torch.float64, "cpu", rng, lead=(2, 3, 40), **quant)
+    seed = seed_of(rng)
+
+    def f(x, A, B, b):
+        # the same mask on every evaluation
+        return qk.matmul_4bit_lora(x, packed, state, A, B, 0.75, p, b,
+                                   generator=torch.Generator().manual_seed(seed))
+
+    # the full Jacobian for the path with everything in it; random projections of it (fast
+    # mode) for the others, to keep the CPU run short
+    full = p > 0 and not quant
+    assert torch.autograd.gradcheck(f, (x, A, B, b), fast_mode=not full)
+    assert torch.autograd.gradcheck(lambda x, A, B: f(x, A, B, None), (x, A, B), fast_mode=True)
+
+
+def check_against_float32(M, K, N, r, dtype, device, p, rng, bias=True, param_dtype=torch.float32):
+    """Y, dX, dA, dB (and dbias) against float32 autograd of the dequantized weight."""
+    packed, state, x, A, B, b = lora_inputs(M, K, N, r, dtype, device, rng, bias=bias, param_dtype=param_dtype)
+    scale = 2.0
+    seed = seed_of(rng)
+    y = qk.matmul_4bit_lora(x, packed, state, A, B, scale, p, b, generator=torch.Generator().manual_seed(seed))
+    assert y.dtype == dtype and y.shape == (M, N)
+    dy = randn((M, N), dtype, device, rng)
+    y.backward(dy)
+    assert A.grad.dtype == param_dtype and B.grad.dtype == param_dtype and x.grad.dtype == dtype
+
+    W = qk.dequantize_4bit(packed, state, dtype=torch.float32)
+    leaves = [t.detach().float().requires_grad_() for t in (x, A, B)]
+    x32, A32, B32 = leaves
+    y32 = x32 @ W.T
+    if p > 0:
+        # the op's mask, from the same seed: dropout of ones is keep / (1 - p)
+        op_seed = int(lora.draw_seed(torch.Generator().manual_seed(seed)))
+        mask = ops.dropout_forward(torch.ones(M, K, device=device), op_seed, p)
+        y32 = y32 + scale * (x32 * mask) @ A32.T @ B32.T
+    else:
+        y32 = y32 + scale * x32 @ A32.T @ B32.T
+    if bias:
+        b32 = b.detach().float().requires_grad_()
+        leaves.append(b32)
+        y32 = y32 + b32
+    y32.backward(dy.float())
+    errors = {"Y": rel_err(y, y32), "dX": rel_err(x.grad, x32.grad), "dA": rel_err(A.grad, A32.grad),
+              "dB": rel_err(B.grad, B32.grad)}
+    if bias:
+        errors["dbias"] = rel_err(b.grad, b32.grad)
+    assert max(errors.values()) < 1e-2, errors
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("M,K,N", [(1, 64, 257), (7, 257, 130), (33, 130, 64)])
+def test_gradients_vs_float32_cpu(M, K, N, p, dtype, rng):
+    check_against_float32(M, K, N, 8, dtype, "cpu", p, rng)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("p", [0.0, 0.1])
+@pytest.mark.parametrize("M", [1, 7, 512, 4096])
+@pytest.mark.parametrize("K,N", [(4160, 257), (257, 4160), (4096, 4096)])
+def test_gpu_gradients_vs_float32(K, N, M, p, rng):
+    check_against_float32(M, K, N, 16, torch.bfloat16, "cuda", p, rng, bias=(N != 4096))
+
+
+@pytest.mark.gpu
+def test_gpu_gradients_fp16_and_bf16_params(rng):
+    check_against_float32(512, 4160, 257, 64, torch.float16, "cuda", 0.1, rng, param_dtype=torch.float16)
+    check_against_float32(512, 257, 4160, 64, torch.bfloat16, "cuda", 0.1, rng, param_dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(os.environ.get("QLORA_KERNELS_BACKEND") == "triton", reason="already the Triton run")
+def test_gpu_gradients_triton_backend():
+    # the backend is chosen at import, so the Triton one runs in a fresh process
+    env = {**os.environ, "QLORA_KERNELS_BACKEND": "triton"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                        "-k", "gpu_gradients_vs_float32 or gpu_gradients_fp16 or bit_exact or mask_properties"],
+                       capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r.returncode == 0 and " passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------
+# matmul_4bit_lora: dropout, memory, skipped work
+
+
+def test_p0_is_exactly_the_no_dropout_path(rng, monkeypatch):
+    packed, state, x, A, B, b = lora_inputs(9, 96, 40, 8, torch.bfloat16, "cpu", rng)
+    W = qk.dequantize_4bit(packed, state, dtype=torch.bfloat16)
+    Ab, Bb = A.detach().to(torch.bfloat16), B.detach().to(torch.bfloat16)
+    # the same operations without any dropout: addmm with the bias, then the LoRA product added in
+    want = torch.addmm(b.detach(), x.detach(), W.T).addmm_(x.detach() @ Ab.T, Bb.T, alpha=0.5)
+
+    def no_kernel(*args):
+        raise AssertionError("p == 0 launched a dropout kernel")
+
+    monkeypatch.setattr(ops, "dropout_forward", no_kernel)
+    monkeypatch.setattr(ops, "dropout_backward_add", no_kernel)
+    rng_state = torch.get_rng_state()
+    y = qk.matmul_4bit_lora(x, packed, state, Ab, Bb, 0.5, 0.0, b)
+    y.sum().backward()
+    assert torch.equal(y, want)
+    assert torch.equal(torch.get_rng_state(), rng_state)  # no seed drawn either
+
+
+def test_dropout_seed_follows_torch_manual_seed(rng):
+    packed, state, x, A, B, b = lora_inputs(16, 64, 48, 4, torch.float32, "cpu", rng)
+    torch.manual_seed(1234)
+    y1 = qk.matmul_4bit_lora(x, packed, state, A, B, 1.0, 0.5, b)
+    y2 = qk.matmul_4bit_lora(x, packed, state, A, B, 1.0, 0.5, b)
+    torch.manual_seed(1234)
+    assert torch.equal(qk.matmul_4bit_lora(x, packed, state, A, B, 1.0, 0.5, b), y1)
+    assert not torch.equal(y1, y2)  # a fresh mask per call
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_saves_no_weight_and_no_mask(device, rng):
+    M, K, N, r = 24, 128, 96, 8
+    packed, state, x, A, B, b = lora_inputs(M, K, N, r, torch.float32, device, rng)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = qk.matmul_4bit_lora(x, packed, state, A, B, 1.0, 0.3, b)
+    ptr = lambda t: t.untyped_storage().data_ptr()  # noqa: E731
+    weights = {ptr(t) for t in (packed, state.absmax, state.state2.absmax, state.state2.code, state.offset, A, B)}
+    activations = [t for t in saved if t is not None and ptr(t) not in weights]
+    shapes = sorted(tuple(t.shape) for t in activations)
+    # x, xa [M, r] and the seed: no [N, K] weight, no [M, K] mask or dropped-out x
+    assert shapes == sorted([(M, K), (M, r), ()]), shapes
+    assert any(ptr(t) == ptr(x) for t in activations)
+    y.sum().backward()
+
+
+def test_dx_skipped_when_x_needs_no_grad(rng, monkeypatch):
+    packed, state, x, A, B, b = lora_inputs(8, 64, 32, 4, torch.bfloat16, "cpu", rng)
+    calls = []
+    real = ops.dequantize_4bit
+    monkeypatch.setattr(ops, "dequantize_4bit", lambda *a: calls.append(1) or real(*a))
+    x = x.detach()
+    y = qk.matmul_4bit_lora(x, packed, state, A, B, 1.0, 0.1, b)
+    assert len(calls) == 1
+    y.float().sum().backward()
+    assert len(calls) == 1  # no dequantize in backward: dX was not computed
+    assert A.grad is not None and B.grad is not None and b.grad is not None
+    x.requires_grad_()
+    qk.matmul_4bit_lora(x, packed, state, A, B, 1.0, 0.1, b).float().sum().backward()
+    assert len(calls) == 3 and x.grad is not None
+
+
+def test_frozen_bias_and_frozen_lora(rng):
+    packed, state, x, A, B, b = lora_inputs(8, 64, 32, 4, torch.float32, "cpu", rng)
+    b.requires_grad_(False)
+    qk.matmul_4bit_lora(x, packed, state, A, B, 1.0, 0.0, b).sum().backward()
+    assert b.grad is None and A.grad is not None
+    A2, B2 = A.detach(), B.detach()
+    x.grad = None
+    qk.matmul_4bit_lora(x, packed, state, A2, B2, 1.0, 0.2, b).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradient_checkpointing_same_gradients(device, rng):
+    torch.manual_seed(seed_of(rng) % 2**31)
+    layers = nn.ModuleList(LoRALinear4bit.from_linear(nn.Linear(96, 96).to(device), r=8, alpha=16, dropout=0.2)
+                           for _ in range(2))
+    for layer in layers:
+        nn.init.normal_(layer.lora_B.weight, std=0.1)
+    x = randn((2, 9, 96), torch.bfloat16, device, rng).requires_grad_()
+
+    def run(checkpoint):
+        for t in [x, *layers.parameters()]:
+            t.grad = None
+        torch.manual_seed(77)
+        h = x
+        for layer in layers:
+            h = torch.utils.checkpoint.checkpoint(layer, h, use_reentrant=False) if checkpoint else layer(h)
+            h = torch.nn.functional.gelu(h)
+        h.float().pow(2).sum().backward()
+        return [x.grad.clone()] + [p.grad.clone() for p in layers.parameters() if p.requires_grad]
+
+    plain, ckpt = run(False), run(True)
+    assert len(plain) == 7  # x, and per layer lora_A, lora_B, bias
+    for a, c in zip(plain, ckpt):
+        assert torch.equal(a, c)
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom-op machinery: opcheck and torch.compile
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lora_ops_opcheck(device, rng):
+    packed, state, x, A, B, b = lora_inputs(None, 64, 40, 4, torch.float32, device, rng, lead=(2, 5, 64))
+    nested = lora._nested_args(state)
+    seed = torch.tensor(seed_of(rng))
+    for p, s, bias in ((0.0, None, b), (0.3, seed, None)):
+        args = (x, packed, state.absmax, 64, "nf4", 40, *nested, A, B, 0.5, p, s, bias)
+        torch.library.opcheck(torch.ops.qlora_kernels.matmul_4bit_lora.default, args)
+        _, xa = torch.ops.qlora_kernels.matmul_4bit_lora(*args)
+        dY = randn((2, 5, 40), torch.float32, device, rng)
+        for need in ((True, True, True), (False, True, True), (True, False, False)):
+            torch.library.opcheck(torch.ops.qlora_kernels.matmul_4bit_lora_backward.default,
+                                  (dY, x.detach(), packed, state.absmax, 64, "nf4", 40, *nested,
+                                   A.detach(), B.detach(), xa, 0.5, p, s, *need))
+
+
+def compile_backend(device):
+    # inductor on CPU needs a C++ compiler; without one, aot_eager still runs the fake kernels,
+    # the autograd registration and the functionalized graph
+    if device == "cpu" and not shutil.which(os.environ.get("CXX", "g++")):
+        return "aot_eager"
+    return "inductor"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_training_step(device, rng):
+    torch.manual_seed(seed_of(rng) % 2**31)
+    model = nn.Sequential(LoRALinear4bit.from_linear(nn.Linear(64, 128), r=8, dropout=0.1),
+                          nn.GELU(),
+                          LoRALinear4bit.from_linear(nn.Linear(128, 64, bias=False), r=8, dropout=0.1)).to(device)
+    for m in (model[0], model[2]):
+        nn.init.normal_(m.lora_B.weight, std=0.1)
+    params = [p for n, p in model.named_parameters() if "lora_" in n]
+    x = randn((4, 7, 64), torch.bfloat16, device, rng)
+    target = randn((4, 7, 64), torch.bfloat16, device, rng)
+
+    def step(x, target):
+        return torch.nn.functional.mse_loss(model(x).float(), target.float())
+
+    def grads_of(fn, seed):
+        torch.manual_seed(seed)
+        for p in params:
+            p.grad = None
+        loss = fn(x, target)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in params]
+
+    compiled = torch.compile(step, fullgraph=True, backend=compile_backend(device))
+    loss_c, grads_c = grads_of(compiled, 5)
+    loss_c2, grads_c2 = grads_of(compiled, 5)
+    assert torch.equal(loss_c, loss_c2)  # reproducible under torch.manual_seed
+    if device == "cpu":
+        # the seed is drawn from the CPU generator eager uses (inductor keeps the CPU randint's
+        # stream): identical masks, so the same loss and gradients
+        loss_e, grads_e = grads_of(step, 5)
+        assert torch.allclose(loss_c, loss_e, rtol=1e-3)
+        for gc, ge in zip(grads_c, grads_e):
+            assert rel_err(gc, ge) < 1e-2
+    model.eval()  # p = 0: the compiled graph must agree with eager
+    loss_e, grads_e = grads_of(step, 5)
+    loss_c, grads_c = grads_of(torch.compile(step, fullgraph=True, backend=compile_backend(device)), 5)
+    assert torch.allclose(loss_c, loss_e, rtol=1e-3)
+    for gc, ge in zip(grads_c, grads_e):
+        assert rel_err(gc, ge) < 1e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules: LoRALinear4bit, add_lora
+
+
+def quantize_linears(model):
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, Linear4bit.from_linear(module))
+    return model
+
+
+def tiny_llama():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+
+
+def test_add_lora_on_a_small_model(rng):
+    torch.manual_seed(seed_of(rng) % 2**31)
+    model = quantize_linears(tiny_llama())
+    lm_head_before = {k: v.clone() for k, v in model.lm_head.state_dict().items()}
+    out = qk.add_lora(model, r=4, alpha=8, dropout=0.1)
+    assert out is model
+    lora_layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear4bit)}
+    assert len(lora_layers) == 2 * 7  # q, k, v, o, gate, up, down per layer
+    assert type(model.lm_head) is Linear4bit  # never wrapped by all-linear
+    assert all(torch.equal(v, model.lm_head.state_dict()[k]) for k, v in lm_head_before.items())
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert len(trainable) == 2 * len(lora_layers)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.lora_A.weight.dtype == torch.float32 and layer.lora_B.weight.shape == (64, 4)
+    assert layer.scaling == 2.0 and layer.lora_dropout == 0.1 and layer.r == 4
+    assert not layer.lora_B.weight.any()  # peft init: B = 0, so the model is unchanged at first
+
+    ids = torch.randint(0, 96, (2, 11), generator=rng)
+    # the hidden states, not the loss: Linear4bit (the lm_head here) has no backward yet
+    model.model(input_ids=ids).last_hidden_state.float().pow(2).mean().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+    assert all(p.grad.any() for n, p in model.named_parameters() if ".lora_B." in n)
+    assert all(p.grad is None for n, p in model.named_parameters() if not p.requires_grad)
+
+    # a target list wraps only the named layers
+    model2 = qk.add_lora(quantize_linears(tiny_llama()), r=4, target=["q_proj", "v_proj"])
+    names = sorted(n.split(".")[-1] for n, m in model2.named_modules() if isinstance(m, LoRALinear4bit))
+    assert names == ["q_proj", "q_proj", "v_proj", "v_proj"]
+
+
+def test_lora_layer_merge_matches_module(rng):
+    torch.manual_seed(seed_of(rng) % 2**31)
+    layer = LoRALinear4bit.from_linear(nn.Linear(130, 72), r=8, alpha=16, dropout=0.1)
+    nn.init.normal_(layer.lora_B.weight, std=0.05)
+    x = randn((5, 130), torch.float32, "cpu", rng)
+    layer.eval()
+    y = layer(x)
+    merged = layer.merge()
+    assert isinstance(merged, nn.Linear) and merged.weight.dtype == torch.bfloat16
+    assert rel_err(merged(x.to(torch.bfloat16)), y) < 1e-2
+    W = layer.dequantize(torch.float32) + layer.scaling * layer.lora_B.weight @ layer.lora_A.weight
+    assert torch.allclose(merged.weight.float(), W, rtol=2**-8, atol=1e-6)
+    # train mode applies dropout to the LoRA branch only
+    layer.train()
+    assert not torch.equal(layer(x), y)
+
+
+def test_lora_layer_state_dict_round_trip(rng):
+    layer = LoRALinear4bit.from_linear(nn.Linear(64, 48), r=4)
+    nn.init.normal_(layer.lora_B.weight)
+    sd = layer.state_dict()
+    assert {"weight", "bias", "lora_A.weight", "lora_B.weight", "weight.absmax"} <= set(sd)
+    fresh = LoRALinear4bit(64, 48, r=4, weight_dtype=torch.float32)
+    fresh.load_state_dict(sd)
+    x = randn((3, 64), torch.float32, "cpu", rng)
+    layer.eval(), fresh.eval()
+    assert torch.equal(fresh(x), layer(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_bad_input_names_the_argument(rng):
+    packed, state, x, A, B, b = lora_inputs(4, 64, 32, 4, torch.float32, "cpu", rng)
+    f = qk.matmul_4bit_lora
+    with pytest.raises(ValueError, match=r"x: expected shape \[\.\.\., 64\]"):
+        f(x[:, :63], packed, state, A, B, 1.0)
+    with pytest.raises(ValueError, match="x: expected dtype"):
+        f(x.int(), packed, state, A, B, 1.0)
+    with pytest.raises(ValueError, match=r"A: expected shape \[r, 64\], got \[4, 63\]"):
+        f(x, packed, state, A[:, :63], B, 1.0)
+    with pytest.raises(ValueError, match=r"B: expected shape \[32, 4\], got \[32, 3\]"):
+        f(x, packed, state, A, B[:, :3], 1.0)
+    with pytest.raises(TypeError, match="A: expected a torch.Tensor"):
+        f(x, packed, state, None, B, 1.0)
+    with pytest.raises(ValueError, match=r"dropout_p: expected a probability in \[0, 1\), got 1.0"):
+        f(x, packed, state, A, B, 1.0, dropout_p=1.0)
+    with pytest.raises(ValueError, match="dropout_p: expected a probability"):
+        f(x, packed, state, A, B, 1.0, dropout_p=-0.1)
+    with pytest.raises(TypeError, match="scale: expected a float"):
+        f(x, packed, state, A, B, "2")
+    with pytest.raises(ValueError, match=r"bias: expected shape \[32\], got \[31\]"):
+        f(x, packed, state, A, B, 1.0, 0.0, b[:31])
+    with pytest.raises(TypeError, match="state: expected a qlora_kernels.QuantState"):
+        f(x, packed, None, A, B, 1.0)
+    with pytest.raises(ValueError, match="r: expected a positive int, got 0"):
+        LoRALinear4bit(64, 32, r=0)
+    with pytest.raises(ValueError, match="dropout: expected a probability"):
+        LoRALinear4bit.from_linear(nn.Linear(64, 32), dropout=1.5)
+    with pytest.raises(TypeError, match="layer: expected a qlora_kernels.nn.Linear4bit"):
+        LoRALinear4bit.from_linear4bit(nn.Linear(64, 32))
+    with pytest.raises(ValueError, match="target: model has no 4-bit linear layers"):
+        qk.add_lora(nn.Sequential(nn.Linear(8, 8)))
+    with pytest.raises(ValueError, match="target: expected \"all-linear\" or"):
+        qk.add_lora(nn.Sequential(Linear4bit(64, 64)), target="everything")
+    with pytest.raises(ValueError, match=r"target: model has no Linear4bit layers named like \['k_proj'\]"):
+        qk.add_lora(nn.Sequential(Linear4bit(64, 64)), target=["k_proj"])
+
+
+@pytest.mark.gpu
+def test_gpu_mixed_devices_rejected(rng):
+    packed, state, x, A, B, b = lora_inputs(4, 64, 32, 4, torch.bfloat16, "cuda", rng)
+    with pytest.raises(ValueError, match="A: expected a tensor on cuda"):
+        qk.matmul_4bit_lora(x, packed, state, A.cpu(), B, 1.0)
+    with pytest.raises(ValueError, match="x: float64 is supported on CPU only"):
+        qk.matmul_4bit_lora(x.double(), packed, state, A, B, 1.0)
