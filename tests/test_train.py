@@ -282,7 +282,7 @@ def test_cli_help_and_options(capsys):
 def test_presets_follow_table_8():
     for size in ("7b", "13b"):
         cfg = TrainConfig().resolved(size)
-        assert (cfg.lora_dropout, cfg.learning_rate) == (0.1, 2e-4)
+        assert (cfg.lora_dropout, cfg.learning_rate, cfg.max_steps) == (0.1, 2e-4, 1875)
     for size in ("33b", "65b"):
         cfg = TrainConfig().resolved(size)
         assert (cfg.lora_dropout, cfg.learning_rate) == (0.05, 1e-4)

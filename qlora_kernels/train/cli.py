@@ -44,7 +44,7 @@ HELP = {
     "max_grad_norm": "clip the gradient norm to this (0: no clipping)",
     "batch_size": "sequences per micro-batch; default: Table 8 preset",
     "grad_accum": "micro-batches per optimizer step; default: Table 8 preset",
-    "max_steps": "optimizer steps (0: run --num-epochs)",
+    "max_steps": "optimizer steps (0: run --num-epochs); default: preset (150 for the built-in demo, 1875 otherwise)",
     "num_epochs": "epochs when --max-steps is 0",
     "seed": "seed of the data split and order, the random weights and dropout",
     "output_dir": "where checkpoints, the adapter, metrics.jsonl and loss.png go",
@@ -61,7 +61,7 @@ HELP = {
 CHOICES = {"model_config": list(MODEL_SHAPES), "compute_dtype": list(COMPUTE_DTYPES), "template": list(TEMPLATES),
            "lr_schedule": list(LR_SCHEDULES), "quant_type": ["nf4", "fp4"]}
 TYPES = {"model": str, "dataset": str, "device": str, "sample_prompt": str, "lora_dropout": float,
-         "learning_rate": float, "batch_size": int, "grad_accum": int}
+         "learning_rate": float, "batch_size": int, "grad_accum": int, "max_steps": int}
 
 
 def build_parser() -> argparse.ArgumentParser:

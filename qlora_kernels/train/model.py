@@ -83,7 +83,7 @@ def _rebuild_rotary(model: nn.Module, device) -> None:
     for name, module in list(model.named_modules()):
         if any(b.is_meta for b in module.buffers(recurse=False)) and hasattr(module, "config"):
             with torch.device(device):
-                fresh = type(module)(module.config)
+                fresh = type(module)(config=module.config)
             parent_name, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, leaf, fresh)
 
