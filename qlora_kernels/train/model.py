@@ -223,11 +223,13 @@ def pretrained_model(path: str, device, dtype: torch.dtype, *, quant_type="nf4",
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Parameters of the base model, counting each 4-bit weight as its unquantized element count."""
+    """Parameters of the base model (LoRA adapters excluded), counting each 4-bit weight as
+    its unquantized element count."""
     total = 0
-    for m in model.modules():
+    for name, m in model.named_modules():
+        if name.endswith((".lora_A", ".lora_B")):
+            continue
         if isinstance(m, Linear4bit):
             total += m.in_features * m.out_features
-        total += sum(p.numel() for n, p in m.named_parameters(recurse=False)
-                     if not n.startswith("lora_"))
+        total += sum(p.numel() for p in m.parameters(recurse=False))
     return total
