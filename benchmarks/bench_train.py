@@ -1,0 +1,278 @@
+"""QLoRA training throughput and memory on LLaMA-shaped random models (H100).
+
+Three implementations of the same job - LoRA r=64, alpha=16 on every linear layer (not the LM
+head), gradient checkpointing, bf16 compute, micro-batch B x S random tokens, loss on every
+token, max grad norm 0.3 - each in a fresh subprocess so that its memory peaks are its own:
+
+* ``ours``: qlora_kernels' NF4 + double-quant model built layer by layer
+  (``qlora_kernels.train.model.random_model``), ``LoRALinear4bit``, ``PagedAdamW``;
+* ``bnb``: transformers + peft + bitsandbytes (NF4 + double quant ``bnb.nn.Linear4bit``,
+  ``prepare_model_for_kbit_training``, ``bnb.optim.PagedAdamW32bit``), when importable;
+* ``bf16``: peft LoRA on the bf16 model (``torch.optim.AdamW``), when the model fits.
+
+Per implementation: tokens/s over the timed steps, the allocator's peak
+(``torch.cuda.max_memory_allocated``) and the device-level peak (``torch.cuda.mem_get_info``:
+total - free, sampled after forward, backward and the optimizer step of every step; it counts
+the CUDA context and memory outside the allocator too).
+
+    python benchmarks/bench_train.py --model-config 7b --batch 4 --seq 512
+    python benchmarks/bench_train.py --model-config 65b --batch 1 --seq 512 --impl ours,bnb
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _device_used() -> int:
+    free, total = torch.cuda.mem_get_info()
+    return total - free
+
+
+def _meta_llama(name: str, seq: int):
+    from transformers import LlamaForCausalLM
+
+    from qlora_kernels.train.model import llama_config
+
+    config = llama_config(name, max(seq, 2048))
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    return model
+
+
+def _fill_random(module, gen) -> None:
+    """Materializes a meta module on the GPU: matrices N(0, 0.02), vectors 1."""
+    from qlora_kernels.train import model as model_mod
+
+    for name, p in list(module.named_parameters()):
+        if p.is_meta:
+            t = torch.empty(p.shape, dtype=torch.bfloat16, device="cuda")
+            t.fill_(1.0) if p.dim() == 1 else t.normal_(0.0, model_mod.INIT_STD, generator=gen)
+            model_mod._set_tensor(module, name, t)
+
+
+def build_ours(name, seq, dropout):
+    from qlora_kernels import add_lora
+    from qlora_kernels.optim import PagedAdamW
+    from qlora_kernels.train.model import random_model
+
+    model = random_model(name, "cuda", torch.bfloat16, seed=0, max_position_embeddings=max(seq, 2048))
+    add_lora(model, r=64, alpha=16, dropout=dropout)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, params, PagedAdamW(params, lr=2e-4, betas=(0.9, 0.999))
+
+
+def build_bnb(name, seq, dropout):
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from torch import nn
+
+    from qlora_kernels.train import model as model_mod
+
+    model = _meta_llama(name, seq)
+    gen = torch.Generator("cuda")
+    _, layers = model_mod.decoder_layers(model)
+    for i, layer in enumerate(layers):
+        gen.manual_seed(i)
+        for lname, lin in list(layer.named_modules()):
+            if not isinstance(lin, nn.Linear):
+                continue
+            W = torch.empty(lin.weight.shape, dtype=torch.bfloat16, device="cuda").normal_(0.0, 0.02, generator=gen)
+            q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=torch.bfloat16,
+                                  compress_statistics=True, quant_type="nf4", device="meta")
+            q.weight = bnb.nn.Params4bit(W, requires_grad=False, compress_statistics=True, quant_type="nf4")
+            q.weight = q.weight.to("cuda")  # quantizes here; the bf16 W is dropped
+            del W
+            parent, _, leaf = lname.rpartition(".")
+            setattr(layer.get_submodule(parent) if parent else layer, leaf, q)
+        _fill_random(layer, gen)
+    _fill_random(model, gen)
+    model_mod._rebuild_rotary(model, "cuda")
+    model.is_loaded_in_4bit = True  # what from_pretrained(quantization_config=...) sets
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, lora_dropout=dropout, target_modules=list(TARGETS),
+                                             bias="none", task_type="CAUSAL_LM"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, params, bnb.optim.PagedAdamW32bit(params, lr=2e-4, betas=(0.9, 0.999))
+
+
+def build_bf16(name, seq, dropout):
+    from peft import LoraConfig, get_peft_model
+
+    from qlora_kernels.train import model as model_mod
+
+    model = _meta_llama(name, seq)
+    gen = torch.Generator("cuda")
+    _, layers = model_mod.decoder_layers(model)
+    for i, layer in enumerate(layers):
+        gen.manual_seed(i)
+        _fill_random(layer, gen)
+    _fill_random(model, gen)
+    model_mod._rebuild_rotary(model, "cuda")
+    model.requires_grad_(False)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, lora_dropout=dropout, target_modules=list(TARGETS),
+                                             bias="none", task_type="CAUSAL_LM"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    return model, params, torch.optim.AdamW(params, lr=2e-4, betas=(0.9, 0.999))
+
+
+BUILDERS = {"ours": build_ours, "bnb": build_bnb, "bf16": build_bf16}
+
+
+def worker(args) -> dict:
+    """One implementation, in this (fresh) process; returns its measurements."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    dropout = 0.05 if args.model_config in ("33b", "65b") else 0.1
+    t0 = time.perf_counter()
+    model, params, opt = BUILDERS[args.impl](args.model_config, args.seq, dropout)
+    torch.cuda.synchronize()
+    build_s = time.perf_counter() - t0
+    model.train()
+    vocab = model.get_input_embeddings().num_embeddings
+    gen = torch.Generator("cuda").manual_seed(1)
+    device_peak = _device_used()
+    after_build = device_peak
+    torch.cuda.reset_peak_memory_stats()
+    losses, times = [], []
+    for step in range(args.warmup + args.steps):
+        ids = torch.randint(3, vocab, (args.batch, args.seq), device="cuda", generator=gen)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        logits = model(input_ids=ids).logits
+        device_peak = max(device_peak, _device_used())
+        loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, vocab), ids[:, 1:].reshape(-1))
+        del logits
+        loss.backward()
+        device_peak = max(device_peak, _device_used())
+        torch.nn.utils.clip_grad_norm_(params, 0.3)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        device_peak = max(device_peak, _device_used())
+        losses.append(loss.item())
+        torch.cuda.synchronize()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t)
+    tokens = args.batch * args.seq
+    return {
+        "impl": args.impl, "model_config": args.model_config, "batch": args.batch, "seq": args.seq,
+        "steps": args.steps, "build_s": round(build_s, 2),
+        "tokens_per_s": round(tokens * len(times) / sum(times), 1),
+        "step_ms_median": round(1e3 * sorted(times)[len(times) // 2], 1),
+        "allocator_peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+        "device_peak_gib": round(device_peak / 2**30, 3),
+        "device_after_build_gib": round(after_build / 2**30, 3),
+        "trainable_params": sum(p.numel() for p in params),
+        "losses": [round(x, 4) for x in losses],
+    }
+
+
+def fits_bf16(name: str) -> bool:
+    from qlora_kernels.train.config import MODEL_SHAPES
+
+    s = MODEL_SHAPES[name]
+    n = s["num_hidden_layers"] * (4 * s["hidden_size"] ** 2 + 3 * s["hidden_size"] * s["intermediate_size"])
+    n += 2 * s["vocab_size"] * s["hidden_size"]
+    return 2 * n < 0.75 * torch.cuda.get_device_properties(0).total_memory
+
+
+def available(impl: str) -> str | None:
+    """Why ``impl`` cannot run here, or None."""
+    if impl == "bnb":
+        try:
+            import bitsandbytes  # noqa: F401
+            import peft  # noqa: F401
+        except Exception as err:  # noqa: BLE001  (a broken install only skips the baseline)
+            return f"bitsandbytes/peft not importable: {err}"
+    if impl == "bf16":
+        try:
+            import peft  # noqa: F401
+        except ImportError as err:
+            return f"peft not importable: {err}"
+    return None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-config", default="7b", choices=["tiny", "7b", "13b", "33b", "65b"])
+    ap.add_argument("--batch", type=int, default=4, help="micro-batch (sequences)")
+    ap.add_argument("--seq", type=int, default=512, help="tokens per sequence")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    ap.add_argument("--impl", default="ours,bnb,bf16", help="comma-separated: ours, bnb, bf16")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per implementation")
+    ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/<gpu>/train_<cfg>.json)")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_train.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+        return 0
+
+    import common
+
+    rows, skipped = [], {}
+    for impl in [s.strip() for s in args.impl.split(",") if s.strip()]:
+        if impl not in BUILDERS:
+            raise SystemExit(f"--impl: expected ours, bnb or bf16, got {impl!r}")
+        why = available(impl) or (None if impl != "bf16" or fits_bf16(args.model_config)
+                                  else "the bf16 model does not fit the card")
+        if why:
+            skipped[impl] = why
+            print(f"{impl:5s} skipped: {why}")
+            continue
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--impl", impl, "--model-config",
+               args.model_config, "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
+               "--warmup", str(args.warmup)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            skipped[impl] = f"timed out after {args.timeout} s"
+            print(f"{impl:5s} {skipped[impl]}")
+            continue
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+            skipped[impl] = f"failed (exit {proc.returncode}): {' | '.join(tail)}"
+            print(f"{impl:5s} {skipped[impl]}")
+            continue
+        row = json.loads(lines[-1][len("RESULT "):])
+        rows.append(row)
+        print(f"{impl:5s} {args.model_config} {args.batch}x{args.seq}: {row['tokens_per_s']:8.1f} tokens/s, "
+              f"allocator peak {row['allocator_peak_gib']:6.2f} GiB, device peak {row['device_peak_gib']:6.2f} GiB "
+              f"(build {row['build_s']:.0f} s, loss {row['losses'][0]:.3f} -> {row['losses'][-1]:.3f})", flush=True)
+    by = {r["impl"]: r for r in rows}
+    if "ours" in by:
+        for other in ("bnb", "bf16"):
+            if other in by:
+                print(f"ours vs {other}: {by['ours']['tokens_per_s'] / by[other]['tokens_per_s']:.2f}x tokens/s, "
+                      f"device peak {by['ours']['device_peak_gib']:.2f} vs {by[other]['device_peak_gib']:.2f} GiB")
+    name = f"train_{args.model_config}_{args.batch}x{args.seq}"
+    path = common.save({"environment": common.environment(), "args": vars(args), "rows": rows, "skipped": skipped},
+                       name, args.out)
+    print(f"saved {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

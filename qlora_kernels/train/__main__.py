@@ -1,0 +1,5 @@
+"""``python -m qlora_kernels.train``: see ``--help``."""
+
+from .cli import main
+
+raise SystemExit(main())
