@@ -37,6 +37,14 @@ sys.path.insert(0, HERE)
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+
+def _enable_checkpointing(model) -> None:
+    # transformers >= 5.2x calls it activation checkpointing; older 5.x (the GPU machine's 5.17) does not
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
 def _device_used() -> int:
     free, total = torch.cuda.mem_get_info()
     return total - free
@@ -71,7 +79,7 @@ def build_ours(name, seq, dropout):
 
     model = random_model(name, "cuda", torch.bfloat16, seed=0, max_position_embeddings=max(seq, 2048))
     add_lora(model, r=64, alpha=16, dropout=dropout)
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    _enable_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
     return model, params, PagedAdamW(params, lr=2e-4, betas=(0.9, 0.999))
 
@@ -125,7 +133,7 @@ def build_bf16(name, seq, dropout):
     _fill_random(model, gen)
     model_mod._rebuild_rotary(model, "cuda")
     model.requires_grad_(False)
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    _enable_checkpointing(model)
     model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, lora_dropout=dropout, target_modules=list(TARGETS),
                                              bias="none", task_type="CAUSAL_LM"))
