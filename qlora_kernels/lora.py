@@ -41,7 +41,7 @@ from torch import Tensor
 
 from . import ops
 from .functional import FLOAT_DTYPES, _check_tensor, check_packed
-from .matmul import _nested_args
+from .matmul import _nested_args, check_x_and_weight
 from .quant_state import QuantState
 
 #: dtypes x may have: the 16-bit training dtypes, float32, and float64 on CPU (gradcheck).
@@ -197,15 +197,7 @@ def matmul_4bit_lora(x: Tensor, packed: Tensor, state: QuantState, A: Tensor, B:
     ``generator`` (default: torch's default CPU generator) and regenerated in backward.
     Returns ``[..., N]`` in x's dtype (cuBLAS accumulates in float32).
     """
-    check_packed(packed, state)
-    _check_tensor("x", x, X_DTYPES)
-    if len(state.shape) != 2:
-        raise ValueError(f"state.shape: expected a 2-D weight [N, K], got {tuple(state.shape)}")
-    N, K = state.shape
-    if x.dim() == 0 or x.shape[-1] != K:
-        raise ValueError(f"x: expected shape [..., {K}] (W is [{N}, {K}]), got {tuple(x.shape)}")
-    if x.device != packed.device:
-        raise ValueError(f"x: expected a tensor on {packed.device} (the device of the weight), got {x.device}")
+    N, K = check_x_and_weight(x, packed, state, X_DTYPES)
     if x.dtype == torch.float64 and x.device.type != "cpu":
         raise ValueError("x: float64 is supported on CPU only (the kernels take bf16, fp16, fp32)")
     if not isinstance(A, Tensor):

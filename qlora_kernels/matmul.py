@@ -81,6 +81,21 @@ def _needs_copy(x: torch.Tensor) -> bool:
     return not x.is_contiguous() or x.data_ptr() % 16 != 0
 
 
+def check_x_and_weight(x: torch.Tensor, packed: torch.Tensor, state: QuantState, dtypes) -> tuple[int, int]:
+    """Checks x ``[..., K]`` against the 4-bit weight ``[N, K]`` (dtype in ``dtypes``, same
+    device); returns ``(N, K)``. Shared by every op that multiplies x by a 4-bit weight."""
+    check_packed(packed, state)
+    _check_tensor("x", x, dtypes)
+    if len(state.shape) != 2:
+        raise ValueError(f"state.shape: expected a 2-D weight [N, K], got {tuple(state.shape)}")
+    N, K = state.shape
+    if x.dim() == 0 or x.shape[-1] != K:
+        raise ValueError(f"x: expected shape [..., {K}] (W is [{N}, {K}]), got {tuple(x.shape)}")
+    if x.device != packed.device:
+        raise ValueError(f"x: expected a tensor on {packed.device} (the device of the weight), got {x.device}")
+    return N, K
+
+
 def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T + bias`` where ``(packed, state)`` hold W ``[N, K]`` in 4 bits.
@@ -89,15 +104,7 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
     ``[..., N]`` in x's dtype, accumulated in float32. Any quant type, blocksize and double
     quant; any K (see the module doc for which shapes take the fused kernel).
     """
-    check_packed(packed, state)
-    _check_tensor("x", x, FLOAT_DTYPES)
-    if len(state.shape) != 2:
-        raise ValueError(f"state.shape: expected a 2-D weight [N, K], got {tuple(state.shape)}")
-    N, K = state.shape
-    if x.dim() == 0 or x.shape[-1] != K:
-        raise ValueError(f"x: expected shape [..., {K}] (W is [{N}, {K}]), got {tuple(x.shape)}")
-    if x.device != packed.device:
-        raise ValueError(f"x: expected a tensor on {packed.device} (the device of the weight), got {x.device}")
+    N, K = check_x_and_weight(x, packed, state, FLOAT_DTYPES)
     if bias is not None:
         _check_tensor("bias", bias, FLOAT_DTYPES)
         if bias.shape != (N,):
