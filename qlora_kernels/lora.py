@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .functional import FLOAT_DTYPES, _check_tensor, check_packed
+from .functional import FLOAT_DTYPES, _check_tensor
 from .matmul import _nested_args, check_x_and_weight
 from .quant_state import QuantState
 
