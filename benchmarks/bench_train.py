@@ -179,6 +179,8 @@ def worker(args) -> dict:
         torch.cuda.synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - t)
+    if args.profile:
+        _profile_step(model, opt, params, vocab, args, gen)
     tokens = args.batch * args.seq
     return {
         "impl": args.impl, "model_config": args.model_config, "batch": args.batch, "seq": args.seq,
@@ -191,6 +193,32 @@ def worker(args) -> dict:
         "trainable_params": sum(p.numel() for p in params),
         "losses": [round(x, 4) for x in losses],
     }
+
+
+def _profile_step(model, opt, params, vocab, args, gen) -> None:
+    """One more step under torch.profiler: the GPU kernels by total time, to stderr."""
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    ids = torch.randint(3, vocab, (args.batch, args.seq), device="cuda", generator=gen)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        logits = model(input_ids=ids).logits
+        loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, vocab), ids[:, 1:].reshape(-1))
+        del logits
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 0.3)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - t
+    events = prof.key_averages()
+    gpu_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    print(f"# profiled step ({args.impl}): wall {wall * 1e3:.1f} ms (profiler on), GPU kernels "
+          f"{gpu_us / 1e3:.1f} ms", file=sys.stderr)
+    print(events.table(sort_by="self_cuda_time_total", row_limit=args.profile, max_name_column_width=60),
+          file=sys.stderr)
 
 
 def fits_bf16(name: str) -> bool:
@@ -228,6 +256,8 @@ def main(argv=None) -> int:
     ap.add_argument("--impl", default="ours,bnb,bf16", help="comma-separated: ours, bnb, bf16")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per implementation")
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/<gpu>/train_<cfg>.json)")
+    ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                    help="after the timed steps, profile one step and print its top ROWS GPU kernels")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -251,13 +281,15 @@ def main(argv=None) -> int:
             continue
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--impl", impl, "--model-config",
                args.model_config, "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
-               "--warmup", str(args.warmup)]
+               "--warmup", str(args.warmup), "--profile", str(args.profile)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
         except subprocess.TimeoutExpired:
             skipped[impl] = f"timed out after {args.timeout} s"
             print(f"{impl:5s} {skipped[impl]}")
             continue
+        if args.profile:
+            print(proc.stderr[proc.stderr.find("# profiled step"):] if "# profiled step" in proc.stderr else "", flush=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode or not lines:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]

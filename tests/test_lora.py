@@ -397,6 +397,30 @@ def test_lora_ops_opcheck(device, rng):
                                    A.detach(), B.detach(), xa, 0.5, p, s, *need))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_eager_function_equals_custom_op(device, p, rng):
+    # eager mode runs _EagerLoRA (less dispatch overhead), torch.compile the custom ops: the two
+    # must compute the same Y and gradients, bit for bit (same implementation functions)
+    packed, state, x, A, B, b = lora_inputs(None, 96, 72, 8, torch.bfloat16, device, rng, lead=(3, 11, 96))
+    dY = randn((3, 11, 72), torch.bfloat16, device, rng)
+    nested = lora._nested_args(state)
+    seed = torch.tensor(seed_of(rng)) if p else None
+    meta = (64, "nf4", 72, nested[3], 0.5, p)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, A, B, b)]
+    Y_fn = lora._EagerLoRA.apply(*leaves, packed, state.absmax, *nested[:3], seed, meta)
+    Y_fn.backward(dY)
+    leaves_op = [t.detach().clone().requires_grad_() for t in (x, A, B, b)]
+    xo, Ao, Bo, bo = leaves_op
+    Y_op, _ = torch.ops.qlora_kernels.matmul_4bit_lora(xo, packed, state.absmax, 64, "nf4", 72, *nested,
+                                                        Ao, Bo, 0.5, p, seed, bo)
+    Y_op.backward(dY)
+    assert torch.equal(Y_fn, Y_op)
+    for got, want in zip(leaves, leaves_op):
+        assert torch.equal(got.grad, want.grad)
+    assert x.grad is None  # sanity: the clones, not the originals, got gradients
+
+
 def compile_backend(device):
     # inductor on CPU needs a C++ compiler; without one, aot_eager still runs the fake kernels,
     # the autograd registration and the functionalized graph
