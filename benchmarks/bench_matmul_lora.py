@@ -6,7 +6,8 @@ matmuls) and (b) bitsandbytes' ``matmul_4bit`` + the same LoRA (when importable)
     python benchmarks/bench_matmul_lora.py --quick    # 7B shapes at 4096 tokens
 
 Each row: shape (N, K), tokens M, r, dropout p; time of forward + backward (x, A and B need
-gradients, W is frozen) per implementation; TFLOP/s counting the base GEMMs (forward 2MNK,
+gradients, W is frozen) per implementation, replayed from a CUDA graph (the GPU's time, as in a
+training step whose CPU runs ahead; the eager times, launch overhead included, are printed too); TFLOP/s counting the base GEMMs (forward 2MNK,
 backward dX 2MNK) plus the LoRA's 6Mr(K + N); % of the measured bf16 GEMM rate (an 8192^3
 matmul in the same run); speedups; and the activation memory each one saves for backward
 (torch.autograd.graph.saved_tensors_hooks, bytes of distinct storages, the base weight and its
@@ -93,13 +94,20 @@ def run_case(N, K, M, r, p, weights, bnb, x, dy):
     impls = {"ours": ours, "bf16": bf16}
     if bnb is not None:
         impls["bnb"] = bnb_layer
-    times, mem = {}, {}
+    times, eager, mem = {}, {}, {}
     for name, fwd in impls.items():
         def step(w, fwd=fwd):
             clear()
             fwd(w).backward(dy)
 
-        times[name] = common.bench(step, weights)
+        eager[name] = common.bench(step, weights)
+        try:
+            times[name] = common.bench_graph(step, weights)
+        except RuntimeError as err:  # not capturable: fall back to the eager time, and say so
+            print(f"# {name}: CUDA graph capture failed ({str(err).splitlines()[0][:80]}); eager time used",
+                  flush=True)
+            torch.cuda.synchronize()
+            times[name] = eager[name]
         w0 = weights[0]
         packed, state = w0["ours"]
         exclude = [w0["bf16"], packed, state.absmax, state.state2.absmax, state.state2.code, state.offset]
@@ -107,7 +115,7 @@ def run_case(N, K, M, r, p, weights, bnb, x, dy):
             exclude += [w0["bnb"][0], w0["bnb"][1].absmax]
         mem[name] = saved_bytes(lambda: fwd(w0), exclude)
     clear()
-    return times, mem
+    return times, eager, mem
 
 
 def make_weights(N, K, bnb, copies):
@@ -139,7 +147,7 @@ def main() -> None:
           f"{env.get('bitsandbytes', 'not importable')}; bf16 GEMM 8192^3: {peak:.0f} TFLOP/s", flush=True)
     header = (f"{'N x K':>13} {'M':>5} {'r':>3} {'p':>4} | {'ours ms':>8} {'TFLOP/s':>7} {'%gemm':>5} | "
               f"{'bf16 ms':>8} {'ours/bf16':>9} | {'bnb ms':>8} {'bnb/ours':>8} | "
-              f"{'saved MiB ours/bf16/bnb':>24}")
+              f"{'saved MiB ours/bf16/bnb':>24} | {'eager ours/bf16/bnb ms':>22}")
     print(header)
     rows = []
     for N, K in shapes:
@@ -150,12 +158,14 @@ def main() -> None:
             dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
             for r in ranks:
                 for p in (0.1, 0.0):
-                    times, mem = run_case(N, K, M, r, p, weights, bnb, x, dy)
+                    times, eager, mem = run_case(N, K, M, r, p, weights, bnb, x, dy)
                     flops = 4 * M * N * K + 6 * M * r * (K + N)
                     tf = flops / times["ours"] / 1e9
-                    row = {"N": N, "K": K, "M": M, "r": r, "p": p, "ms": times, "saved_bytes": mem,
+                    row = {"N": N, "K": K, "M": M, "r": r, "p": p, "ms": times, "eager_ms": eager,
+                           "saved_bytes": mem,
                            "tflops": tf, "pct_of_gemm": 100 * tf / peak,
-                           "ours_over_bf16": times["ours"] / times["bf16"]}
+                           "ours_over_bf16": times["ours"] / times["bf16"],
+                           "eager_ours_over_bf16": eager["ours"] / eager["bf16"]}
                     bnb_ms = times.get("bnb")
                     if bnb_ms is not None:
                         row["bnb_over_ours"] = bnb_ms / times["ours"]
@@ -164,7 +174,8 @@ def main() -> None:
                     print(f"{N:>6}x{K:<6} {M:>5} {r:>3} {p:>4} | {times['ours']:8.3f} {tf:7.0f} "
                           f"{100 * tf / peak:5.1f} | {times['bf16']:8.3f} {row['ours_over_bf16']:9.3f} | "
                           f"{bnb_ms if bnb_ms is not None else float('nan'):8.3f} "
-                          f"{row.get('bnb_over_ours', float('nan')):8.3f} | {mib:>24}", flush=True)
+                          f"{row.get('bnb_over_ours', float('nan')):8.3f} | {mib:>24} | "
+                          f"{'/'.join(f'{eager[k]:.3f}' for k in eager):>22}", flush=True)
             del x, dy
         del weights
         torch.cuda.empty_cache()

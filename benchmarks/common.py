@@ -82,6 +82,37 @@ def bench(fn_of_input, inputs: list, warmup_ms: float = 25, rep_ms: float = 200)
     return triton.testing.do_bench(step, warmup=warmup_ms, rep=rep_ms, return_mode="median")
 
 
+def bench_graph(fn_of_input, inputs: list, reps: int = 25) -> float:
+    """Median milliseconds of one fn_of_input call, replayed from a CUDA graph that holds one
+    call per input (inputs rotated as in :func:`bench`).
+
+    The graph removes the CPU's launch and Python overhead, so this is the GPU's time: what a
+    call costs inside a training step whose CPU runs ahead of its GPU. fn_of_input must be
+    capturable (no host synchronization); autograd's backward is."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up outside the capture: cuBLAS workspaces, autotuning
+        for inp in inputs:
+            fn_of_input(inp)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for inp in inputs:
+            fn_of_input(inp)
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / len(inputs))
+    del graph
+    return sorted(times)[len(times) // 2]
+
+
 def copy_bandwidth_gbs(nbytes: int = 2**30) -> float:
     """Device-to-device copy rate, bytes read + written per second: the 100% of '% of peak'."""
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()

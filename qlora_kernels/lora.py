@@ -92,16 +92,25 @@ def _forward_impl(x: Tensor, packed: Tensor, absmax: Tensor, blocksize: int, qua
     return Y.view(*lead, N), xa.view(*lead, xa.shape[-1])
 
 
-@torch.library.custom_op("qlora_kernels::matmul_4bit_lora", mutates_args=())
-def _forward(x: Tensor, packed: Tensor, absmax: Tensor, blocksize: int, quant_type: str, N: int,
-             nested_absmax: Optional[Tensor], nested_code: Optional[Tensor], offset: Optional[Tensor],
-             nested_blocksize: int, A: Tensor, B: Tensor, scale: float, p: float,
-             seed: Optional[Tensor], bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-    return _forward_impl(x, packed, absmax, blocksize, quant_type, N, nested_absmax, nested_code, offset,
-                         nested_blocksize, A, B, scale, p, seed, bias)
+# The two ops are defined with torch.library's low-level API (a schema and a Python kernel
+# registered with the dispatcher), not torch.library.custom_op: custom_op wraps each call in
+# argument normalization (inspect.signature), a dynamo-disable frame and its own autograd
+# layer, ~100-200 us of CPU per call, and a compiled 7B training step makes ~670 such calls.
+_LIB = torch.library.Library("qlora_kernels", "FRAGMENT")
+_LIB.define(
+    "matmul_4bit_lora(Tensor x, Tensor packed, Tensor absmax, int blocksize, str quant_type, int N, "
+    "Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, int nested_blocksize, Tensor A, Tensor B, "
+    "float scale, float p, Tensor? seed, Tensor? bias) -> (Tensor, Tensor)")
+_LIB.define(
+    "matmul_4bit_lora_backward(Tensor dY, Tensor x, Tensor packed, Tensor absmax, int blocksize, "
+    "str quant_type, int N, Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, int nested_blocksize, "
+    "Tensor A, Tensor B, Tensor xa, float scale, float p, Tensor? seed, bool need_dx, bool need_dA, "
+    "bool need_dB) -> (Tensor, Tensor, Tensor)")
+_LIB.impl("matmul_4bit_lora", _forward_impl, "CompositeExplicitAutograd")
+_forward = torch.ops.qlora_kernels.matmul_4bit_lora.default
 
 
-@_forward.register_fake
+@torch.library.register_fake("qlora_kernels::matmul_4bit_lora")
 def _(x, packed, absmax, blocksize, quant_type, N, nested_absmax, nested_code, offset,
       nested_blocksize, A, B, scale, p, seed, bias):
     lead = x.shape[:-1]
@@ -141,17 +150,11 @@ def _backward_impl(dY: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, blocks
     return dX, dA, dB
 
 
-@torch.library.custom_op("qlora_kernels::matmul_4bit_lora_backward", mutates_args=())
-def _backward(dY: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, blocksize: int, quant_type: str,
-              N: int, nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],
-              offset: Optional[Tensor], nested_blocksize: int, A: Tensor, B: Tensor, xa: Tensor,
-              scale: float, p: float, seed: Optional[Tensor], need_dx: bool, need_dA: bool,
-              need_dB: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return _backward_impl(dY, x, packed, absmax, blocksize, quant_type, N, nested_absmax, nested_code, offset,
-                          nested_blocksize, A, B, xa, scale, p, seed, need_dx, need_dA, need_dB)
+_LIB.impl("matmul_4bit_lora_backward", _backward_impl, "CompositeExplicitAutograd")
+_backward = torch.ops.qlora_kernels.matmul_4bit_lora_backward.default
 
 
-@_backward.register_fake
+@torch.library.register_fake("qlora_kernels::matmul_4bit_lora_backward")
 def _(dY, x, packed, absmax, blocksize, quant_type, N, nested_absmax, nested_code, offset,
       nested_blocksize, A, B, xa, scale, p, seed, need_dx, need_dA, need_dB):
     return (x.new_empty(x.shape) if need_dx else x.new_empty((0,)),
@@ -197,13 +200,12 @@ torch.library.register_autograd("qlora_kernels::matmul_4bit_lora", _backward_rul
 class _EagerLoRA(torch.autograd.Function):
     """The same forward and backward as the custom ops, for eager mode.
 
-    A ``torch.library.custom_op`` call costs tens of microseconds of Python dispatch (its
-    autograd wrapper, the dynamo guard around its kernel, argument normalization), twice per
-    layer and step, and a training step of a 7B model makes hundreds of them: on an H100 the
-    step was CPU-bound (~680 ms wall for 254 ms of GPU kernels). Outside torch.compile this
-    plain autograd.Function runs the same implementation functions with far less overhead;
-    under torch.compile the custom ops are used (the compiler needs their schemas and fake
-    kernels)."""
+    An op with a registered autograd formula still pays for the dispatcher's autograd kernel
+    and a Python kernel per call, twice per layer and step; a training step of a 7B model
+    makes hundreds of them, and on an H100 it was CPU-bound (~680 ms wall for 254 ms of GPU
+    kernels, with torch.library.custom_op). Outside torch.compile this plain autograd.Function
+    runs the same implementation functions with less overhead; under torch.compile the ops
+    are used (the compiler needs their schemas and fake kernels)."""
 
     @staticmethod
     def forward(ctx, x, A, B, bias, packed, absmax, nested_absmax, nested_code, offset, seed, args):
