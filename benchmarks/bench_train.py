@@ -78,7 +78,8 @@ def build_ours(name, seq, dropout, compile_layers=False):
     from qlora_kernels.train.model import compile_decoder_layers, random_model
 
     model = random_model(name, "cuda", torch.bfloat16, seed=0, max_position_embeddings=max(seq, 2048))
-    add_lora(model, r=64, alpha=16, dropout=dropout)
+    # bf16 adapters, as the paper's code (PagedAdamW still updates them in float32 arithmetic)
+    add_lora(model, r=64, alpha=16, dropout=dropout, lora_dtype=torch.bfloat16)
     _enable_checkpointing(model)
     if compile_layers:
         compile_decoder_layers(model)
@@ -222,6 +223,29 @@ def _profile_step(model, opt, params, vocab, args, gen) -> None:
           f"{gpu_us / 1e3:.1f} ms", file=sys.stderr)
     print(events.table(sort_by="self_cuda_time_total", row_limit=args.profile, max_name_column_width=60),
           file=sys.stderr)
+    print(events.table(sort_by="self_cpu_time_total", row_limit=args.profile, max_name_column_width=60),
+          file=sys.stderr)
+    # and the Python side (torch.profiler does not see time spent in Python between ops)
+    import cProfile
+    import io
+    import pstats
+
+    ids = torch.randint(3, vocab, (args.batch, args.seq), device="cuda", generator=gen)
+    torch.cuda.synchronize()
+    py = cProfile.Profile()
+    py.enable()
+    logits = model(input_ids=ids).logits
+    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, vocab), ids[:, 1:].reshape(-1))
+    del logits
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 0.3)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    py.disable()
+    text = io.StringIO()
+    pstats.Stats(py, stream=text).sort_stats("tottime").print_stats(args.profile)
+    print(text.getvalue(), file=sys.stderr)
 
 
 def fits_bf16(name: str) -> bool:
@@ -284,11 +308,14 @@ def main(argv=None) -> int:
             skipped[impl] = why
             print(f"{impl:5s} skipped: {why}")
             continue
+        # every arm gets the same allocator setting (qlora-train sets it too)
+        env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF=os.environ.get("PYTORCH_CUDA_ALLOC_CONF",
+                                                                      "expandable_segments:True"))
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--impl", impl, "--model-config",
                args.model_config, "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
                "--warmup", str(args.warmup), "--profile", str(args.profile)] + (["--compile"] if args.compile else [])
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
         except subprocess.TimeoutExpired:
             skipped[impl] = f"timed out after {args.timeout} s"
             print(f"{impl:5s} {skipped[impl]}")

@@ -14,12 +14,13 @@ through them, using the fake kernels below for shapes):
   thousands) it costs a few percent of the GEMM. A fused GEMM decoding 4-bit tiles in its
   mainloop is out of scope for now. The buffer is freed right after its GEMM; the caching
   allocator hands the same block to the next layer's dequantize, which makes it a reused
-  buffer without a global. The LoRA up-projection is accumulated into the base GEMM's output
-  by cuBLAS (``Y.addmm_(xa, B.T, alpha=scale)``, beta = 1), not added in a separate pass.
+  buffer without a global. The LoRA up-projection is not a separate pass over Y: it is
+  written first (``Y = scale * xa @ B.T (+ bias)``, small), and the base GEMM accumulates onto
+  it (``Y.addmm_(x, W.T)``, cuBLAS beta = 1), whose epilogue reads Y under its arithmetic.
 * ``qlora_kernels::matmul_4bit_lora_backward`` -> ``(dX, dA, dB)``: ``g = scale * dY @ B``
   ``[M, r]`` is computed once and shared by ``dA = g.T @ dropout(x)`` and
-  ``dX = dY @ W + dropout_backward(g @ A)``, the LoRA term accumulated into dX in place (cuBLAS
-  beta = 1 when p == 0, else the dropout_backward_add kernel); ``dB = scale * dY.T @ xa``.
+  ``dX = dY @ W + dropout_backward(g @ A)`` (the LoRA term first, masked by the dropout
+  kernel, then the base GEMM with beta = 1 on top); ``dB = scale * dY.T @ xa``.
   Gradients not needed are not computed (dX when x needs none: no dequantize at all).
 
 Saved for backward: x, the small ``xa`` and the dropout seed (a CPU int64 scalar); never a
@@ -84,11 +85,17 @@ def _forward_impl(x: Tensor, packed: Tensor, absmax: Tensor, blocksize: int, qua
     x2 = x.reshape(-1, K)
     # The dropped-out x lives only until xa is computed (before W's buffer is allocated).
     xa = _dropped(x2, seed, p) @ A.to(dt).T
+    # The LoRA term (and bias) first, then the base GEMM with beta = 1: cuBLAS adds the LoRA
+    # term in its epilogue, where reading Y hides under the arithmetic of the big GEMM. (The
+    # other order, base GEMM then Y += LoRA, costs one more full read and write of Y.)
+    if bias is not None:
+        Y = torch.addmm(bias.to(dt), xa, B.to(dt).T, alpha=scale)
+    else:
+        Y = _scaled_mm(xa, B.to(dt).T, scale)
     W = _dequantize(packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code, offset,
                     nested_blocksize, dt)
-    Y = torch.addmm(bias.to(dt), x2, W.T) if bias is not None else x2 @ W.T
+    Y.addmm_(x2, W.T)
     del W
-    Y.addmm_(xa, B.to(dt).T, alpha=scale)
     return Y.view(*lead, N), xa.view(*lead, xa.shape[-1])
 
 
@@ -117,6 +124,13 @@ def _(x, packed, absmax, blocksize, quant_type, N, nested_absmax, nested_code, o
     return x.new_empty((*lead, N)), x.new_empty((*lead, A.shape[0]))
 
 
+def _scaled_mm(a: Tensor, b: Tensor, scale: float) -> Tensor:
+    """``scale * a @ b`` as one GEMM: the scale is cuBLAS's alpha (applied to the float32
+    accumulator, one rounding), and beta = 0 makes it ignore the uninitialized output."""
+    out = torch.empty((a.shape[0], b.shape[1]), dtype=a.dtype, device=a.device)
+    return out.addmm_(a, b, beta=0, alpha=scale)
+
+
 def _backward_impl(dY: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, blocksize: int, quant_type: str,
                    N: int, nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],
                    offset: Optional[Tensor], nested_blocksize: int, A: Tensor, B: Tensor, xa: Tensor,
@@ -131,21 +145,22 @@ def _backward_impl(dY: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, blocks
     # gradients not needed: distinct empty tensors (custom-op outputs may not alias each other)
     dX, dA, dB = x.new_empty((0,)), x.new_empty((0,)), x.new_empty((0,))
     if need_dB:
-        dB = torch.mm(dY2.T, xa2).mul_(scale).to(B.dtype)
+        dB = _scaled_mm(dY2.T, xa2, scale).to(B.dtype)
     if need_dA or need_dx:
         A_ = A.to(dt)
-        g = torch.mm(dY2, B.to(dt)).mul_(scale)  # shared by dA and dX
+        g = _scaled_mm(dY2, B.to(dt), scale)  # shared by dA and dX
         if need_dA:
             dA = torch.mm(g.T, _dropped(x2, seed, p)).to(A.dtype)
         if need_dx:
+            # as in forward: the LoRA term (through the dropout: the same mask scales the
+            # gradient) first, then dX += dY @ W with the big GEMM's beta = 1
+            dX = torch.mm(g, A_)
+            if p != 0.0:
+                dX = ops.dropout_forward(dX, int(seed), p)
             W = _dequantize(packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code,
                             offset, nested_blocksize, dt)
-            dX = torch.mm(dY2, W)
+            dX.addmm_(dY2, W)
             del W
-            if p == 0.0:
-                dX.addmm_(g, A_)
-            else:
-                ops.dropout_backward_add(dX, torch.mm(g, A_), int(seed), p)
             dX = dX.view(x.shape)
     return dX, dA, dB
 

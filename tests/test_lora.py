@@ -282,8 +282,8 @@ def test_p0_is_exactly_the_no_dropout_path(rng, monkeypatch):
     packed, state, x, A, B, b = lora_inputs(9, 96, 40, 8, torch.bfloat16, "cpu", rng)
     W = qk.dequantize_4bit(packed, state, dtype=torch.bfloat16)
     Ab, Bb = A.detach().to(torch.bfloat16), B.detach().to(torch.bfloat16)
-    # the same operations without any dropout: addmm with the bias, then the LoRA product added in
-    want = torch.addmm(b.detach(), x.detach(), W.T).addmm_(x.detach() @ Ab.T, Bb.T, alpha=0.5)
+    # the same operations without any dropout: the LoRA product with the bias, then the base GEMM added in
+    want = torch.addmm(b.detach(), x.detach() @ Ab.T, Bb.T, alpha=0.5).addmm_(x.detach(), W.T)
 
     def no_kernel(*args):
         raise AssertionError("p == 0 launched a dropout kernel")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 from .config import COMPUTE_DTYPES, LR_SCHEDULES, MODEL_SHAPES, TEMPLATES, TrainConfig
@@ -23,9 +24,13 @@ HELP = {
     "compute_dtype": "dtype of activations, embeddings, norms and LM head; auto: bf16 on a GPU, fp32 on the CPU",
     "device": "cuda, cuda:1, cpu; default: cuda when available",
     "gradient_checkpointing": "recompute activations in the backward pass (saves memory)",
+    "compile": "torch.compile each decoder layer: fused elementwise kernels and far less Python per step "
+               "(the first steps compile, ~1 min); CUDA only",
     "lora_r": "LoRA rank",
     "lora_alpha": "LoRA alpha (the update is scaled by alpha / r)",
     "lora_dropout": "dropout on the LoRA input; default: Table 8 (0.1, 0.05 from 33B up)",
+    "lora_dtype": "dtype of the LoRA weights and their gradients; auto: the compute dtype (bf16 on a GPU, as the "
+                  "paper's code; the optimizer still does its arithmetic in float32), fp32 for float32 adapters",
     "lora_target": "all-linear (every linear layer but the LM head) or comma-separated name suffixes, e.g. q_proj,v_proj",
     "dataset": "JSONL file of Alpaca (instruction, input, output), chat (messages) or text records, or a .txt "
                "file; default: the built-in instruction data",
@@ -58,7 +63,8 @@ HELP = {
     "sample_max_new_tokens": "tokens of the sample answer (0: no sample)",
     "plot": "write loss.png at the end",
 }
-CHOICES = {"model_config": list(MODEL_SHAPES), "compute_dtype": list(COMPUTE_DTYPES), "template": list(TEMPLATES),
+CHOICES = {"model_config": list(MODEL_SHAPES), "compute_dtype": list(COMPUTE_DTYPES),
+           "lora_dtype": list(COMPUTE_DTYPES), "template": list(TEMPLATES),
            "lr_schedule": list(LR_SCHEDULES), "quant_type": ["nf4", "fp4"]}
 TYPES = {"model": str, "dataset": str, "device": str, "sample_prompt": str, "lora_dropout": float,
          "learning_rate": float, "batch_size": int, "grad_accum": int, "max_steps": int}
@@ -87,9 +93,14 @@ def parse_config(argv=None) -> TrainConfig:
 
 
 def main(argv=None) -> int:
+    config = parse_config(argv)
+    # Expandable segments let the caching allocator grow blocks in place instead of keeping
+    # differently sized cached blocks side by side: on a 7B step that is ~1.5 GiB less device
+    # memory for the same allocator peak. Read at the first CUDA allocation, so set it here;
+    # a user's own setting wins.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     from .loop import TrainingError, train
 
-    config = parse_config(argv)
     try:
         result = train(config)
     except (TrainingError, ValueError) as err:

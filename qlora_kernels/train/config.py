@@ -70,11 +70,13 @@ class TrainConfig:
     compute_dtype: str = "auto"         # auto: bf16 on a GPU, fp32 on the CPU
     device: str | None = None           # None: cuda when available, else cpu
     gradient_checkpointing: bool = True
+    compile: bool = False               # torch.compile each decoder layer (CUDA)
     # LoRA
     lora_r: int = 64
     lora_alpha: float = 16.0
     lora_dropout: float | None = None
     lora_target: str = "all-linear"     # or comma-separated module-name suffixes
+    lora_dtype: str = "auto"            # auto: the compute dtype (bf16 on a GPU, as the paper's code)
     # data
     dataset: str | None = None          # JSONL / text file; None: the built-in instruction data
     template: str = "auto"              # auto: alpaca for files, alpaca-short for the built-in data
@@ -126,6 +128,7 @@ class TrainConfig:
         if self.model is None:
             check(self.model_config in MODEL_SHAPES, "model_config", f"one of {sorted(MODEL_SHAPES)}")
         check(self.compute_dtype in COMPUTE_DTYPES, "compute_dtype", f"one of {COMPUTE_DTYPES}")
+        check(self.lora_dtype in COMPUTE_DTYPES, "lora_dtype", f"one of {COMPUTE_DTYPES}")
         check(self.template in TEMPLATES, "template", f"one of {TEMPLATES}")
         check(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"one of {LR_SCHEDULES}")
         check(self.lora_r > 0, "lora_r", "a positive integer")

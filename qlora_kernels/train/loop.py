@@ -10,6 +10,7 @@ epoch is a pure function of the seed and the epoch).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -293,13 +294,18 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
 
     target = config.lora_target if config.lora_target == "all-linear" else [
         s.strip() for s in config.lora_target.split(",") if s.strip()]
-    add_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, target=target)
+    lora_dtype = dtype if config.lora_dtype == "auto" else resolve_dtype(
+        dataclasses.replace(config, compute_dtype=config.lora_dtype), device)
+    add_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, target=target,
+             lora_dtype=lora_dtype)
     if config.gradient_checkpointing:
         # non-reentrant: the frozen 4-bit base needs no input that requires grad
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.compile and device.type == "cuda":
+        model_mod.compile_decoder_layers(model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
