@@ -72,7 +72,7 @@ def _fill_random(module, gen) -> None:
             model_mod._set_tensor(module, name, t)
 
 
-def build_ours(name, seq, dropout, compile_layers=False):
+def build_ours(name, seq, dropout, compile_layers=False, max_memory_gib=None):
     from qlora_kernels import add_lora
     from qlora_kernels.optim import PagedAdamW
     from qlora_kernels.train.model import compile_decoder_layers, random_model
@@ -84,7 +84,8 @@ def build_ours(name, seq, dropout, compile_layers=False):
     if compile_layers:
         compile_decoder_layers(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    return model, params, PagedAdamW(params, lr=2e-4, betas=(0.9, 0.999))
+    limit = int(max_memory_gib * 2**30) if max_memory_gib else None
+    return model, params, PagedAdamW(params, lr=2e-4, betas=(0.9, 0.999), device_limit_bytes=limit)
 
 
 def build_bnb(name, seq, dropout):
@@ -154,7 +155,7 @@ def worker(args) -> dict:
     torch.manual_seed(0)
     dropout = 0.05 if args.model_config in ("33b", "65b") else 0.1
     t0 = time.perf_counter()
-    extra = {"compile_layers": args.compile} if args.impl == "ours" else {}
+    extra = {"compile_layers": args.compile, "max_memory_gib": args.max_memory_gib} if args.impl == "ours" else {}
     model, params, opt = BUILDERS[args.impl](args.model_config, args.seq, dropout, **extra)
     torch.cuda.synchronize()
     build_s = time.perf_counter() - t0
@@ -187,7 +188,8 @@ def worker(args) -> dict:
         _profile_step(model, opt, params, vocab, args, gen)
     tokens = args.batch * args.seq
     return {
-        "impl": args.impl, "compiled": bool(args.compile and args.impl == "ours"), "model_config": args.model_config, "batch": args.batch, "seq": args.seq,
+        "impl": args.impl, "compiled": bool(args.compile and args.impl == "ours"),
+        "max_memory_gib": args.max_memory_gib if args.impl == "ours" else None, "model_config": args.model_config, "batch": args.batch, "seq": args.seq,
         "steps": args.steps, "build_s": round(build_s, 2),
         "tokens_per_s": round(tokens * len(times) / sum(times), 1),
         "step_ms_median": round(1e3 * sorted(times)[len(times) // 2], 1),
@@ -285,6 +287,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/<gpu>/train_<cfg>.json)")
     ap.add_argument("--compile", action="store_true",
                     help="ours: torch.compile each decoder layer (qlora_kernels.train.model.compile_decoder_layers)")
+    ap.add_argument("--max-memory-gib", type=float, default=None,
+                    help="ours: keep the card's use under this; PagedAdamW pages what does not fit "
+                         "(PagedAdamW(device_limit_bytes=...))")
     ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
                     help="after the timed steps, profile one step and print its top ROWS GPU kernels")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -313,7 +318,8 @@ def main(argv=None) -> int:
                                                                       "expandable_segments:True"))
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--impl", impl, "--model-config",
                args.model_config, "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--profile", str(args.profile)] + (["--compile"] if args.compile else [])
+               "--warmup", str(args.warmup), "--profile", str(args.profile)] + (["--compile"] if args.compile else []) + (
+            ["--max-memory-gib", str(args.max_memory_gib)] if args.max_memory_gib else [])
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
         except subprocess.TimeoutExpired:

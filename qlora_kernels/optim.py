@@ -161,6 +161,12 @@ class PagedAdamW(torch.optim.Optimizer):
         device_budget_bytes: the budget for state on each device. Default, at the first step:
             the free memory (``torch.cuda.mem_get_info``) less a reserve of
             ``max(1 GiB, 10%)`` of the card. On CPU tensors there is no default budget.
+        device_limit_bytes: instead of a state budget, a ceiling for the whole card's use
+            (``total - free``, as ``nvidia-smi`` shows it): at the first step, which runs after
+            a forward and backward, the state gets what is left below the ceiling once the
+            peak seen so far and a 256 MiB margin are counted; the rest is paged. For a run that
+            must fit a smaller card than the one it runs on (a 48 GB card's budget on an 80 GB
+            one), or share the GPU.
         page_bytes: bytes of one host page (both moments together).
         flatten_params: move each bucket's params into one flat buffer (the params become
             views of it) so that a step is one kernel launch per bucket. ``False`` leaves the
@@ -175,7 +181,7 @@ class PagedAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 2e-4, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, *, amsgrad: bool = False, maximize: bool = False,
                  paged="auto", device_budget_bytes: int | None = None, page_bytes: int = 64 << 20,
-                 flatten_params: bool = True):
+                 flatten_params: bool = True, device_limit_bytes: int | None = None):
         _check_hyperparameters(lr, betas, eps, weight_decay)
         if amsgrad:
             raise ValueError("amsgrad: not supported by PagedAdamW (expected False)")
@@ -185,10 +191,15 @@ class PagedAdamW(torch.optim.Optimizer):
             raise ValueError(f"paged: expected True, False or 'auto', got {paged!r}")
         if device_budget_bytes is not None and (not isinstance(device_budget_bytes, int) or device_budget_bytes < 0):
             raise ValueError(f"device_budget_bytes: expected None or an int >= 0, got {device_budget_bytes!r}")
+        if device_limit_bytes is not None and (not isinstance(device_limit_bytes, int) or device_limit_bytes < 0):
+            raise ValueError(f"device_limit_bytes: expected None or an int >= 0, got {device_limit_bytes!r}")
+        if device_limit_bytes is not None and device_budget_bytes is not None:
+            raise ValueError("device_limit_bytes: give either it or device_budget_bytes, not both")
         if not isinstance(page_bytes, int) or page_bytes < 64:
             raise ValueError(f"page_bytes: expected an int >= 64, got {page_bytes!r}")
         self.paged = paged
         self.device_budget_bytes = device_budget_bytes
+        self.device_limit_bytes = device_limit_bytes
         # elements per page: both float32 moments in page_bytes, a multiple of 32 elements so
         # every page starts 128-byte aligned for the vector loads
         self.page_elems = max(32, page_bytes // 8 // 32 * 32)
@@ -223,6 +234,12 @@ class PagedAdamW(torch.optim.Optimizer):
                 budgets[b.device] = math.inf
             elif self.device_budget_bytes is not None:
                 budgets[b.device] = self.device_budget_bytes
+            elif self.device_limit_bytes is not None and b.device.type == "cuda":
+                free, total = torch.cuda.mem_get_info(b.device)
+                # the step so far peaked above what the card holds now by what the allocator
+                # has released since (cached blocks still count as used)
+                released = max(0, torch.cuda.max_memory_reserved(b.device) - torch.cuda.memory_reserved(b.device))
+                budgets[b.device] = max(0, self.device_limit_bytes - (total - free) - released - (256 << 20))
             elif b.device.type == "cuda":
                 free, total = torch.cuda.mem_get_info(b.device)
                 budgets[b.device] = max(0, free - max(_GiB, total // 10))

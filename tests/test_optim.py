@@ -267,6 +267,8 @@ def test_out_of_memory_while_placing_state_pages_it_out(monkeypatch, rng):
     (dict(maximize=True), r"^maximize: not supported"),
     (dict(paged="yes"), r"^paged: expected True, False or 'auto', got 'yes'"),
     (dict(device_budget_bytes=-1), r"^device_budget_bytes: expected None or an int >= 0"),
+    (dict(device_limit_bytes=-5), r"^device_limit_bytes: expected None or an int >= 0"),
+    (dict(device_limit_bytes=1 << 30, device_budget_bytes=1 << 20), r"^device_limit_bytes: give either"),
 ])
 def test_bad_hyperparameters_name_the_argument(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -441,3 +443,21 @@ def test_gpu_paging_with_prefetch_equals_unpaged(dtype, rng):
             torch_opt.step()
         for p, q in zip(runs["budget"][0], ref):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_gpu_device_limit_pages_what_does_not_fit(rng):
+    # a ceiling 3 MiB of state above what the card holds now (plus the 256 MiB margin): of
+    # ~12 MiB of state, a part stays on the device, the rest is paged, and the card stays under
+    params = make_params(rng, torch.float32, "cuda", [(1000, 1000), (500, 1000)])
+    for p in params:
+        p.grad = torch.randn_like(p)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()  # earlier tests' peaks are not this step's
+    free, total = torch.cuda.mem_get_info()
+    limit = (total - free) + (256 << 20) + (3 << 20)
+    opt = PagedAdamW(params, lr=1e-3, device_limit_bytes=limit, page_bytes=1 << 20, flatten_params=False)
+    opt.step()
+    placed = opt.state_bytes()
+    assert 0 < placed["device"] <= 3 << 20
+    assert placed["host"] >= 12_000_000 - placed["device"]

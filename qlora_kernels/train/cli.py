@@ -29,6 +29,8 @@ HELP = {
     "lora_r": "LoRA rank",
     "lora_alpha": "LoRA alpha (the update is scaled by alpha / r)",
     "lora_dropout": "dropout on the LoRA input; default: Table 8 (0.1, 0.05 from 33B up)",
+    "max_memory_gib": "keep the GPU's use (as nvidia-smi counts it) under this many GiB: the optimizer state "
+                      "that does not fit is paged to pinned host memory; default: page only when the card runs short",
     "lora_dtype": "dtype of the LoRA weights and their gradients; auto: the compute dtype (bf16 on a GPU, as the "
                   "paper's code; the optimizer still does its arithmetic in float32), fp32 for float32 adapters",
     "lora_target": "all-linear (every linear layer but the LM head) or comma-separated name suffixes, e.g. q_proj,v_proj",
@@ -66,7 +68,7 @@ HELP = {
 CHOICES = {"model_config": list(MODEL_SHAPES), "compute_dtype": list(COMPUTE_DTYPES),
            "lora_dtype": list(COMPUTE_DTYPES), "template": list(TEMPLATES),
            "lr_schedule": list(LR_SCHEDULES), "quant_type": ["nf4", "fp4"]}
-TYPES = {"model": str, "dataset": str, "device": str, "sample_prompt": str, "lora_dropout": float,
+TYPES = {"model": str, "dataset": str, "device": str, "sample_prompt": str, "lora_dropout": float, "max_memory_gib": float,
          "learning_rate": float, "batch_size": int, "grad_accum": int, "max_steps": int}
 
 

@@ -71,6 +71,7 @@ class TrainConfig:
     device: str | None = None           # None: cuda when available, else cpu
     gradient_checkpointing: bool = True
     compile: bool = False               # torch.compile each decoder layer (CUDA)
+    max_memory_gib: float | None = None  # keep the card under this: the optimizer state pages the rest
     # LoRA
     lora_r: int = 64
     lora_alpha: float = 16.0
@@ -129,6 +130,7 @@ class TrainConfig:
             check(self.model_config in MODEL_SHAPES, "model_config", f"one of {sorted(MODEL_SHAPES)}")
         check(self.compute_dtype in COMPUTE_DTYPES, "compute_dtype", f"one of {COMPUTE_DTYPES}")
         check(self.lora_dtype in COMPUTE_DTYPES, "lora_dtype", f"one of {COMPUTE_DTYPES}")
+        check(self.max_memory_gib is None or self.max_memory_gib > 0, "max_memory_gib", "a positive number of GiB")
         check(self.template in TEMPLATES, "template", f"one of {TEMPLATES}")
         check(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"one of {LR_SCHEDULES}")
         check(self.lora_r > 0, "lora_r", "a positive integer")

@@ -310,8 +310,9 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"lora_target: {config.lora_target!r} matched no linear layer of the model")
+    limit = int(config.max_memory_gib * 2**30) if config.max_memory_gib and device.type == "cuda" else None
     optimizer = PagedAdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                           eps=config.adam_eps, weight_decay=config.weight_decay)
+                           eps=config.adam_eps, weight_decay=config.weight_decay, device_limit_bytes=limit)
 
     batches_per_epoch = math.ceil(len(train_set) / config.batch_size)
     total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * batches_per_epoch / config.grad_accum))
