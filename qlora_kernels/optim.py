@@ -263,6 +263,10 @@ class PagedAdamW(torch.optim.Optimizer):
                 b = _Bucket(params, offsets, n, device, dtype, None, [0] * len(params))
                 if self.flatten_params:
                     self._flatten(b)
+                    if all(p.grad is not None and p.grad.dtype == dtype for p in params):
+                        # the flat gradient now, before the budget below is measured: it lives
+                        # as long as the optimizer (the grads become its views)
+                        self._grads(b)
                 buckets.append(b)
             groups.append(buckets)
         everything = [b for buckets in groups for b in buckets]

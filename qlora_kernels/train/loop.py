@@ -401,7 +401,10 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
                     else:
                         grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
                     optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
+                    # zeroed in place, not freed: the grads are views of PagedAdamW's flat
+                    # gradient buffer, into which the next backward accumulates (no copy, no
+                    # second set of gradients in memory)
+                    optimizer.zero_grad(set_to_none=False)
                 except torch.OutOfMemoryError:
                     raise _oom_error(config, device, f"at step {step}") from None
                 dt = time.perf_counter() - t0
