@@ -12,7 +12,11 @@
 3. Report both held-out losses (target tokens only); the claim holds if (b) is within 1% of (a).
 
     python benchmarks/fidelity.py                 # GPU, about 3-4 minutes on an H100
+    python benchmarks/fidelity.py --size small    # a smaller model, runs on a CPU (~30 min on 2 cores)
     python benchmarks/fidelity.py --quick         # a smoke test of every stage (CPU: ~1 min)
+
+On a CPU both arms compute in float32 (bf16 matmuls are slow there): arm (a) is then float32
+LoRA, and the comparison isolates the 4-bit base weight.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from qlora_kernels.train import data as data_mod  # noqa: E402
 from qlora_kernels.train.tokenizer import ByteTokenizer  # noqa: E402
 
 SHAPE = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8, vocab_size=320)
+SMALL_SHAPE = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, vocab_size=320)
 QUICK_SHAPE = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=2, vocab_size=320)
 
 
@@ -139,19 +144,27 @@ def finetune(model, params, opt, train_set, eval_set, steps, batch, device, seed
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny sizes: check the stages run (CPU is fine)")
-    ap.add_argument("--pretrain-steps", type=int, default=1500)
-    ap.add_argument("--finetune-steps", type=int, default=300)
+    ap.add_argument("--size", choices=["full", "small"], default="full",
+                    help="full: 8 layers x 512 (GPU); small: 4 layers x 256, sequences of 128 (runs on a CPU)")
+    ap.add_argument("--pretrain-steps", type=int, default=None, help="default: 1500 (full), 600 (small)")
+    ap.add_argument("--finetune-steps", type=int, default=None, help="default: 300 (full), 200 (small)")
     ap.add_argument("--lr", type=float, default=5e-4, help="finetuning learning rate (both arms)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/<gpu>/fidelity.json)")
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type != "cuda" and not args.quick:
-        print("fidelity.py needs a CUDA GPU (or --quick for a smoke test)", file=sys.stderr)
+    if device.type != "cuda" and not args.quick and args.size == "full":
+        print("fidelity.py: the full size needs a CUDA GPU (--size small runs on a CPU, --quick is a smoke test)",
+              file=sys.stderr)
         return 2
-    shape, seq, pre_batch, ft_batch = (QUICK_SHAPE, 128, 8, 8) if args.quick else (SHAPE, 256, 64, 16)
-    pre_steps = 20 if args.quick else args.pretrain_steps
-    ft_steps = 10 if args.quick else args.finetune_steps
+    if args.quick:
+        shape, seq, pre_batch, ft_batch, pre_steps, ft_steps = QUICK_SHAPE, 128, 8, 8, 20, 10
+    elif args.size == "small":
+        shape, seq, pre_batch, ft_batch, pre_steps, ft_steps = SMALL_SHAPE, 128, 16, 16, 600, 200
+    else:
+        shape, seq, pre_batch, ft_batch, pre_steps, ft_steps = SHAPE, 256, 64, 16, 1500, 300
+    pre_steps = args.pretrain_steps or pre_steps
+    ft_steps = args.finetune_steps or ft_steps
     t0 = time.perf_counter()
     texts, records = stdlib_docs(limit_files=60 if args.quick else None)
     print(f"corpus: {len(texts)} docstrings ({sum(map(len, texts)) / 1e6:.1f} MB) to pretrain on; "
@@ -207,8 +220,9 @@ def main(argv=None) -> int:
     if not args.quick:
         import common
 
-        print("saved", common.save({"environment": common.environment(), "args": vars(args), "shape": shape,
-                                    "results": results}, "fidelity", args.out))
+        name = "fidelity" if args.size == "full" else f"fidelity_{args.size}_{device.type}"
+        print("saved", common.save({"environment": common.environment(), "device": str(device), "args": vars(args),
+                                    "shape": shape, "results": results}, name, args.out))
     return 0
 
 
