@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     from qlora_kernels.train.model import pretrained_model
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    results = {}
+    results = {"compute_dtype": str(dtype).removeprefix("torch.")}  # of both arms ("lora_bf16" is arm (a))
     with tempfile.TemporaryDirectory() as tmp:
         base.to(dtype).save_pretrained(tmp)
         del base
@@ -199,7 +199,8 @@ def main(argv=None) -> int:
         opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.999))
         results["lora_bf16_eval_loss"] = finetune(model, params, opt, train_set, eval_set, ft_steps, ft_batch,
                                                   device, args.seed)
-        print(f"(a) bf16 LoRA:     held-out loss {results['lora_bf16_eval_loss']:.4f}", flush=True)
+        arm_a = "bf16 LoRA" if dtype == torch.bfloat16 else "fp32 LoRA"
+        print(f"(a) {arm_a}:     held-out loss {results['lora_bf16_eval_loss']:.4f}", flush=True)
         del model, opt, params
         # (b) QLoRA: the same checkpoint through our layer-by-layer NF4 + double-quant loader
         model = pretrained_model(tmp, device, dtype)
@@ -214,8 +215,8 @@ def main(argv=None) -> int:
     rel = results["qlora_nf4_eval_loss"] / results["lora_bf16_eval_loss"] - 1
     results["relative_difference"] = rel
     results["within_1_percent"] = abs(rel) <= 0.01
-    print(f"before finetuning: bf16 {results['base_eval_loss_bf16']:.4f}, NF4 {results['base_eval_loss_nf4']:.4f}; "
-          f"QLoRA vs bf16 LoRA: {100 * rel:+.2f}% ({'within' if abs(rel) <= 0.01 else 'NOT within'} 1%); "
+    print(f"before finetuning: 16/32-bit {results['base_eval_loss_bf16']:.4f}, NF4 {results['base_eval_loss_nf4']:.4f}; "
+          f"QLoRA vs {'bf16' if dtype == torch.bfloat16 else 'fp32'} LoRA: {100 * rel:+.2f}% ({'within' if abs(rel) <= 0.01 else 'NOT within'} 1%); "
           f"total {time.perf_counter() - t0:.0f} s")
     if not args.quick:
         import common
