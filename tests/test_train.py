@@ -2,7 +2,9 @@
 of the adapter, data handling and bad input."""
 
 import json
+import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -292,3 +294,61 @@ def test_presets_follow_table_8():
     assert TrainConfig(learning_rate=5e-5).resolved("65b").learning_rate == 5e-5, "an explicit value wins"
     with pytest.raises(ValueError, match="lora_r"):
         TrainConfig(lora_r=0).validate()
+
+
+# --------------------------------------------------------------------------------------------
+# speed and memory options
+def test_lora_dtype_option_sets_the_adapter_dtype(tmp_path):
+    # on the CPU the compute dtype is float32; --lora-dtype bf16 still gives bf16 adapters (what
+    # "auto" picks on a GPU), trained and saved in that dtype
+    result = train(small_config(tmp_path, max_steps=2, lora_dtype="bf16"))
+    from safetensors.torch import load_file
+
+    tensors = load_file(os.path.join(result.adapter_dir, "adapter_model.safetensors"))
+    assert tensors and all(t.dtype == torch.bfloat16 for t in tensors.values())
+    assert all(math.isfinite(loss) for _, loss in result.losses)
+
+
+def test_new_options_are_validated_and_parsed():
+    cfg = cli.parse_config(["--compile", "--max-memory-gib", "40", "--lora-dtype", "fp32"])
+    assert (cfg.compile, cfg.max_memory_gib, cfg.lora_dtype) == (True, 40.0, "fp32")
+    with pytest.raises(ValueError, match=r"^max_memory_gib: expected a positive number of GiB"):
+        TrainConfig(max_memory_gib=0.0).validate()
+    with pytest.raises(ValueError, match=r"^lora_dtype: expected one of"):
+        TrainConfig(lora_dtype="int8").validate()
+
+
+def test_compiled_decoder_layers_match_eager(rng):
+    # torch.compile of every decoder layer, under gradient checkpointing and with LoRA dropout:
+    # the same loss and gradients as eager (inductor reorders float32 sums: close, not equal)
+    if not shutil.which(os.environ.get("CXX", "g++")):
+        pytest.skip("inductor on CPU needs a C++ compiler")
+    import torch.nn.functional as F
+
+    def run(compiled):
+        torch.manual_seed(0)
+        model = model_mod.random_model("tiny", "cpu", torch.float32, seed=3)
+        add_lora(model, r=8, alpha=16, dropout=0.1)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05)
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if compiled:
+            model_mod.compile_decoder_layers(model)
+        model.train()
+        ids = torch.randint(3, 300, (2, 40), generator=torch.Generator().manual_seed(5))
+        torch.manual_seed(7)  # dropout seeds
+        logits = model(input_ids=ids).logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss_e, grads_e = run(False)
+    loss_c, grads_c = run(True)
+    assert grads_e.keys() == grads_c.keys() and len(grads_e) == 2 * 7 * 2
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-4, atol=1e-5)
+    for name in grads_e:
+        torch.testing.assert_close(grads_c[name], grads_e[name], rtol=2e-3, atol=1e-5, msg=name)

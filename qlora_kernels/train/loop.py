@@ -306,6 +306,8 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.compile and device.type == "cuda":
         model_mod.compile_decoder_layers(model)
+    elif config.compile:
+        print("compile: ignored on the CPU (it pays off on a GPU, whose step is bound by kernel launches)")
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
