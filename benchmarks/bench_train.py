@@ -5,7 +5,9 @@ head), gradient checkpointing, bf16 compute, micro-batch B x S random tokens, lo
 token, max grad norm 0.3 - each in a fresh subprocess so that its memory peaks are its own:
 
 * ``ours``: qlora_kernels' NF4 + double-quant model built layer by layer
-  (``qlora_kernels.train.model.random_model``), ``LoRALinear4bit``, ``PagedAdamW``;
+  (``qlora_kernels.train.model.random_model``), bf16 ``LoRALinear4bit`` adapters, ``PagedAdamW``
+  (gradients accumulated in its flat buffer), the trainer's loss (the LM head in chunks,
+  ``qlora_kernels.train.loss``); ``--compile`` compiles its decoder layers;
 * ``bnb``: transformers + peft + bitsandbytes (NF4 + double quant ``bnb.nn.Linear4bit``,
   ``prepare_model_for_kbit_training``, ``bnb.optim.PagedAdamW32bit``), when importable;
 * ``bf16``: peft LoRA on the bf16 model (``torch.optim.AdamW``), when the model fits.
@@ -148,10 +150,22 @@ def build_bf16(name, seq, dropout):
 BUILDERS = {"ours": build_ours, "bnb": build_bnb, "bf16": build_bf16}
 
 
-def worker(args) -> dict:
-    """One implementation, in this (fresh) process; returns its measurements."""
+def _mean_loss(model, ids, impl):
+    """Mean next-token loss. ours: the trainer's loss, the LM head in chunks so the full logits
+    never sit in memory (``qlora_kernels.train.loss``); bnb and bf16: the full logits, as
+    transformers computes them."""
     import torch.nn.functional as F
 
+    if impl == "ours":
+        from qlora_kernels.train.loss import lm_loss_sum
+
+        return lm_loss_sum(model, ids, ids) / ids[:, 1:].numel()
+    logits = model(input_ids=ids).logits
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
+def worker(args) -> dict:
+    """One implementation, in this (fresh) process; returns its measurements."""
     torch.manual_seed(0)
     dropout = 0.05 if args.model_config in ("33b", "65b") else 0.1
     t0 = time.perf_counter()
@@ -170,10 +184,8 @@ def worker(args) -> dict:
         ids = torch.randint(3, vocab, (args.batch, args.seq), device="cuda", generator=gen)
         torch.cuda.synchronize()
         t = time.perf_counter()
-        logits = model(input_ids=ids).logits
+        loss = _mean_loss(model, ids, args.impl)
         device_peak = max(device_peak, _device_used())
-        loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, vocab), ids[:, 1:].reshape(-1))
-        del logits
         loss.backward()
         device_peak = max(device_peak, _device_used())
         torch.nn.utils.clip_grad_norm_(params, 0.3)
@@ -201,18 +213,15 @@ def worker(args) -> dict:
     }
 
 
-def _profile_step(model, opt, params, vocab, args, gen) -> None:  # noqa: C901
+def _profile_step(model, opt, params, vocab, args, gen) -> None:
     """One more step under torch.profiler: the GPU kernels by total time, to stderr."""
-    import torch.nn.functional as F
     from torch.profiler import ProfilerActivity, profile
 
     ids = torch.randint(3, vocab, (args.batch, args.seq), device="cuda", generator=gen)
     torch.cuda.synchronize()
     t = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        logits = model(input_ids=ids).logits
-        loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, vocab), ids[:, 1:].reshape(-1))
-        del logits
+        loss = _mean_loss(model, ids, args.impl)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 0.3)
         opt.step()
@@ -236,9 +245,7 @@ def _profile_step(model, opt, params, vocab, args, gen) -> None:  # noqa: C901
     torch.cuda.synchronize()
     py = cProfile.Profile()
     py.enable()
-    logits = model(input_ids=ids).logits
-    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, vocab), ids[:, 1:].reshape(-1))
-    del logits
+    loss = _mean_loss(model, ids, args.impl)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 0.3)
     opt.step()

@@ -352,3 +352,62 @@ def test_compiled_decoder_layers_match_eager(rng):
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-4, atol=1e-5)
     for name in grads_e:
         torch.testing.assert_close(grads_c[name], grads_e[name], rtol=2e-3, atol=1e-5, msg=name)
+
+
+def test_chunked_lm_loss_equals_full_logits(rng):
+    # the LM head in chunks (3 chunks of 37 rows + a partial one) under checkpoint: the same
+    # summed loss and the same gradients as the full logits, ignored targets included
+    import torch.nn.functional as F
+
+    from qlora_kernels.train import loss as loss_mod
+
+    model = model_mod.random_model("tiny", "cpu", torch.float32, seed=4)
+    add_lora(model, r=8, alpha=16, dropout=0.0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    assert loss_mod.plain_head(model) is not None
+    ids = torch.randint(3, 300, (3, 45), generator=rng)
+    labels = ids.clone()
+    labels[:, :10] = -100  # a source part without loss
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0  # left padding in the first row
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(fn):
+        for p in params:
+            p.grad = None
+        value = fn()
+        value.backward()
+        return value.detach(), [p.grad.clone() for p in params]
+
+    def full():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                               ignore_index=-100, reduction="sum")
+
+    want, want_grads = grads(full)
+    got, got_grads = grads(lambda: loss_mod.lm_loss_sum(model, ids, labels, mask, chunk_tokens=37))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # evaluation: no checkpoint, same value
+        torch.testing.assert_close(loss_mod.lm_loss_sum(model, ids, labels, mask, chunk_tokens=37), want,
+                                   rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match=r"^chunk_tokens: expected a positive int"):
+        loss_mod.lm_loss_sum(model, ids, labels, chunk_tokens=0)
+
+
+def test_lm_loss_falls_back_to_full_logits_for_other_heads(monkeypatch):
+    from qlora_kernels.train import loss as loss_mod
+
+    model = model_mod.random_model("tiny", "cpu", torch.float32, seed=4)
+    monkeypatch.setattr(model.config, "model_type", "gemma2")  # soft-capped logits: not a plain head
+    assert loss_mod.plain_head(model) is None
+    ids = torch.randint(3, 300, (2, 12))
+    with torch.no_grad():
+        got = loss_mod.lm_loss_sum(model, ids, ids)
+        logits = model(input_ids=ids).logits
+    want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                             reduction="sum")
+    torch.testing.assert_close(got, want)

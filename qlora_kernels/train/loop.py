@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .. import peft_format
 from . import data as data_mod
 from . import model as model_mod
 from .config import TrainConfig, preset_for_parameters
+from .loss import lm_loss_sum
 
 STATE_FILE = "trainer_state.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -100,12 +100,11 @@ def build_model(config: TrainConfig, device, dtype):
 
 
 def token_loss_sum(model, batch) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over the target tokens of a batch, and their count."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                           ignore_index=data_mod.IGNORE_INDEX, reduction="sum")
-    return loss, int((labels != data_mod.IGNORE_INDEX).sum())
+    """Summed next-token cross-entropy over the target tokens of a batch, and their count
+    (the logits go through the LM head in chunks: :mod:`qlora_kernels.train.loss`)."""
+    loss = lm_loss_sum(model, batch["input_ids"], batch["labels"], batch.get("attention_mask"),
+                       ignore_index=data_mod.IGNORE_INDEX)
+    return loss, int((batch["labels"][:, 1:] != data_mod.IGNORE_INDEX).sum())
 
 
 def learning_rate(config: TrainConfig, step: int, total: int) -> float:
