@@ -213,6 +213,17 @@ def worker(args) -> dict:
     }
 
 
+def _one_step(model, opt, params, ids, impl) -> None:
+    """One training step, synchronized at the end (the timed loop does the same with memory
+    samples in between)."""
+    loss = _mean_loss(model, ids, impl)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 0.3)
+    opt.step()
+    opt.zero_grad(set_to_none=impl != "ours")
+    torch.cuda.synchronize()
+
+
 def _profile_step(model, opt, params, vocab, args, gen) -> None:
     """One more step under torch.profiler: the GPU kernels by total time, to stderr."""
     from torch.profiler import ProfilerActivity, profile
@@ -221,12 +232,7 @@ def _profile_step(model, opt, params, vocab, args, gen) -> None:
     torch.cuda.synchronize()
     t = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        loss = _mean_loss(model, ids, args.impl)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 0.3)
-        opt.step()
-        opt.zero_grad(set_to_none=args.impl != "ours")
-        torch.cuda.synchronize()
+        _one_step(model, opt, params, ids, args.impl)
     wall = time.perf_counter() - t
     events = prof.key_averages()
     gpu_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
@@ -245,12 +251,7 @@ def _profile_step(model, opt, params, vocab, args, gen) -> None:
     torch.cuda.synchronize()
     py = cProfile.Profile()
     py.enable()
-    loss = _mean_loss(model, ids, args.impl)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 0.3)
-    opt.step()
-    opt.zero_grad(set_to_none=args.impl != "ours")
-    torch.cuda.synchronize()
+    _one_step(model, opt, params, ids, args.impl)
     py.disable()
     text = io.StringIO()
     pstats.Stats(py, stream=text).sort_stats("tottime").print_stats(args.profile)
