@@ -204,7 +204,7 @@ def _backward_rule(ctx, dY, _dxa):
         grads[_A] = dA if need[_A] else None
         grads[_B] = dB if need[_B] else None
     if need[_BIAS]:
-        grads[_BIAS] = dY.reshape(-1, N).sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+        grads[_BIAS] = dY.reshape(-1, N).sum(0, dtype=torch.promote_types(dY.dtype, torch.float32)).to(ctx.bias_dtype)
     return tuple(grads)
 
 
@@ -244,7 +244,7 @@ class _EagerLoRA(torch.autograd.Function):
                                         need_x, need_A, need_B)
             dX, dA, dB = (dX if need_x else None), (dA if need_A else None), (dB if need_B else None)
         if need_bias:
-            dbias = dY.reshape(-1, N).sum(0, dtype=torch.float32).to(ctx.bias_dtype)
+            dbias = dY.reshape(-1, N).sum(0, dtype=torch.promote_types(dY.dtype, torch.float32)).to(ctx.bias_dtype)
         return dX, dA, dB, dbias, None, None, None, None, None, None, None
 
 

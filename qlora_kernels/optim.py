@@ -205,6 +205,8 @@ class PagedAdamW(torch.optim.Optimizer):
         self.page_elems = max(32, page_bytes // 8 // 32 * 32)
         self.flatten_params = flatten_params
         self._buckets: list[list[_Bucket]] | None = None  # per param group
+        # a state dict loaded before the first step, placed once that step has built the buckets
+        self._pending_state: dict | None = None
         self._pagers: dict[torch.device, _Pager] = {}
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
 
@@ -383,6 +385,9 @@ class PagedAdamW(torch.optim.Optimizer):
                 loss = closure()
         if self._buckets is None:
             self._build()
+            if self._pending_state is not None:
+                self._place_state(self._pending_state)
+                self._pending_state = None
         for pager in self._pagers.values():
             pager.begin_step()
         # per device: the host chunks in update order, for the one-ahead prefetch
@@ -475,6 +480,8 @@ class PagedAdamW(torch.optim.Optimizer):
             packed = {k: v for k, v in g.items() if k != "params"}
             packed["params"] = [index.setdefault(id(p), len(index)) for p in g["params"]]
             groups.append(packed)
+        if self._buckets is None and self._pending_state is not None:
+            return {"state": self._pending_state.get("state", {}), "param_groups": groups}
         state = {}
         for buckets in self._buckets or []:
             for b in buckets:
@@ -503,8 +510,31 @@ class PagedAdamW(torch.optim.Optimizer):
                 if key in saved:
                     g[key] = tuple(saved[key]) if key == "betas" else saved[key]
             _check_hyperparameters(g["lr"], g["betas"], g["eps"], g["weight_decay"], where=f"param_groups[{k}].")
+        saved_ids = [i for saved in groups for i in saved["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        state = state_dict.get("state", {})
+        for saved_id, p in zip(saved_ids, params):
+            s = state.get(saved_id)
+            if s is None:
+                continue
+            for key in ("step", "exp_avg", "exp_avg_sq"):
+                if key not in s:
+                    raise ValueError(f"state_dict: state of param {saved_id} has no {key!r}")
+            if s["exp_avg"].shape != p.shape or s["exp_avg_sq"].shape != p.shape:
+                raise ValueError(f"state_dict: state of param {saved_id} has shape "
+                                 f"{tuple(s['exp_avg'].shape)}, its param {tuple(p.shape)}")
         if self._buckets is None:
-            self._build()
+            # Not placed yet: the first step() builds the buckets and measures the device
+            # budget after a forward and backward (what device_limit_bytes promises); placing
+            # the state here, on a resume before any step, would measure a card holding only
+            # the model and leave no room for the activations.
+            self._pending_state = {"state": state, "param_groups": groups}
+            return
+        self._place_state({"state": state, "param_groups": groups})
+
+    def _place_state(self, state_dict: dict) -> None:
+        """Writes a validated state dict into the built buckets."""
+        groups = state_dict["param_groups"]
         self._sync()
         where = {}
         for buckets in self._buckets:
@@ -521,12 +551,6 @@ class PagedAdamW(torch.optim.Optimizer):
                 b.steps[i] = 0
                 self._write_state(b, i, None)
                 continue
-            for key in ("step", "exp_avg", "exp_avg_sq"):
-                if key not in s:
-                    raise ValueError(f"state_dict: state of param {saved_id} has no {key!r}")
-            if s["exp_avg"].shape != p.shape or s["exp_avg_sq"].shape != p.shape:
-                raise ValueError(f"state_dict: state of param {saved_id} has shape "
-                                 f"{tuple(s['exp_avg'].shape)}, its param {tuple(p.shape)}")
             b.steps[i] = int(float(s["step"]))
             self._write_state(b, i, s)
 

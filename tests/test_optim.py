@@ -194,6 +194,14 @@ def test_state_dict_round_trip_continues_identically(device, paged_before, paged
     buf.seek(0)
     opt2.load_state_dict(torch.load(buf, weights_only=True))
     assert opt2.param_groups[0]["lr"] == HYPER["lr"]
+    # placed at the first step, where the device budget is measured after a forward/backward;
+    # until then state_dict() gives back what was loaded
+    assert opt2._buckets is None
+    pending = opt2.state_dict()["state"]
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)["state"]
+    assert pending.keys() == loaded.keys() and all(
+        torch.equal(pending[k]["exp_avg_sq"], loaded[k]["exp_avg_sq"]) for k in loaded)
     run(opt2, resumed, grads[3:])
     for p, q in zip(params, resumed):
         assert torch.equal(p, q)

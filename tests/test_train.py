@@ -96,6 +96,18 @@ def test_resume_with_changed_options_is_refused(tmp_path):
         train(small_config(tmp_path, max_steps=3, batch_size=2, resume=True))
 
 
+def test_resume_compares_the_resolved_adapter_dtype():
+    saved = TrainConfig(lora_dtype="bf16").to_dict()
+    loop._check_resumable(saved, TrainConfig(lora_dtype="bf16"), "ckpt")
+    with pytest.raises(ValueError, match=r"lora_dtype: 'bf16' -> 'fp32'"):
+        loop._check_resumable(saved, TrainConfig(lora_dtype="fp32"), "ckpt")
+    # a checkpoint from before the option had float32 adapters
+    old = {k: v for k, v in saved.items() if k != "lora_dtype"}
+    loop._check_resumable(old, TrainConfig(lora_dtype="fp32"), "ckpt")
+    with pytest.raises(ValueError, match=r"lora_dtype: 'fp32' -> 'bf16'"):
+        loop._check_resumable(old, TrainConfig(lora_dtype="bf16"), "ckpt")
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     real = loop.token_loss_sum
     calls = {"n": 0}
@@ -312,8 +324,9 @@ def test_lora_dtype_option_sets_the_adapter_dtype(tmp_path):
 def test_new_options_are_validated_and_parsed():
     cfg = cli.parse_config(["--compile", "--max-memory-gib", "40", "--lora-dtype", "fp32"])
     assert (cfg.compile, cfg.max_memory_gib, cfg.lora_dtype) == (True, 40.0, "fp32")
-    with pytest.raises(ValueError, match=r"^max_memory_gib: expected a positive number of GiB"):
-        TrainConfig(max_memory_gib=0.0).validate()
+    for bad in (0.0, float("inf")):
+        with pytest.raises(ValueError, match=r"^max_memory_gib: expected a positive, finite number of GiB"):
+            TrainConfig(max_memory_gib=bad).validate()
     with pytest.raises(ValueError, match=r"^lora_dtype: expected one of"):
         TrainConfig(lora_dtype="int8").validate()
 
@@ -396,6 +409,10 @@ def test_chunked_lm_loss_equals_full_logits(rng):
                                    rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match=r"^chunk_tokens: expected a positive int"):
         loss_mod.lm_loss_sum(model, ids, labels, chunk_tokens=0)
+    # one-token sequences have no next token: a zero that backward() still accepts
+    one = loss_mod.lm_loss_sum(model, ids[:, :1], labels[:, :1])
+    assert one.item() == 0.0 and one.requires_grad
+    one.backward()
 
 
 def test_lm_loss_falls_back_to_full_logits_for_other_heads(monkeypatch):

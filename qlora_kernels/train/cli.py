@@ -100,7 +100,8 @@ def main(argv=None) -> int:
     # differently sized cached blocks side by side: on a 7B step that is ~1.5 GiB less device
     # memory for the same allocator peak. Read at the first CUDA allocation, so set it here;
     # a user's own setting wins.
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    if not os.environ.get("PYTORCH_CUDA_ALLOC_CONF") and not os.environ.get("PYTORCH_ALLOC_CONF"):
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
     from .loop import TrainingError, train
 
     try:

@@ -11,6 +11,7 @@ accumulation over micro-batches that fit the card.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 #: LLaMA shapes for ``--model-config``: hidden, intermediate, layers, heads, vocab.
@@ -130,7 +131,8 @@ class TrainConfig:
             check(self.model_config in MODEL_SHAPES, "model_config", f"one of {sorted(MODEL_SHAPES)}")
         check(self.compute_dtype in COMPUTE_DTYPES, "compute_dtype", f"one of {COMPUTE_DTYPES}")
         check(self.lora_dtype in COMPUTE_DTYPES, "lora_dtype", f"one of {COMPUTE_DTYPES}")
-        check(self.max_memory_gib is None or self.max_memory_gib > 0, "max_memory_gib", "a positive number of GiB")
+        check(self.max_memory_gib is None or 0 < self.max_memory_gib < math.inf, "max_memory_gib",
+              "a positive, finite number of GiB")
         check(self.template in TEMPLATES, "template", f"one of {TEMPLATES}")
         check(self.lr_schedule in LR_SCHEDULES, "lr_schedule", f"one of {LR_SCHEDULES}")
         check(self.lora_r > 0, "lora_r", "a positive integer")

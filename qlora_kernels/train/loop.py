@@ -33,7 +33,11 @@ METRICS_FILE = "metrics.jsonl"
 # options that must not change between a run and its resumption (the data order or the
 # meaning of "step" would change)
 RESUME_FIXED = ("model", "model_config", "dataset", "seed", "batch_size", "grad_accum", "group_by_length",
-                "source_max_len", "target_max_len", "train_on_source", "eval_fraction", "lora_r", "lora_target")
+                "source_max_len", "target_max_len", "train_on_source", "eval_fraction", "lora_r", "lora_target",
+                "lora_dtype")
+# what a checkpoint written before an option existed meant by it
+RESUME_DEFAULTS = {"lora_dtype": "fp32"}
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 class TrainingError(RuntimeError):
@@ -199,9 +203,9 @@ def save_checkpoint(model, optimizer, config: TrainConfig, step: int, position: 
 
 
 def _check_resumable(saved: dict, config: TrainConfig, path: str) -> None:
-    changed = [k for k in RESUME_FIXED if saved.get(k) != getattr(config, k)]
+    changed = [k for k in RESUME_FIXED if saved.get(k, RESUME_DEFAULTS.get(k)) != getattr(config, k)]
     if changed:
-        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in changed)
+        detail = ", ".join(f"{k}: {saved.get(k, RESUME_DEFAULTS.get(k))!r} -> {getattr(config, k)!r}" for k in changed)
         raise ValueError(f"resume: {path} was written with different options ({detail}); "
                          "resume with the same options or start a new --output-dir")
 
@@ -293,8 +297,10 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
 
     target = config.lora_target if config.lora_target == "all-linear" else [
         s.strip() for s in config.lora_target.split(",") if s.strip()]
-    lora_dtype = dtype if config.lora_dtype == "auto" else resolve_dtype(
-        dataclasses.replace(config, compute_dtype=config.lora_dtype), device)
+    if config.lora_dtype == "auto":
+        # the concrete dtype goes into the checkpoints' config, so a resume compares dtypes
+        config = dataclasses.replace(config, lora_dtype=DTYPE_NAMES[dtype])
+    lora_dtype = resolve_dtype(dataclasses.replace(config, compute_dtype=config.lora_dtype), device)
     add_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, target=target,
              lora_dtype=lora_dtype)
     if config.gradient_checkpointing:
@@ -307,6 +313,8 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
         model_mod.compile_decoder_layers(model)
     elif config.compile:
         print("compile: ignored on the CPU (it pays off on a GPU, whose step is bound by kernel launches)")
+    if config.max_memory_gib and device.type != "cuda":
+        print("max_memory_gib: ignored on the CPU (it caps a GPU's memory)")
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -325,7 +333,8 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
         if not found:
             raise ValueError(f"resume: no checkpoint-<step> directory with {STATE_FILE} in {config.output_dir!r}")
         step, path = found[-1]
-        state = torch.load(os.path.join(path, STATE_FILE), weights_only=False)
+        # to the CPU: the optimizer places its state itself at the first step (see PagedAdamW.load_state_dict)
+        state = torch.load(os.path.join(path, STATE_FILE), weights_only=False, map_location="cpu")
         _check_resumable(state["config"], config, path)
         peft_format.load_adapter(model, path)
         optimizer.load_state_dict(state["optimizer"])

@@ -60,7 +60,9 @@ def lm_loss_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
     decoder, head = parts
     hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    total = hidden.new_zeros((), dtype=torch.float32)
+    # a sum of nothing (sequences of one token) that still belongs to the graph, as the full
+    # logits' loss would: backward() then runs and gives zero gradients
+    total = hidden[:0].float().sum()
     recompute = torch.is_grad_enabled() and hidden.requires_grad
     for start in range(0, hidden.shape[0], chunk_tokens):
         h, y = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
