@@ -150,13 +150,19 @@ def build_bf16(name, seq, dropout):
 BUILDERS = {"ours": build_ours, "bnb": build_bnb, "bf16": build_bf16}
 
 
-def _mean_loss(model, ids, impl):
-    """Mean next-token loss. ours: the trainer's loss, the LM head in chunks so the full logits
-    never sit in memory (``qlora_kernels.train.loss``); bnb and bf16: the full logits, as
-    transformers computes them."""
+def _chunked_loss(args) -> bool:
+    """--loss auto: each stack's default, the chunked LM-head loss for ours (as qlora-train) and
+    the full logits for bnb and bf16 (as transformers computes them); chunked/full: every arm the
+    same, to compare the layers and optimizers alone."""
+    return args.loss == "chunked" or (args.loss == "auto" and args.impl == "ours")
+
+
+def _mean_loss(model, ids, chunked: bool):
+    """Mean next-token loss: the LM head in checkpointed chunks (``qlora_kernels.train.loss``,
+    the full logits never sit in memory) or the full logits."""
     import torch.nn.functional as F
 
-    if impl == "ours":
+    if chunked:
         from qlora_kernels.train.loss import lm_loss_sum
 
         return lm_loss_sum(model, ids, ids) / ids[:, 1:].numel()
@@ -184,7 +190,7 @@ def worker(args) -> dict:
         ids = torch.randint(3, vocab, (args.batch, args.seq), device="cuda", generator=gen)
         torch.cuda.synchronize()
         t = time.perf_counter()
-        loss = _mean_loss(model, ids, args.impl)
+        loss = _mean_loss(model, ids, _chunked_loss(args))
         device_peak = max(device_peak, _device_used())
         loss.backward()
         device_peak = max(device_peak, _device_used())
@@ -200,8 +206,10 @@ def worker(args) -> dict:
         _profile_step(model, opt, params, vocab, args, gen)
     tokens = args.batch * args.seq
     return {
-        "impl": args.impl, "compiled": bool(args.compile and args.impl == "ours"),
-        "max_memory_gib": args.max_memory_gib if args.impl == "ours" else None, "model_config": args.model_config, "batch": args.batch, "seq": args.seq,
+        "impl": args.impl, "chunked_loss": _chunked_loss(args),
+        "compiled": bool(args.compile and args.impl == "ours"),
+        "max_memory_gib": args.max_memory_gib if args.impl == "ours" else None,
+        "model_config": args.model_config, "batch": args.batch, "seq": args.seq,
         "steps": args.steps, "build_s": round(build_s, 2),
         "tokens_per_s": round(tokens * len(times) / sum(times), 1),
         "step_ms_median": round(1e3 * sorted(times)[len(times) // 2], 1),
@@ -213,14 +221,14 @@ def worker(args) -> dict:
     }
 
 
-def _one_step(model, opt, params, ids, impl) -> None:
+def _one_step(model, opt, params, ids, args) -> None:
     """One training step, synchronized at the end (the timed loop does the same with memory
     samples in between)."""
-    loss = _mean_loss(model, ids, impl)
+    loss = _mean_loss(model, ids, _chunked_loss(args))
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 0.3)
     opt.step()
-    opt.zero_grad(set_to_none=impl != "ours")
+    opt.zero_grad(set_to_none=args.impl != "ours")
     torch.cuda.synchronize()
 
 
@@ -232,7 +240,7 @@ def _profile_step(model, opt, params, vocab, args, gen) -> None:
     torch.cuda.synchronize()
     t = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        _one_step(model, opt, params, ids, args.impl)
+        _one_step(model, opt, params, ids, args)
     wall = time.perf_counter() - t
     events = prof.key_averages()
     gpu_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
@@ -251,7 +259,7 @@ def _profile_step(model, opt, params, vocab, args, gen) -> None:
     torch.cuda.synchronize()
     py = cProfile.Profile()
     py.enable()
-    _one_step(model, opt, params, ids, args.impl)
+    _one_step(model, opt, params, ids, args)
     py.disable()
     text = io.StringIO()
     pstats.Stats(py, stream=text).sort_stats("tottime").print_stats(args.profile)
@@ -298,6 +306,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-memory-gib", type=float, default=None,
                     help="ours: keep the card's use under this; PagedAdamW pages what does not fit "
                          "(PagedAdamW(device_limit_bytes=...))")
+    ap.add_argument("--loss", choices=["auto", "chunked", "full"], default="auto",
+                    help="auto: each stack's default (ours chunked LM-head loss, bnb/bf16 full logits); "
+                         "chunked or full: the same for every arm")
     ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
                     help="after the timed steps, profile one step and print its top ROWS GPU kernels")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -326,8 +337,11 @@ def main(argv=None) -> int:
                                                                       "expandable_segments:True"))
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--impl", impl, "--model-config",
                args.model_config, "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--profile", str(args.profile)] + (["--compile"] if args.compile else []) + (
-            ["--max-memory-gib", str(args.max_memory_gib)] if args.max_memory_gib else [])
+               "--warmup", str(args.warmup), "--profile", str(args.profile), "--loss", args.loss]
+        if args.compile:
+            cmd.append("--compile")
+        if args.max_memory_gib:
+            cmd += ["--max-memory-gib", str(args.max_memory_gib)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
         except subprocess.TimeoutExpired:
