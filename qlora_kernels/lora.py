@@ -4,9 +4,10 @@
 
 W ``[N, K]`` frozen in 4 bits (no gradient), A ``[r, K]`` and B ``[N, r]`` trainable.
 
-Two custom ops, each an opaque composite of our kernels and cuBLAS, tied together with
+Two torch.library ops, each an opaque composite of our kernels and cuBLAS, tied together with
 ``torch.library.register_autograd`` (so ``torch.compile(fullgraph=True)`` traces a training step
-through them, using the fake kernels below for shapes):
+through them, using the fake kernels below for shapes). In eager mode the same two functions
+run under a plain ``torch.autograd.Function`` (``_EagerLoRA``), which costs less Python per call:
 
 * ``qlora_kernels::matmul_4bit_lora`` (forward) -> ``(Y, xa)`` with ``xa = dropout(x) @ A.T``
   ``[M, r]``. The base GEMM is our ``dequantize_4bit`` into a bf16/fp16 buffer, then cuBLAS: the
