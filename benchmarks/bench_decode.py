@@ -140,22 +140,21 @@ def main():
         rows.append({"impl": name, "cuda_graphs": graphs, "tokens_per_s": tps, "seconds": seconds,
                      "speedup_vs_bf16": vs, "peak_gib": mem})
 
+    def record_both(name):
+        """Eager, then (--cuda-graphs) the same model compiled with CUDA graphs."""
+        record(name, False, *time_generate(model, prompt, args.new_tokens))
+        if args.cuda_graphs:
+            model.forward = torch.compile(model.forward, mode="reduce-overhead")
+            record(name, True, *time_generate(model, prompt, args.new_tokens, static_cache=True))
+            del model.forward
+            torch._dynamo.reset()
+
     print(f"{'impl':<14}{'graphs':<8}{'tokens/s':>10}{'seconds':>10}{'vs bf16':>10}{'peak GiB':>10}")
-    record("bf16", False, *time_generate(model, prompt, args.new_tokens))
-    if args.cuda_graphs:
-        model.forward = torch.compile(model.forward, mode="reduce-overhead")
-        record("bf16", True, *time_generate(model, prompt, args.new_tokens, static_cache=True))
-        del model.forward
-        torch._dynamo.reset()
+    record_both("bf16")
 
     ours, theirs = quantize_model(model, with_bnb)
     torch.cuda.reset_peak_memory_stats()
-    record("qlora_kernels", False, *time_generate(model, prompt, args.new_tokens))
-    if args.cuda_graphs:
-        model.forward = torch.compile(model.forward, mode="reduce-overhead")
-        record("qlora_kernels", True, *time_generate(model, prompt, args.new_tokens, static_cache=True))
-        del model.forward
-        torch._dynamo.reset()
+    record_both("qlora_kernels")
     if with_bnb:
         swap(theirs)
         del ours

@@ -36,55 +36,47 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
+from qlora_kernels.train import model as model_mod  # noqa: E402  (torch and transformers load lazily)
+
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-
-def _enable_checkpointing(model) -> None:
-    # transformers >= 5.2x calls it activation checkpointing; older 5.x (the GPU machine's 5.17) does not
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 def _device_used() -> int:
     free, total = torch.cuda.mem_get_info()
     return total - free
 
 
-def _meta_llama(name: str, seq: int):
+def _bf16_llama(name: str, seq: int, swap_linears=None):
+    """The bf16 LLaMA of shape ``name`` with random weights, materialized on the GPU one layer at
+    a time (``qlora_kernels.train.model._random_fill``: matrices N(0, 0.02), vectors 1; layer i
+    seeded with i). ``swap_linears(layer, gen)``, if given, first replaces a layer's linears."""
     from transformers import LlamaForCausalLM
 
-    from qlora_kernels.train.model import llama_config
-
-    config = llama_config(name, max(seq, 2048))
     with torch.device("meta"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = LlamaForCausalLM(model_mod.llama_config(name, max(seq, 2048))).to(torch.bfloat16)
+    gen = torch.Generator("cuda")
+    _, layers = model_mod.decoder_layers(model)
+    for i, layer in enumerate(layers):
+        gen.manual_seed(i)
+        if swap_linears is not None:
+            swap_linears(layer, gen)
+        model_mod._random_fill(layer, "cuda", torch.bfloat16, gen)
+    model_mod._random_fill(model, "cuda", torch.bfloat16, gen)
+    model_mod._rebuild_rotary(model, "cuda")
     return model
-
-
-def _fill_random(module, gen) -> None:
-    """Materializes a meta module on the GPU: matrices N(0, 0.02), vectors 1."""
-    from qlora_kernels.train import model as model_mod
-
-    for name, p in list(module.named_parameters()):
-        if p.is_meta:
-            t = torch.empty(p.shape, dtype=torch.bfloat16, device="cuda")
-            t.fill_(1.0) if p.dim() == 1 else t.normal_(0.0, model_mod.INIT_STD, generator=gen)
-            model_mod._set_tensor(module, name, t)
 
 
 def build_ours(name, seq, dropout, compile_layers=False, max_memory_gib=None):
     from qlora_kernels import add_lora
     from qlora_kernels.optim import PagedAdamW
-    from qlora_kernels.train.model import compile_decoder_layers, random_model
 
-    model = random_model(name, "cuda", torch.bfloat16, seed=0, max_position_embeddings=max(seq, 2048))
+    model = model_mod.random_model(name, "cuda", torch.bfloat16, seed=0, max_position_embeddings=max(seq, 2048))
     # bf16 adapters, as the paper's code (PagedAdamW still updates them in float32 arithmetic)
     add_lora(model, r=64, alpha=16, dropout=dropout, lora_dtype=torch.bfloat16)
-    _enable_checkpointing(model)
+    model_mod.enable_checkpointing(model)
     if compile_layers:
-        compile_decoder_layers(model)
+        model_mod.compile_decoder_layers(model)
     params = [p for p in model.parameters() if p.requires_grad]
     limit = int(max_memory_gib * 2**30) if max_memory_gib else None
     return model, params, PagedAdamW(params, lr=2e-4, betas=(0.9, 0.999), device_limit_bytes=limit)
@@ -95,13 +87,7 @@ def build_bnb(name, seq, dropout):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from torch import nn
 
-    from qlora_kernels.train import model as model_mod
-
-    model = _meta_llama(name, seq)
-    gen = torch.Generator("cuda")
-    _, layers = model_mod.decoder_layers(model)
-    for i, layer in enumerate(layers):
-        gen.manual_seed(i)
+    def to_bnb_4bit(layer, gen):
         for lname, lin in list(layer.named_modules()):
             if not isinstance(lin, nn.Linear):
                 continue
@@ -113,9 +99,8 @@ def build_bnb(name, seq, dropout):
             del W
             parent, _, leaf = lname.rpartition(".")
             setattr(layer.get_submodule(parent) if parent else layer, leaf, q)
-        _fill_random(layer, gen)
-    _fill_random(model, gen)
-    model_mod._rebuild_rotary(model, "cuda")
+
+    model = _bf16_llama(name, seq, to_bnb_4bit)
     model.is_loaded_in_4bit = True  # what from_pretrained(quantization_config=...) sets
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -128,18 +113,9 @@ def build_bnb(name, seq, dropout):
 def build_bf16(name, seq, dropout):
     from peft import LoraConfig, get_peft_model
 
-    from qlora_kernels.train import model as model_mod
-
-    model = _meta_llama(name, seq)
-    gen = torch.Generator("cuda")
-    _, layers = model_mod.decoder_layers(model)
-    for i, layer in enumerate(layers):
-        gen.manual_seed(i)
-        _fill_random(layer, gen)
-    _fill_random(model, gen)
-    model_mod._rebuild_rotary(model, "cuda")
+    model = _bf16_llama(name, seq)
     model.requires_grad_(False)
-    _enable_checkpointing(model)
+    model_mod.enable_checkpointing(model)
     model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, lora_dropout=dropout, target_modules=list(TARGETS),
                                              bias="none", task_type="CAUSAL_LM"))

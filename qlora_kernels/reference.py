@@ -15,6 +15,8 @@ operation, in the order the kernels use, so that results match to the bit:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from . import codes
@@ -154,8 +156,10 @@ def dropout_threshold(p: float) -> int:
     return min(int(p * 4294967296.0), _MASK32)
 
 
+@functools.lru_cache(maxsize=None)
 def dropout_scale(p: float) -> float:
-    """1 / (1 - p) rounded to float32, the factor kept values are multiplied by."""
+    """1 / (1 - p) rounded to float32, the factor kept values are multiplied by (cached: every
+    dropout launch asks for it, and a training run uses one or two p)."""
     return float(torch.tensor(1.0 / (1.0 - p), dtype=torch.float32))
 
 

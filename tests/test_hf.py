@@ -80,6 +80,15 @@ def logits(model, ids):
 
 # ------------------------------------------------------------------------------------------------
 # peft format (stand-in LoRA layers)
+
+@torch.no_grad()
+def randomize_peft_lora(peft_model, rng, name_part: str, std: float) -> None:
+    """Random values in the peft adapter weights whose names contain ``name_part`` (a fresh B
+    is zero, which would make any comparison vacuous)."""
+    for name, p in peft_model.named_parameters():
+        if name_part in name:
+            p.copy_(torch.randn(p.shape, generator=rng) * std)
+
 def test_saved_adapter_has_peft_keys_and_config(rng, tmp_path):
     from safetensors import safe_open
 
@@ -134,10 +143,7 @@ def test_peft_adapter_loads_into_our_layers_with_same_logits(rng, tmp_path):
     import copy
 
     pm = peft.get_peft_model(copy.deepcopy(base), config)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=rng) * 0.2)
+    randomize_peft_lora(pm, rng, "lora_", 0.2)
     pm.save_pretrained(tmp_path)
     ids = token_batch(rng)
     expected = logits(pm.eval(), ids)
@@ -400,10 +406,7 @@ def test_peft_adapter_loads_into_our_4bit_layers(rng, tmp_path):
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"], lora_dropout=0.0,
                              use_rslora=True, task_type="CAUSAL_LM")
     pm = peft.get_peft_model(dequantized_float_copy(ours), config)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=rng) * 0.1)
+    randomize_peft_lora(pm, rng, "lora_B", 0.1)
     pm.save_pretrained(tmp_path)
     ids = token_batch(rng)
     # the plain Linear4bit layers the adapter names become LoRALinear4bit of its rank

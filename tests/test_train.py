@@ -345,10 +345,7 @@ def test_compiled_decoder_layers_match_eager(rng):
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 torch.nn.init.normal_(p, std=0.05)
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model_mod.enable_checkpointing(model)
         if compiled:
             model_mod.compile_decoder_layers(model)
         model.train()

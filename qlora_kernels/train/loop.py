@@ -304,11 +304,7 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
     add_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, target=target,
              lora_dtype=lora_dtype)
     if config.gradient_checkpointing:
-        # non-reentrant: the frozen 4-bit base needs no input that requires grad
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model_mod.enable_checkpointing(model)
     if config.compile and device.type == "cuda":
         model_mod.compile_decoder_layers(model)
     elif config.compile:

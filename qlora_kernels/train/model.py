@@ -222,6 +222,15 @@ def pretrained_model(path: str, device, dtype: torch.dtype, *, quant_type="nf4",
     return model
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant gradient checkpointing of every decoder layer (the frozen 4-bit base needs
+    no input that requires grad), under either transformers name for it."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def compile_decoder_layers(model: nn.Module) -> None:
     """``torch.compile`` every decoder layer in place.
 

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from .. import codes
-from .quant import _on_device
+from .quant import _on_device, kernel_absmax_args
 
 #: Bytes per group (one 16-byte load), i.e. 32 weights; K must be a multiple of GROUP_K.
 GROUP_BYTES = 16
@@ -189,6 +189,7 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
 def _config(M: int, N: int, K: int, device: torch.device) -> Config:
     """Block sizes for one call, from the shape alone (no autotuning).
 
@@ -252,16 +253,7 @@ def matmul_4bit(
     x = x.contiguous()
     packed = packed.reshape(-1).contiguous()
     nested = nested_absmax is not None
-    if nested:
-        absmax = absmax.reshape(-1).contiguous()
-        nested_absmax = nested_absmax.reshape(-1).to(torch.float32).contiguous()
-        nested_code = nested_code.reshape(-1).to(torch.float32).contiguous()
-        # A device pointer, never .item(): no host sync (CUDA graphs, torch.compile).
-        offset = offset.reshape(-1).to(torch.float32)
-    else:
-        absmax = absmax.reshape(-1).to(torch.float32).contiguous()
-        # Never read (NESTED is a compile-time False); any pointer fills the slots.
-        nested_absmax = nested_code = offset = absmax
+    absmax, nested_absmax, nested_code, offset = kernel_absmax_args(absmax, nested_absmax, nested_code, offset)
     has_bias = bias is not None
     bias_arg = bias.contiguous() if has_bias else out
 

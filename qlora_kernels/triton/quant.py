@@ -199,6 +199,19 @@ def _dequant_tile(nbytes: int) -> tuple[int, int]:
     return 1024, 4
 
 
+def kernel_absmax_args(absmax, nested_absmax, nested_code, offset):
+    """The absmax arguments of a 4-bit kernel, flat and contiguous: with double quant the uint8
+    codes, the float32 nested absmax, code map and offset; without, the float32 absmax, its
+    pointer also filling the three nested slots (never read: NESTED is a compile-time False)."""
+    if nested_absmax is None:
+        absmax = absmax.reshape(-1).to(torch.float32).contiguous()
+        return absmax, absmax, absmax, absmax
+    # the offset stays a device pointer, never .item(): no host sync, and torch.compile and
+    # CUDA graphs can take the callers
+    return (absmax.reshape(-1).contiguous(), nested_absmax.reshape(-1).to(torch.float32).contiguous(),
+            nested_code.reshape(-1).to(torch.float32).contiguous(), offset.reshape(-1).to(torch.float32))
+
+
 def dequantize_4bit(
     packed: torch.Tensor,
     absmax: torch.Tensor,
@@ -220,16 +233,7 @@ def dequantize_4bit(
     nblocks = triton.cdiv(numel, blocksize)
     packed = packed.reshape(-1).contiguous()
     nested = nested_absmax is not None
-    if nested:
-        absmax = absmax.reshape(-1).contiguous()
-        nested_absmax = nested_absmax.reshape(-1).to(torch.float32).contiguous()
-        nested_code = nested_code.reshape(-1).to(torch.float32).contiguous()
-        # A device pointer, never .item(): no host sync, and torch.compile can trace callers.
-        offset = offset.reshape(-1).to(torch.float32)
-    else:
-        absmax = absmax.reshape(-1).to(torch.float32).contiguous()
-        # Never read (NESTED is a compile-time False); any pointer fills the slots.
-        nested_absmax = nested_code = offset = absmax
+    absmax, nested_absmax, nested_code, offset = kernel_absmax_args(absmax, nested_absmax, nested_code, offset)
     tile, num_warps = _dequant_tile(nbytes)
     # One row of bytes -> 16 bytes of output: 4 bytes for 2-byte dtypes, 2 for float32.
     cols = 16 // (2 * out.element_size())
