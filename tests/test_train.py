@@ -425,3 +425,22 @@ def test_lm_loss_falls_back_to_full_logits_for_other_heads(monkeypatch):
     want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                                              reduction="sum")
     torch.testing.assert_close(got, want)
+
+
+def test_quantize_linears_frees_each_16bit_linear_before_the_next():
+    import weakref
+
+    from torch import nn
+
+    block = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 128), nn.Linear(128, 64))
+    refs = [weakref.ref(m) for m in block if isinstance(m, nn.Linear)]
+    alive_at_init = []
+
+    def init(name, linear):
+        alive_at_init.append(sum(r() is not None for r in refs))
+
+    model_mod.quantize_linears(block, quant_type="nf4", blocksize=64, double_quant=True, init=init)
+    # at the k-th init only the not-yet-quantized Linears exist: 3, 2, 1
+    assert alive_at_init == [3, 2, 1]
+    assert all(r() is None for r in refs)
+    assert all(isinstance(m, Linear4bit) for m in (block[0], block[2], block[3]))

@@ -66,15 +66,17 @@ def quantize_linears(module: nn.Module, *, quant_type: str, blocksize: int, doub
     ``init(name, linear)``, if given, first fills a Linear that is still on the meta device
     (random weights); each 16-bit weight is dropped as soon as it is quantized.
     """
-    for name, child in list(module.named_modules()):
-        if not isinstance(child, nn.Linear):
-            continue
+    # names only: a list of the modules themselves would keep every replaced 16-bit Linear
+    # alive until the end, i.e. the whole layer in 16 bits at once
+    names = [name for name, child in module.named_modules() if isinstance(child, nn.Linear)]
+    for name in names:
+        linear = module.get_submodule(name)
         if init is not None:
-            init(name, child)
-        q = Linear4bit.from_linear(child, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
+            init(name, linear)
+        q = Linear4bit.from_linear(linear, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
         parent_name, _, leaf = name.rpartition(".")
         setattr(module.get_submodule(parent_name) if parent_name else module, leaf, q)
-        del child
+        del linear
 
 
 def _rebuild_rotary(model: nn.Module, device) -> None:
