@@ -493,6 +493,18 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, max_shard_size: in
 
 # ------------------------------------------------------------------------------------------------
 # Training with transformers.Trainer
+def enable_checkpointing(model: nn.Module, **kwargs) -> None:
+    """Gradient checkpointing of a transformers model's layers, non-reentrant unless ``kwargs``
+    say otherwise, under either of transformers' names for it (``activation_checkpointing_enable``
+    from 5.2x, ``gradient_checkpointing_enable`` before; the old name goes away in v6). A model
+    with neither is left as it is."""
+    kwargs = {"use_reentrant": False, **kwargs}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def prepare_model_for_training(model: nn.Module, use_gradient_checkpointing: bool = True,
                                gradient_checkpointing_kwargs: dict | None = None,
                                upcast_float_params: bool = False) -> nn.Module:
@@ -514,9 +526,7 @@ def prepare_model_for_training(model: nn.Module, use_gradient_checkpointing: boo
         if upcast_float_params and id(p) not in lora_params and p.dtype in (torch.float16, torch.bfloat16):
             p.data = p.data.float()
     if use_gradient_checkpointing:
-        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
-        if hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        enable_checkpointing(model, **(gradient_checkpointing_kwargs or {}))
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     config = getattr(model, "config", None)

@@ -16,6 +16,7 @@ import os
 import torch
 from torch import nn
 
+from ..hf import enable_checkpointing  # noqa: F401  (re-exported for the loop and benchmarks)
 from ..nn import Linear4bit
 from .config import MODEL_SHAPES
 from .tokenizer import ByteTokenizer, HFTokenizer  # noqa: F401  (re-exported for the loop)
@@ -222,15 +223,6 @@ def pretrained_model(path: str, device, dtype: torch.dtype, *, quant_type="nf4",
     _check_materialized(model, f"model: {path!r}")
     model.requires_grad_(False)
     return model
-
-
-def enable_checkpointing(model: nn.Module) -> None:
-    """Non-reentrant gradient checkpointing of every decoder layer (the frozen 4-bit base needs
-    no input that requires grad), under either transformers name for it."""
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def compile_decoder_layers(model: nn.Module) -> None:
