@@ -132,8 +132,7 @@ def finetune(model, params, opt, train_set, eval_set, steps, batch, device, seed
         epoch += 1
     model.train()
     for step in range(steps):
-        b = {k: v.to(device) for k, v in data_mod.collate([train_set[i] for i in order[step]], 0).items()}
-        loss, n = token_loss_sum(model, b)
+        loss, n = token_loss_sum(model, data_mod.collate([train_set[i] for i in order[step]], 0), device)
         (loss / n).backward()
         torch.nn.utils.clip_grad_norm_(params, 0.3)
         opt.step()

@@ -112,8 +112,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     real = loop.token_loss_sum
     calls = {"n": 0}
 
-    def poisoned(model, batch):
-        loss, n = real(model, batch)
+    def poisoned(model, batch, device):
+        loss, n = real(model, batch, device)
         calls["n"] += 1
         # micro-batches 7-8 make step 4 (grad_accum=2); training calls only (eval is off)
         return (loss * float("nan") if calls["n"] >= 7 else loss), n

@@ -37,7 +37,8 @@ RESUME_FIXED = ("model", "model_config", "dataset", "seed", "batch_size", "grad_
                 "lora_dtype")
 # what a checkpoint written before an option existed meant by it
 RESUME_DEFAULTS = {"lora_dtype": "fp32"}
-DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 class TrainingError(RuntimeError):
@@ -68,11 +69,12 @@ def resolve_device(config: TrainConfig) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def resolve_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
-    if config.compute_dtype == "auto":
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype of a ``compute_dtype`` / ``lora_dtype`` option."""
+    if name == "auto":
         # bf16 is the paper's compute dtype; CPUs without bf16 units run it slowly and less exactly
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[config.compute_dtype]
+    return DTYPES[name]
 
 
 def build_tokenizer(config: TrainConfig):
@@ -103,12 +105,15 @@ def build_model(config: TrainConfig, device, dtype):
     return model
 
 
-def token_loss_sum(model, batch) -> tuple[torch.Tensor, int]:
-    """Summed next-token cross-entropy over the target tokens of a batch, and their count
-    (the logits go through the LM head in chunks: :mod:`qlora_kernels.train.loss`)."""
+def token_loss_sum(model, batch, device) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over the target tokens of a batch, and their count (the
+    logits go through the LM head in chunks: :mod:`qlora_kernels.train.loss`). ``batch`` is
+    collate's CPU tensors: the count comes from there, so it costs no wait on the GPU."""
+    count = int((batch["labels"][:, 1:] != data_mod.IGNORE_INDEX).sum())
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     loss = lm_loss_sum(model, batch["input_ids"], batch["labels"], batch.get("attention_mask"),
                        ignore_index=data_mod.IGNORE_INDEX)
-    return loss, int((batch["labels"][:, 1:] != data_mod.IGNORE_INDEX).sum())
+    return loss, count
 
 
 def learning_rate(config: TrainConfig, step: int, total: int) -> float:
@@ -133,7 +138,7 @@ def evaluate(model, examples, batch_size: int, pad_id: int, device) -> float:
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
     for start in range(0, len(order), batch_size):
         batch = data_mod.collate([examples[i] for i in order[start:start + batch_size]], pad_id)
-        loss, n = token_loss_sum(model, {k: v.to(device) for k, v in batch.items()})
+        loss, n = token_loss_sum(model, batch, device)
         total += float(loss)
         count += n
     model.train(was_training)
@@ -272,7 +277,7 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
 
     config.validate()
     device = resolve_device(config)
-    dtype = resolve_dtype(config, device)
+    dtype = resolve_dtype(config.compute_dtype, device)
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
@@ -300,7 +305,7 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
     if config.lora_dtype == "auto":
         # the concrete dtype goes into the checkpoints' config, so a resume compares dtypes
         config = dataclasses.replace(config, lora_dtype=DTYPE_NAMES[dtype])
-    lora_dtype = resolve_dtype(dataclasses.replace(config, compute_dtype=config.lora_dtype), device)
+    lora_dtype = resolve_dtype(config.lora_dtype, device)
     add_lora(model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout, target=target,
              lora_dtype=lora_dtype)
     if config.gradient_checkpointing:
@@ -386,16 +391,15 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
                         cached_epoch = epoch
                     micro.append(data_mod.collate([train_set[i] for i in epoch_order[index]], tokenizer.pad_token_id))
                     position += 1
+                # counted on the CPU batches: no wait on the GPU per micro-batch
                 n_target = sum(int((b["labels"][:, 1:] != data_mod.IGNORE_INDEX).sum()) for b in micro)
+                tokens = sum(int(b["attention_mask"].sum()) for b in micro)
                 loss_sum = torch.zeros((), device=device)
-                tokens = 0
                 try:
                     for batch in micro:
-                        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                        loss, _ = token_loss_sum(model, batch)
+                        loss, _ = token_loss_sum(model, batch, device)
                         (loss / n_target).backward()
                         loss_sum += loss.detach()
-                        tokens += int(batch["attention_mask"].sum())
                     loss_value = float(loss_sum) / n_target
                     if not math.isfinite(loss_value):
                         last = checkpoints(config.output_dir)
