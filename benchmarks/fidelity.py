@@ -39,10 +39,10 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 from qlora_kernels.train import data as data_mod  # noqa: E402
+from qlora_kernels.train.config import MODEL_SHAPES  # noqa: E402  (--size small is the tiny shape)
 from qlora_kernels.train.tokenizer import ByteTokenizer  # noqa: E402
 
 SHAPE = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8, vocab_size=320)
-SMALL_SHAPE = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4, vocab_size=320)
 QUICK_SHAPE = dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=2, vocab_size=320)
 
 
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     if args.quick:
         shape, seq, pre_batch, ft_batch, pre_steps, ft_steps = QUICK_SHAPE, 128, 8, 8, 20, 10
     elif args.size == "small":
-        shape, seq, pre_batch, ft_batch, pre_steps, ft_steps = SMALL_SHAPE, 128, 16, 16, 600, 200
+        shape, seq, pre_batch, ft_batch, pre_steps, ft_steps = MODEL_SHAPES["tiny"], 128, 16, 16, 600, 200
     else:
         shape, seq, pre_batch, ft_batch, pre_steps, ft_steps = SHAPE, 256, 64, 16, 1500, 300
     pre_steps = args.pretrain_steps or pre_steps

@@ -432,8 +432,8 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, max_shard_size: in
         raise ValueError("model: needs a transformers config (model.config) to write config.json")
     quant_type = Counter(m.quant_type for m in layers).most_common(1)[0][0]
     double_quant = Counter(m.double_quant for m in layers).most_common(1)[0][0]
-    skipped = [n for n, m in inner.named_modules() if isinstance(m, nn.Linear)
-               and not any(n.startswith(p + ".") for p in peft_format.lora_layers(inner))]
+    inside_lora = tuple(p + "." for p in peft_format.lora_layers(inner))  # their lora_A / lora_B
+    skipped = [n for n, m in inner.named_modules() if isinstance(m, nn.Linear) and not n.startswith(inside_lora)]
     config = copy.deepcopy(config)
     dtype = _float_dtype(inner)
     config.quantization_config = bnb_quantization_config(

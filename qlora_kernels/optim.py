@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 import torch
 
 from . import ops
+from .functional import FLOAT_DTYPES
 
 _GiB = 1 << 30
-_PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_hyperparameters(lr, betas, eps, weight_decay, where: str = "") -> None:
@@ -218,7 +218,7 @@ class PagedAdamW(torch.optim.Optimizer):
         _check_hyperparameters(g["lr"], g["betas"], g["eps"], g["weight_decay"],
                                where=f"param_groups[{len(self.param_groups) - 1}].")
         for p in g["params"]:
-            if p.dtype not in _PARAM_DTYPES:
+            if p.dtype not in FLOAT_DTYPES:
                 raise ValueError(f"params: expected float32, float16 or bfloat16 tensors, got one of {p.dtype}")
 
     # -----------------------------------------------------------------------------------------
