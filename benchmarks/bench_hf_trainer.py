@@ -91,6 +91,7 @@ def build_bnb(config, r, alpha, dropout, device):
     from torch import nn
 
     from qlora_kernels import hf
+    from qlora_kernels.nn import set_submodule
 
     model = hf.empty_model(config, dtype=torch.bfloat16)
     weights = RandomWeights(model, device)
@@ -105,7 +106,7 @@ def build_bnb(config, r, alpha, dropout, device):
             layer.weight = bnb.nn.Params4bit(W, requires_grad=False, quant_type="nf4",
                                              compress_statistics=True, blocksize=64).to(device)
             del W
-            hf._set_submodule(model, name, layer)
+            set_submodule(model, name, layer)
     hf._materialize_rest(model, weights, torch.device(device))
     model.to(device)
     lora = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear",

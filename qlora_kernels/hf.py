@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from . import peft_format
-from .nn import Linear4bit
+from .nn import Linear4bit, name_matches, set_submodule
 from .peft_format import load_adapter, save_adapter
 
 __all__ = [
@@ -40,15 +40,6 @@ __all__ = [
 ]
 
 _QUANT_KEY = re.compile(r"^(.*)\.weight\.quant_state\.bitsandbytes__(nf4|fp4)$")
-
-
-def _matches(name: str, suffixes: Iterable[str]) -> bool:
-    return any(name == s or name.endswith("." + s) for s in suffixes)
-
-
-def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def bnb_quantization_config(quant_type: str = "nf4", double_quant: bool = True,
@@ -132,14 +123,14 @@ def quantize_model(model: nn.Module, quant_type: str = "nf4", blocksize: int = 6
             continue
         if not isinstance(module, nn.Linear) or any(name.startswith(p) for p in inside_ours):
             continue
-        (skipped if _matches(name, skip) else todo).append(name)
+        (skipped if name_matches(name, skip) else todo).append(name)
     for name in todo:
         linear = model.get_submodule(name)
         if linear.weight.is_meta:
             linear = _materialize_linear(linear, name, weights, device)
         elif device is not None and linear.weight.device != device:
             linear = linear.to(device)
-        _set_submodule(model, name, Linear4bit.from_linear(linear, quant_type=quant_type, blocksize=blocksize,
+        set_submodule(model, name, Linear4bit.from_linear(linear, quant_type=quant_type, blocksize=blocksize,
                                                            double_quant=double_quant))
         del linear  # the float weight's last reference (the parent now holds the 4-bit layer)
     if weights is not None:
@@ -344,7 +335,7 @@ def load_quantized(path: str | os.PathLike, device=None, dtype: torch.dtype = to
         layer.load_state_dict(entries, strict=True)
         if layer.bias is not None:
             layer.bias.requires_grad_(False)
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
     rest = _CastMapping(weights, dtype, skip=tuple(n + "." for n in quantized))
     consumed = _materialize_rest(model, rest, device)
     unexpected = sorted(set(rest) - consumed)

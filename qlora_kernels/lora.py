@@ -62,11 +62,8 @@ def _dequantize(packed, absmax, blocksize, quant_type, N, K, nested_absmax, nest
                 nested_blocksize, dtype) -> Tensor:
     """W ``[N, K]`` in ``dtype`` (float64 via an exact float32 decode)."""
     out_dtype = dtype if dtype in FLOAT_DTYPES else torch.float32
-    if nested_absmax is None:
-        W = ops.dequantize_4bit(packed, absmax, blocksize, quant_type, N * K, out_dtype)
-    else:
-        W = ops.dequantize_4bit(packed, absmax, blocksize, quant_type, N * K, out_dtype,
-                                nested_absmax, nested_code, offset, nested_blocksize)
+    W = ops.dequantize_4bit(packed, absmax, blocksize, quant_type, N * K, out_dtype,
+                            nested_absmax, nested_code, offset, nested_blocksize)
     return W.view(N, K).to(dtype)
 
 
@@ -178,6 +175,11 @@ def _(dY, x, packed, absmax, blocksize, quant_type, N, nested_absmax, nested_cod
             B.new_empty(B.shape) if need_dB else x.new_empty((0,)))
 
 
+def _bias_grad(dY: Tensor, N: int, dtype: torch.dtype) -> Tensor:
+    """dbias: dY summed over the tokens in float32 (float64 for float64), in the bias' dtype."""
+    return dY.reshape(-1, N).sum(0, dtype=torch.promote_types(dY.dtype, torch.float32)).to(dtype)
+
+
 # Argument positions of the forward op
 _X, _A, _B, _BIAS = 0, 10, 11, 15
 
@@ -205,7 +207,7 @@ def _backward_rule(ctx, dY, _dxa):
         grads[_A] = dA if need[_A] else None
         grads[_B] = dB if need[_B] else None
     if need[_BIAS]:
-        grads[_BIAS] = dY.reshape(-1, N).sum(0, dtype=torch.promote_types(dY.dtype, torch.float32)).to(ctx.bias_dtype)
+        grads[_BIAS] = _bias_grad(dY, N, ctx.bias_dtype)
     return tuple(grads)
 
 
@@ -245,7 +247,7 @@ class _EagerLoRA(torch.autograd.Function):
                                         need_x, need_A, need_B)
             dX, dA, dB = (dX if need_x else None), (dA if need_A else None), (dB if need_B else None)
         if need_bias:
-            dbias = dY.reshape(-1, N).sum(0, dtype=torch.promote_types(dY.dtype, torch.float32)).to(ctx.bias_dtype)
+            dbias = _bias_grad(dY, N, ctx.bias_dtype)
         return dX, dA, dB, dbias, None, None, None, None, None, None, None
 
 

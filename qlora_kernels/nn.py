@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from . import codes
-from .functional import FLOAT_DTYPES, dequantize_4bit, quantize_4bit
+from .functional import FLOAT_DTYPES, _check_format, dequantize_4bit, quantize_4bit
 from .lora import matmul_4bit_lora
 from .matmul import matmul_4bit
 from .quant_state import QuantState
@@ -35,10 +35,7 @@ class Linear4bit(nn.Module):
                  quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True,
                  weight_dtype: torch.dtype = torch.bfloat16, device=None):
         super().__init__()
-        if quant_type not in codes.QUANT_TYPES:
-            raise ValueError(f"quant_type: expected one of {codes.QUANT_TYPES}, got {quant_type!r}")
-        if blocksize not in codes.BLOCKSIZES:
-            raise ValueError(f"blocksize: expected one of {codes.BLOCKSIZES}, got {blocksize!r}")
+        _check_format(quant_type, blocksize)
         if weight_dtype not in FLOAT_DTYPES:
             raise ValueError(f"weight_dtype: expected float32, float16 or bfloat16, got {weight_dtype}")
         self.in_features = int(in_features)
@@ -289,10 +286,22 @@ class LoRALinear4bit(Linear4bit):
                 f"lora_dropout={self.lora_dropout}")
 
 
+def name_matches(name: str, suffixes) -> bool:
+    """Whether module ``name`` is one of ``suffixes`` or ends in ``.<suffix>`` (matched at dot
+    boundaries, as peft's target_modules and transformers' skip lists are)."""
+    return any(name == s or name.endswith("." + s) for s in suffixes)
+
+
+def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Puts ``module`` at the dotted ``path`` under ``root`` (replacing what is there)."""
+    parent, _, child = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
 def _matches(name: str, target) -> bool:
     if target == "all-linear":
         return name.split(".")[-1] != "lm_head"
-    return any(name == t or name.endswith("." + t) for t in target)
+    return name_matches(name, target)
 
 
 def add_lora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: float = 0.1,
@@ -324,9 +333,7 @@ def add_lora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: float = 
             f"Linear4bit layers named like {list(target)}"
         raise ValueError(f"target: model has no {what}")
     for name, module in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LoRALinear4bit.from_linear4bit(module, r, alpha, dropout, lora_dtype=lora_dtype))
+        set_submodule(model, name, LoRALinear4bit.from_linear4bit(module, r, alpha, dropout, lora_dtype=lora_dtype))
     for pname, param in model.named_parameters():
         param.requires_grad_(".lora_A." in f".{pname}" or ".lora_B." in f".{pname}")
     return model

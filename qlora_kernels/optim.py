@@ -369,7 +369,7 @@ class PagedAdamW(torch.optim.Optimizer):
                 raise RuntimeError(
                     f"params: a param moved from {b.device}/{b.dtype} to {p.device}/{p.dtype} after "
                     "PagedAdamW's first step; create the optimizer after moving the model")
-        if b.flat_param is not None and not b.param_ptrs_ok():
+        if b.flat_param is not None:
             # a param's data was replaced (e.g. param.data = ...): take it back into the buffer
             for p, off in zip(b.params, b.offsets):
                 view = b.flat_param[off:off + p.numel()]

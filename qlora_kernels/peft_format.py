@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import nn as qnn
+
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_WEIGHTS_NAME_BIN = "adapter_model.bin"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
@@ -101,7 +103,7 @@ def _target_modules(model: nn.Module, paths: list[str]) -> list[str]:
     names = sorted({p.rsplit(".", 1)[-1] for p in paths})
     chosen = set(paths)
     matched = {name for name, _ in model.named_modules()
-               if name and any(name == n or name.endswith("." + n) for n in names)}
+               if name and qnn.name_matches(name, names)}
     return names if matched == chosen else sorted(paths)
 
 
@@ -355,14 +357,9 @@ def load_adapter(model: nn.Module, adapter_dir: str | os.PathLike, *, strict: bo
 
 def _convert_to_lora(model: nn.Module, path: str, layer: nn.Module, r: int, alpha, dropout: float) -> nn.Module:
     """Swaps a plain ``Linear4bit`` at ``path`` for a ``LoRALinear4bit`` of rank r."""
-    from . import nn as qnn
-
-    lora_cls = getattr(qnn, "LoRALinear4bit", None)
-    if lora_cls is None or not isinstance(layer, qnn.Linear4bit):
+    if not isinstance(layer, qnn.Linear4bit):
         raise ValueError(f"adapter_dir: the adapter has weights for {path}, which is a "
                          f"{type(layer).__name__}, not a LoRA layer (apply qlora_kernels.add_lora first)")
-    new = lora_cls.from_linear4bit(layer, r=r, alpha=alpha, dropout=dropout)
-    parent_path, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, child, new)
+    new = qnn.LoRALinear4bit.from_linear4bit(layer, r=r, alpha=alpha, dropout=dropout)
+    qnn.set_submodule(model, path, new)
     return new

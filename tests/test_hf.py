@@ -197,7 +197,7 @@ def test_load_adapter_errors(rng, tmp_path):
 # quantize_model
 import qlora_kernels as qk  # noqa: E402
 from qlora_kernels import hf  # noqa: E402
-from qlora_kernels.nn import Linear4bit, LoRALinear4bit  # noqa: E402
+from qlora_kernels.nn import Linear4bit, LoRALinear4bit, set_submodule  # noqa: E402
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "bnb_tiny_llama")
 
@@ -215,7 +215,7 @@ def dequantized_float_copy(model, dtype=torch.float32):
                 linear.weight.copy_(module.dequantize(torch.float32))
                 if module.bias is not None:
                     linear.bias.copy_(module.bias)
-            hf._set_submodule(ref, name, linear)
+            set_submodule(ref, name, linear)
     return ref.to(dtype)
 
 
