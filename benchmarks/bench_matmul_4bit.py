@@ -15,7 +15,6 @@ crossover to the dequantize path.
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 import torch.nn.functional as Fn
@@ -39,15 +38,6 @@ def model_of(shape: str) -> str:
     return next((m for m, shapes in LLAMA_SHAPES.items() if shape in shapes), "")
 
 
-def weight_bytes_4bit(N: int, K: int, blocksize: int = 64, nested: bool = True) -> int:
-    """Bytes of W read by a 4-bit matmul: packed nibbles plus absmax (8-bit codes and the
-    float32 nested absmax with double quant, else float32 per block)."""
-    n = N * K
-    nblocks = math.ceil(n / blocksize)
-    absmax = nblocks + 4 * math.ceil(nblocks / 256) if nested else 4 * nblocks
-    return (n + 1) // 2 + absmax
-
-
 def make_cases(N: int, K: int, copies: int, bnb_F):
     """Per implementation: (function of one rotated input, list of inputs, weight bytes)."""
     import qlora_kernels as qk
@@ -55,7 +45,7 @@ def make_cases(N: int, K: int, copies: int, bnb_F):
 
     W16 = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
     ours = [qk.quantize_4bit(W, "nf4", 64, double_quant=True) for W in W16]
-    b4 = weight_bytes_4bit(N, K)
+    b4 = common.format_bytes(N * K)
     cases = {
         "bf16": (lambda item: Fn.linear(item[0], item[1]), W16, 2 * N * K),
         "ours": (lambda item: qk.matmul_4bit(item[0], *item[1]), ours, b4),

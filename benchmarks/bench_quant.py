@@ -11,21 +11,12 @@ when they can (the CUDA extension and Triton).
 from __future__ import annotations
 
 import argparse
-import math
 
 import torch
 
 import common
 
 DEFAULT_SHAPES = "4096x4096,8192x8192,28672x8192"
-
-
-def format_bytes(n: int, double_quant: bool, blocksize: int = 64) -> int:
-    """Bytes of the 4-bit form: packed nibbles plus absmax (8-bit codes + nested fp32)."""
-    nblocks = math.ceil(n / blocksize)
-    if double_quant:
-        return (n + 1) // 2 + nblocks + 4 * math.ceil(nblocks / 256)
-    return (n + 1) // 2 + 4 * nblocks
 
 
 def implementations():
@@ -96,7 +87,7 @@ def main():
         N, K = (int(v) for v in shape_text.lower().split("x"))
         n = N * K
         for double_quant in (True, False):
-            q_bytes = 2 * n + format_bytes(n, double_quant)
+            q_bytes = 2 * n + common.format_bytes(n, double_quant)
             copies = common.copies_for(q_bytes)
             Ws = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
             cases = {name: quantizer(ops, double_quant) for name, ops in impls.items()}

@@ -18,7 +18,7 @@ import torch
 import common
 from bench_matmul_4bit import ALL_SHAPES, make_cases, model_of
 
-BOUND = 16 / 4.127
+BOUND = common.BANDWIDTH_BOUND
 
 
 def measure(shapes, bnb_F):

@@ -11,9 +11,13 @@ import argparse
 import glob
 import json
 import os
+import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BOUND = 16 / 4.127
+sys.path.insert(0, HERE)
+import common  # noqa: E402
+
+BOUND = common.BANDWIDTH_BOUND
 
 
 def load(results_dir):
