@@ -33,7 +33,7 @@ def _to_param_dtype(x, dtype: tl.constexpr):
 
 
 @triton.jit
-def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, n, decay, one_minus_beta1, beta2, one_minus_beta2,
+def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, n, decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
                   eps, neg_step_size, bc2_sqrt, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
@@ -62,6 +62,6 @@ def adamw_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, e
     with _on_device(param):
         _adamw_kernel[(triton.cdiv(n, _BLOCK),)](
             param, grad, exp_avg, exp_avg_sq, n,
-            1.0 - lr * weight_decay, 1.0 - beta1, beta2, 1.0 - beta2, eps,
+            1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2, eps,
             -(lr / bias_correction1), bias_correction2**0.5, BLOCK=_BLOCK, num_warps=4,
         )
