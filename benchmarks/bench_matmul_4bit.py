@@ -4,7 +4,9 @@ bitsandbytes' ``matmul_4bit``, on LLaMA layer shapes, for decode batches.
     python benchmarks/bench_matmul_4bit.py [--shapes 4096x4096,...] [--m 1,4,16] [--quick] [--json out.json]
 
 Shapes are W's ``N x K`` (out x in features). One row per (shape, M, implementation): median
-time with the weights rotated past L2, effective GB/s of weight traffic (4-bit: packed bytes
+GPU time with the weights rotated past L2 (calls replayed from a CUDA graph, so the time is the
+kernels' own: a decode step captured in a graph pays nothing else; the eager time, CPU launch
+overhead included, is printed beside it), effective GB/s of weight traffic (4-bit: packed bytes
 + absmax bytes; bf16: 2 bytes a weight), % of the device copy rate measured in the same run,
 and the speedup over bf16 and over bitsandbytes. ``ours`` is the public path (fused kernel up
 to ``fused_max_m()`` rows, dequantize + cuBLAS above); ``triton`` is the Triton kernel called
@@ -71,7 +73,7 @@ def run(shapes, ms, copy_gbs, bnb_F, rep_ms):
     from qlora_kernels.matmul import fused_max_m
 
     header = (f"{'model':<5}{'shape':<13}{'M':>4} {'impl':<8}{'path':<7}{'time us':>9}{'GB/s':>7}{'% copy':>8}"
-              f"{'vs bf16':>9}{'vs bnb':>8}")
+              f"{'vs bf16':>9}{'vs bnb':>8}{'eager us':>10}")
     print(header)
     print("-" * len(header))
     rows = []
@@ -82,10 +84,11 @@ def run(shapes, ms, copy_gbs, bnb_F, rep_ms):
         cases = make_cases(N, K, copies, bnb_F)
         for M in ms:
             xs = [torch.randn(M, K, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
-            times = {}
+            times, eager = {}, {}
             for name, (fn, pool, _) in cases.items():
                 items = list(zip(xs, pool))
-                times[name] = common.bench(lambda item, fn=fn: fn(item), items, rep_ms=rep_ms)
+                times[name], eager[name] = common.bench_gpu_and_eager(
+                    name, lambda item, fn=fn: fn(item), items, rep_ms=rep_ms)
             for name, ms_ in times.items():
                 nbytes = cases[name][2]
                 gbs = nbytes / ms_ / 1e6
@@ -95,9 +98,9 @@ def run(shapes, ms, copy_gbs, bnb_F, rep_ms):
                     "deq" if name == "ours" else "")
                 print(f"{model_of(shape):<5}{shape:<13}{M:>4} {name:<8}{path:<7}{ms_ * 1e3:>9.1f}{gbs:>7.0f}"
                       f"{100 * gbs / copy_gbs:>7.1f}%{vs_bf16:>8.2f}x"
-                      + (f"{vs_bnb:>7.2f}x" if vs_bnb else ""), flush=True)
+                      + (f"{vs_bnb:>7.2f}x" if vs_bnb else " " * 8) + f"{eager[name] * 1e3:>10.1f}", flush=True)
                 rows.append({"model": model_of(shape), "shape": shape, "N": N, "K": K, "M": M, "impl": name,
-                             "path": path, "ms": ms_, "weight_bytes": nbytes, "gbs": gbs,
+                             "path": path, "ms": ms_, "eager_ms": eager[name], "weight_bytes": nbytes, "gbs": gbs,
                              "pct_copy": 100 * gbs / copy_gbs, "speedup_vs_bf16": vs_bf16,
                              "speedup_vs_bnb": vs_bnb})
             del xs

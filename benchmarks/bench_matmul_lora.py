@@ -100,14 +100,7 @@ def run_case(N, K, M, r, p, weights, bnb, x, dy):
             clear()
             fwd(w).backward(dy)
 
-        eager[name] = common.bench(step, weights)
-        try:
-            times[name] = common.bench_graph(step, weights)
-        except RuntimeError as err:  # not capturable: fall back to the eager time, and say so
-            print(f"# {name}: CUDA graph capture failed ({str(err).splitlines()[0][:80]}); eager time used",
-                  flush=True)
-            torch.cuda.synchronize()
-            times[name] = eager[name]
+        times[name], eager[name] = common.bench_gpu_and_eager(name, step, weights)
         w0 = weights[0]
         packed, state = w0["ours"]
         # weights are not activations: the frozen base in any form, and the LoRA parameters

@@ -128,6 +128,20 @@ def bench_graph(fn_of_input, inputs: list, reps: int = 25) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def bench_gpu_and_eager(name: str, fn_of_input, inputs: list, rep_ms: float = 200) -> tuple[float, float]:
+    """(GPU milliseconds from a CUDA graph, eager milliseconds with launch overhead) of one
+    fn_of_input call. A call that cannot be captured gets its eager time for both, and a line
+    saying so."""
+    eager = bench(fn_of_input, inputs, rep_ms=rep_ms)
+    try:
+        gpu = bench_graph(fn_of_input, inputs)
+    except RuntimeError as err:
+        print(f"# {name}: CUDA graph capture failed ({str(err).splitlines()[0][:80]}); eager time used", flush=True)
+        torch.cuda.synchronize()
+        gpu = eager
+    return gpu, eager
+
+
 def copy_bandwidth_gbs(nbytes: int = 2**30) -> float:
     """Device-to-device copy rate, bytes read + written per second: the 100% of '% of peak'."""
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
