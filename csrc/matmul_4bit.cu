@@ -32,6 +32,11 @@
 // over K (the tests bound the result at 1e-2 for bf16 and 2e-3 for fp16).
 #include <torch/library.h>
 
+#include <cooperative_groups.h>
+
+#include <cstdlib>
+#include <type_traits>
+
 #include "common.cuh"
 
 namespace qlora_kernels {
@@ -89,30 +94,41 @@ struct StepLoads {
   float na, nb;      // the nested absmax (double quant only)
 };
 
-__device__ __forceinline__ StepLoads load_step(const uint8_t* wa, const uint8_t* wb, int64_t ea,
-                                               int64_t eb, int k0, bool k_ok,
+// Where one lane's weight row starts: its bytes, and its first element's absmax block and the
+// element's offset inside that block, so that a step's block index is 32-bit arithmetic (the
+// host checks that the block count fits in 31 bits).
+struct RowStart {
+  const uint8_t* bytes;
+  uint32_t block;
+  uint32_t in_block;
+};
+
+__device__ __forceinline__ RowStart row_start(const uint8_t* packed, int row, int K, int lg_bs) {
+  const int64_t e = static_cast<int64_t>(row) * K;
+  return {packed + e / 2, static_cast<uint32_t>(e >> lg_bs), static_cast<uint32_t>(e & ((int64_t{1} << lg_bs) - 1))};
+}
+
+__device__ __forceinline__ StepLoads load_step(const RowStart& ra, const RowStart& rb, int k0, bool k_ok,
                                                const void* __restrict__ absmax, bool nested,
                                                const float* __restrict__ nested_absmax, int lg_bs,
                                                int lg_nbs) {
+  // Predicated loads, no branch: a step past K loads nothing and its registers are zero.
   StepLoads l;
   const uint4 zero = make_uint4(0, 0, 0, 0);
-  l.wa = zero;
-  l.wb = zero;
-  l.ra = l.rb = 0u;
-  l.na = l.nb = 0.0f;
-  if (!k_ok) return l;
   // Evict-first: each weight byte is read once; x stays cached for the other CTAs.
-  l.wa = __ldcs(reinterpret_cast<const uint4*>(wa + k0 / 2));
-  l.wb = __ldcs(reinterpret_cast<const uint4*>(wb + k0 / 2));
-  const int64_t ba = (ea + k0) >> lg_bs, bb = (eb + k0) >> lg_bs;
+  l.wa = k_ok ? __ldcs(reinterpret_cast<const uint4*>(ra.bytes + k0 / 2)) : zero;
+  l.wb = k_ok ? __ldcs(reinterpret_cast<const uint4*>(rb.bytes + k0 / 2)) : zero;
+  const uint32_t ba = ra.block + ((ra.in_block + k0) >> lg_bs);
+  const uint32_t bb = rb.block + ((rb.in_block + k0) >> lg_bs);
   if (nested) {
-    l.ra = __ldg(static_cast<const uint8_t*>(absmax) + ba);
-    l.rb = __ldg(static_cast<const uint8_t*>(absmax) + bb);
-    l.na = __ldg(nested_absmax + (ba >> lg_nbs));
-    l.nb = __ldg(nested_absmax + (bb >> lg_nbs));
+    l.ra = k_ok ? __ldg(static_cast<const uint8_t*>(absmax) + ba) : 0u;
+    l.rb = k_ok ? __ldg(static_cast<const uint8_t*>(absmax) + bb) : 0u;
+    l.na = k_ok ? __ldg(nested_absmax + (ba >> lg_nbs)) : 0.0f;
+    l.nb = k_ok ? __ldg(nested_absmax + (bb >> lg_nbs)) : 0.0f;
   } else {
-    l.ra = __float_as_uint(__ldg(static_cast<const float*>(absmax) + ba));
-    l.rb = __float_as_uint(__ldg(static_cast<const float*>(absmax) + bb));
+    l.ra = k_ok ? __float_as_uint(__ldg(static_cast<const float*>(absmax) + ba)) : 0u;
+    l.rb = k_ok ? __float_as_uint(__ldg(static_cast<const float*>(absmax) + bb)) : 0u;
+    l.na = l.nb = 0.0f;
   }
   return l;
 }
@@ -121,8 +137,9 @@ __device__ __forceinline__ StepLoads load_step(const uint8_t* wa, const uint8_t*
 template <typename T>
 __device__ __forceinline__ uint32_t chunk_scale(uint32_t raw, float nested_value, bool k_ok,
                                                 bool nested, const float* s_code8, float offset) {
-  if (!k_ok) return 0u;
-  const float a = nested ? s_code8[raw] * nested_value + offset : __uint_as_float(raw);
+  // Branch-free: a zero scale past K; the table read is harmless when not nested.
+  const float decoded = fmaf(s_code8[raw & 0xffu], nested_value, offset);
+  const float a = k_ok ? (nested ? decoded : __uint_as_float(raw)) : 0.0f;
   const T h = from_float<T>(a);
   typename Pair<T>::type p;
   p.x = h;
@@ -148,17 +165,25 @@ __device__ __forceinline__ uint32_t word_of(const uint4& u, int i) {
   return i == 0 ? u.x : i == 1 ? u.y : i == 2 ? u.z : u.w;
 }
 
-// kT: n-tiles of 8 tokens per warp (1, 2, 4 or 8: up to 64 tokens per CTA).
-template <typename T, int kT>
+// kT: n-tiles of 8 tokens per warp (up to 64 tokens per CTA). kR: 16-row tiles per warp, all fed
+// by the same x fragments (x is read from L2 once per kR * 16 weight rows instead of once per 16).
+// kD: steps of weight loads in flight per warp. split: CTAs of a thread-block cluster (sm_90) that
+// share one output tile, each taking every split-th slice of K; they add their partial tiles
+// through distributed shared memory, in a fixed order (deterministic, no workspace, one launch).
+template <typename T, int kT, int kR, int kD>
 __global__ void __launch_bounds__(kMmThreads)
     matmul_4bit_kernel(const T* __restrict__ x, const uint8_t* __restrict__ packed,
                        const void* __restrict__ absmax, const float* __restrict__ nested_absmax,
                        const float* __restrict__ nested_code, const float* __restrict__ offset,
                        const T* __restrict__ bias, T* __restrict__ out, int M, int N, int K,
-                       int lg_bs, int lg_nbs, int quant_type, bool nested) {
+                       int lg_bs, int lg_nbs, int quant_type, bool nested, int split) {
+  // One warp's accumulators; after the main loop the table's memory holds all warps' copies.
+  constexpr int kTileFloats = 4 * kR * kT * 32;
+  static_assert(kMmWarps * kTileFloats <= kTableWords, "partial tiles must fit in the table's memory");
   // The byte -> pair table; after the main loop the same memory holds the warps' partial sums.
   __shared__ __align__(16) uint32_t s_table[kTableWords];
   __shared__ float s_code8[256];
+  __shared__ float s_part[kTileFloats];  // this CTA's partial tile, read by its cluster (split > 1)
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -166,27 +191,35 @@ __global__ void __launch_bounds__(kMmThreads)
   const int g = lane >> 2;
   const int t = lane & 3;
 
-  const int row0 = blockIdx.x * kTileRows;
+  const int row0 = blockIdx.x * kTileRows * kR;
   const int tok0 = blockIdx.y * kT * 8;
-  // Rows past N load row N - 1 (valid memory) and are not stored.
-  const int64_t row_a = min(row0 + g, N - 1);
-  const int64_t row_b = min(row0 + g + 8, N - 1);
-  const uint8_t* wa = packed + row_a * (K / 2);
-  const uint8_t* wb = packed + row_b * (K / 2);
-  const int64_t ea = row_a * K, eb = row_b * K;  // flat index of each row's first element
+  // Warp `slice` of kMmWarps * split takes K steps slice, slice + stride, ...
+  const int slice = blockIdx.z * kMmWarps + warp;
+  const int stride = kMmWarps * split;
+  // This lane's two rows in each row tile. Rows past N load row N - 1 (valid memory) and are
+  // not stored.
+  RowStart lo_row[kR], hi_row[kR];
+#pragma unroll
+  for (int r = 0; r < kR; ++r) {
+    lo_row[r] = row_start(packed, min(row0 + 16 * r + g, N - 1), K, lg_bs);
+    hi_row[r] = row_start(packed, min(row0 + 16 * r + g + 8, N - 1), K, lg_bs);
+  }
   const int nsteps = (K + kStepK - 1) / kStepK;
   // K % 32 == 0: a lane's 32-element chunk is wholly inside K or wholly past it. A lane past
   // K still takes part in the MMAs (they are warp-wide), with a zero scale and zero x.
   auto step_k0 = [&](int step) { return step * kStepK + t * 32; };
-  auto load = [&](int step) {
+  auto load = [&](int r, int step) {
     const int k0 = step_k0(step);
-    return load_step(wa, wb, ea, eb, k0, step < nsteps && k0 < K, absmax, nested, nested_absmax,
+    return load_step(lo_row[r], hi_row[r], k0, step < nsteps && k0 < K, absmax, nested, nested_absmax,
                      lg_bs, lg_nbs);
   };
-  // Two steps of loads are kept in flight ahead of the one being decoded (about 3 KB per warp);
-  // the first ones go out before the table is built, so they overlap with it.
-  StepLoads next = load(warp);
-  StepLoads after_next = load(warp + kMmWarps);
+  // kD steps of loads are kept in flight ahead of the one being decoded; the first ones go out
+  // before the table is built, so they overlap with it.
+  StepLoads ring[kD][kR];
+#pragma unroll
+  for (int d = 0; d < kD; ++d)
+#pragma unroll
+    for (int r = 0; r < kR; ++r) ring[d][r] = load(r, slice + d * stride);
 
   // Table: entry b holds (code[b >> 4], code[b & 15]) as a pair of T, the high nibble (the
   // element at the lower address) in the low half. All 32 copies of an entry are equal, so a
@@ -204,90 +237,208 @@ __global__ void __launch_bounds__(kMmThreads)
   __syncthreads();
 
   const float off = nested ? __ldg(offset) : 0.0f;
-  const uint32_t* table_lane = s_table + lane;
+  // Entry b of this lane's table copy is at byte 128 b + 4 lane. The byte offset of byte j of a
+  // weight word is one mask and one shift, which the compiler folds with the add of this 32-bit
+  // shared address into LOP3 + LEA: three instructions a lookup with the LDS. (Indexing words of
+  // a generic pointer took five, and the lookups are most of the kernel's instructions.)
+  const uint32_t table_lane = static_cast<uint32_t>(__cvta_generic_to_shared(s_table)) + 4 * lane;
+  auto entry = [&](uint32_t byte_offset) {
+    uint32_t v;
+    asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(table_lane + byte_offset));
+    return v;
+  };
+  // Each n-tile's token row of x (a token past M reads row M - 1 and is multiplied by zero).
+  const T* x_tok[kT];
+  bool tok_ok[kT];
+#pragma unroll
+  for (int n = 0; n < kT; ++n) {
+    const int tok = tok0 + n * 8 + g;
+    tok_ok[n] = tok < M;
+    x_tok[n] = x + static_cast<int64_t>(min(tok, M - 1)) * K;
+  }
 
-  float acc[kT][4];
+  float acc[kR][kT][4];
 #pragma unroll
-  for (int n = 0; n < kT; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+  for (int r = 0; r < kR; ++r)
+#pragma unroll
+    for (int n = 0; n < kT; ++n) acc[r][n][0] = acc[r][n][1] = acc[r][n][2] = acc[r][n][3] = 0.0f;
 
-  for (int step = warp; step < nsteps; step += kMmWarps) {
-    const StepLoads cur = next;
-    next = after_next;
-    after_next = load(step + 2 * kMmWarps);
-    const int k0 = step_k0(step);
-    const bool k_ok = k0 < K;
-    const uint4 zero = make_uint4(0, 0, 0, 0);
-    const uint32_t sa = chunk_scale<T>(cur.ra, cur.na, k_ok, nested, s_code8, off);
-    const uint32_t sb = chunk_scale<T>(cur.rb, cur.nb, k_ok, nested, s_code8, off);
+  for (int base = slice; base < nsteps; base += kD * stride) {
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      // x words 4q .. 4q + 3 (elements k0 + 8q .. k0 + 8q + 7) of each n-tile's token g.
-      uint4 xq[kT];
+    for (int d = 0; d < kD; ++d) {
+      const int step = base + d * stride;
+      if (step >= nsteps) break;  // warp-uniform
+      StepLoads cur[kR];
 #pragma unroll
-      for (int n = 0; n < kT; ++n) {
-        const int tok = tok0 + n * 8 + g;
-        xq[n] = k_ok && tok < M ? __ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(tok) * K + k0) + q)
-                                : zero;
+      for (int r = 0; r < kR; ++r) {
+        cur[r] = ring[d][r];
+        ring[d][r] = load(r, step + kD * stride);
       }
-      const uint32_t a_word = word_of(cur.wa, q);
-      const uint32_t b_word = word_of(cur.wb, q);
+      const int k0 = step_k0(step);
+      const bool k_ok = k0 < K;
+      const uint4 zero = make_uint4(0, 0, 0, 0);
+      uint32_t s_lo[kR], s_hi[kR];
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        // Sub-step s = 2q + half: bytes 2s, 2s + 1 of the chunk = bytes 2 half, 2 half + 1 of word q.
-        const int sh = 16 * half;
-        uint32_t a[4];
-        a[0] = scale_pair<T>(table_lane[((a_word >> sh) & 0xffu) << 5], sa);
-        a[2] = scale_pair<T>(table_lane[((a_word >> (sh + 8)) & 0xffu) << 5], sa);
-        a[1] = scale_pair<T>(table_lane[((b_word >> sh) & 0xffu) << 5], sb);
-        a[3] = scale_pair<T>(table_lane[((b_word >> (sh + 8)) & 0xffu) << 5], sb);
+      for (int r = 0; r < kR; ++r) {
+        s_lo[r] = chunk_scale<T>(cur[r].ra, cur[r].na, k_ok, nested, s_code8, off);
+        s_hi[r] = chunk_scale<T>(cur[r].rb, cur[r].nb, k_ok, nested, s_code8, off);
+      }
+      const uint4* x_step[kT];
 #pragma unroll
-        for (int n = 0; n < kT; ++n) {
-          const uint32_t b0 = half ? xq[n].z : xq[n].x;
-          const uint32_t b1 = half ? xq[n].w : xq[n].y;
-          mma_16816<T>(acc[n], a, b0, b1);
+      for (int n = 0; n < kT; ++n) x_step[n] = reinterpret_cast<const uint4*>(x_tok[n] + k0);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        // x words 4q .. 4q + 3 (elements k0 + 8q .. k0 + 8q + 7) of each n-tile's token g.
+        uint4 xq[kT];
+#pragma unroll
+        for (int n = 0; n < kT; ++n) xq[n] = k_ok && tok_ok[n] ? __ldg(x_step[n] + q) : zero;
+#pragma unroll
+        for (int r = 0; r < kR; ++r) {
+          const uint32_t lo_word = word_of(cur[r].wa, q);
+          const uint32_t hi_word = word_of(cur[r].wb, q);
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            // Sub-step s = 2q + half: bytes 2s, 2s + 1 of the chunk = bytes 2 half, 2 half + 1 of
+            // word q; byte j of a word sits at bits 8j, so its table offset 128 b is
+            // (word & (0xff << 8j)) shifted by 7 - 8j.
+            uint32_t a[4];
+            if (half == 0) {
+              a[0] = scale_pair<T>(entry((lo_word & 0xffu) << 7), s_lo[r]);
+              a[2] = scale_pair<T>(entry((lo_word & 0xff00u) >> 1), s_lo[r]);
+              a[1] = scale_pair<T>(entry((hi_word & 0xffu) << 7), s_hi[r]);
+              a[3] = scale_pair<T>(entry((hi_word & 0xff00u) >> 1), s_hi[r]);
+            } else {
+              a[0] = scale_pair<T>(entry((lo_word & 0xff0000u) >> 9), s_lo[r]);
+              a[2] = scale_pair<T>(entry((lo_word & 0xff000000u) >> 17), s_lo[r]);
+              a[1] = scale_pair<T>(entry((hi_word & 0xff0000u) >> 9), s_hi[r]);
+              a[3] = scale_pair<T>(entry((hi_word & 0xff000000u) >> 17), s_hi[r]);
+            }
+#pragma unroll
+            for (int n = 0; n < kT; ++n) {
+              const uint32_t b0 = half ? xq[n].z : xq[n].x;
+              const uint32_t b1 = half ? xq[n].w : xq[n].y;
+              mma_16816<T>(acc[r][n], a, b0, b1);
+            }
+          }
         }
       }
     }
   }
 
-  // Reduce the 8 warps' partial tiles: warp w's accumulator i of lane L at s_red[(w * 4kT + i) * 32 + L].
+  // Reduce the 8 warps' partial tiles: accumulator i of n-tile n of row tile r, lane L, warp w
+  // at s_red[w * kTileFloats + ((r * kT + n) * 4 + i) * 32 + L].
   __syncthreads();  // the table is no longer read
   float* s_red = reinterpret_cast<float*>(s_table);
 #pragma unroll
-  for (int n = 0; n < kT; ++n)
+  for (int r = 0; r < kR; ++r)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) s_red[(warp * 4 * kT + n * 4 + i) * 32 + lane] = acc[n][i];
+    for (int n = 0; n < kT; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) s_red[warp * kTileFloats + ((r * kT + n) * 4 + i) * 32 + lane] = acc[r][n][i];
   __syncthreads();
-  for (int idx = tid; idx < 4 * kT * 32; idx += kMmThreads) {
-    float sum = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kMmWarps; ++w) sum += s_red[w * 4 * kT * 32 + idx];
-    // Accumulator i of n-tile n in lane L: row g (+8 for i >= 2), token 2t + (i & 1).
+  auto store = [&](int idx, float sum) {
+    // Accumulator i of n-tile n of row tile r in lane L: row 16 r + g (+8 for i >= 2), token 2t + (i & 1).
     const int L = idx & 31;
-    const int n = (idx >> 5) / 4;
     const int i = (idx >> 5) & 3;
-    const int row = row0 + (L >> 2) + (i >= 2 ? 8 : 0);
+    const int n = (idx >> 7) % kT;
+    const int r = (idx >> 7) / kT;
+    const int row = row0 + 16 * r + (L >> 2) + (i >= 2 ? 8 : 0);
     const int tok = tok0 + n * 8 + 2 * (L & 3) + (i & 1);
     if (row < N && tok < M) {
       if (bias != nullptr) sum += to_float(bias[row]);
       out[static_cast<int64_t>(tok) * N + row] = from_float<T>(sum);
     }
+  };
+  for (int idx = tid; idx < kTileFloats; idx += kMmThreads) {
+    float sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kMmWarps; ++w) sum += s_red[w * kTileFloats + idx];
+    if (split == 1) {
+      store(idx, sum);
+    } else {
+      s_part[idx] = sum;
+    }
+  }
+  if (split > 1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    // Cluster dims (1, 1, split) over a grid of depth split: the rank is blockIdx.z. Rank c
+    // finishes the 32-float groups j with j % split == c, adding the ranks' parts in rank order.
+    cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
+    cluster.sync();  // every part written
+    const int rank = static_cast<int>(blockIdx.z);
+    for (int idx = tid; idx < kTileFloats; idx += kMmThreads) {
+      if ((idx >> 5) % split != rank) continue;
+      float sum = 0.0f;
+      for (int c = 0; c < split; ++c) sum += cluster.map_shared_rank(s_part, c)[idx];
+      store(idx, sum);
+    }
+    cluster.sync();  // no CTA leaves while another still reads its part
+#else
+    __trap();  // the host launches split > 1 on sm_90+ only
+#endif
   }
 }
 
-template <typename T, int kT>
+// (kR, kD) pairs compiled for each kT; the host picks among them (tile_config below).
+template <int kT, int kR, int kD>
+constexpr bool kCompiled = (kR == 1 && (kD == 2 || kD == 4)) || (kR == 2 && kD == 2 && kT <= 4) ||
+                           (kR == 2 && kD == 4 && kT <= 4) || (kR == 4 && kD == 2 && kT <= 2);
+
+struct TileConfig {
+  int rows = 1;   // kR
+  int depth = 2;  // kD
+  int split = 1;
+};
+
+// The tile shape for M tokens against an [N, K] weight on a GPU of `sms` SMs (major: compute
+// capability). QLORA_KERNELS_MM_TILE="R,D,S" overrides it (for tuning sweeps).
+TileConfig tile_config(int64_t M, int64_t N, int64_t K, int sms, int major) {
+  TileConfig c;
+  const char* env = std::getenv("QLORA_KERNELS_MM_TILE");
+  if (env != nullptr && *env != '\0') {
+    TORCH_CHECK(std::sscanf(env, "%d,%d,%d", &c.rows, &c.depth, &c.split) == 3,
+                "QLORA_KERNELS_MM_TILE: expected \"R,D,S\", got \"", env, "\"");
+    TORCH_CHECK((c.rows == 1 || c.rows == 2 || c.rows == 4) && (c.depth == 2 || c.depth == 4),
+                "QLORA_KERNELS_MM_TILE: R must be 1, 2 or 4 and D 2 or 4, got \"", env, "\"");
+    TORCH_CHECK(c.split == 1 || c.split == 2 || c.split == 4 || c.split == 8,
+                "QLORA_KERNELS_MM_TILE: S must be 1, 2, 4 or 8, got ", c.split);
+    TORCH_CHECK(c.split == 1 || major >= 9, "QLORA_KERNELS_MM_TILE: S > 1 needs a GPU of compute capability 9.0+");
+    return c;
+  }
+  c.rows = M > 8 && M <= 32 ? 2 : 1;
+  c.depth = M <= 8 ? 4 : 2;
+  // Enough CTAs for about two per SM; split K over a cluster (sm_90) when the rows alone give fewer.
+  const int64_t ctas = ceil_div(N, kTileRows * c.rows) * ceil_div(M, 64);
+  while (major >= 9 && c.split < 8 && ctas * c.split < 2 * sms && K / (kStepK * kMmWarps * 2 * c.split) >= 2)
+    c.split *= 2;
+  return c;
+}
+
+template <typename T, int kT, int kR, int kD>
 void launch_matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                         const float* nested_absmax, const float* nested_code, const float* offset,
                         const T* bias, at::Tensor& out, int M, int N, int K, int lg_bs, int lg_nbs,
-                        QuantType qt, bool nested) {
+                        QuantType qt, bool nested, int split) {
   const int64_t token_tiles = ceil_div(M, kT * 8);
   TORCH_CHECK(token_tiles <= 65535, "x: expected at most ", num(65535 * kT * 8), " rows, got ", num(M));
-  const dim3 grid(static_cast<unsigned>(ceil_div(N, kTileRows)), static_cast<unsigned>(token_tiles));
-  matmul_4bit_kernel<T, kT><<<grid, kMmThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const T*>(x.data_ptr()), packed.data_ptr<uint8_t>(), absmax.data_ptr(),
-      nested_absmax, nested_code, offset, bias, reinterpret_cast<T*>(out.data_ptr()), M, N, K,
-      lg_bs, lg_nbs, static_cast<int>(qt), nested);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(ceil_div(N, kTileRows * kR)), static_cast<unsigned>(token_tiles),
+                        static_cast<unsigned>(split));
+  config.blockDim = dim3(kMmThreads);
+  config.dynamicSmemBytes = 0;
+  config.stream = c10::cuda::getCurrentCUDAStream();
+  cudaLaunchAttribute cluster;
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = 1;
+  cluster.val.clusterDim.y = 1;
+  cluster.val.clusterDim.z = static_cast<unsigned>(split);
+  config.attrs = &cluster;
+  config.numAttrs = split > 1 ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, matmul_4bit_kernel<T, kT, kR, kD>,
+                                    reinterpret_cast<const T*>(x.data_ptr()), packed.data_ptr<uint8_t>(),
+                                    absmax.data_ptr(), nested_absmax, nested_code, offset, bias,
+                                    reinterpret_cast<T*>(out.data_ptr()), M, N, K, lg_bs, lg_nbs,
+                                    static_cast<int>(qt), nested, split));
 }
 
 at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
@@ -313,6 +464,8 @@ at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
   TORCH_CHECK(N > 0, "N: expected > 0, got ", num(N));
   TORCH_CHECK(N * K < (int64_t{1} << 40) && M < (int64_t{1} << 31) && N < (int64_t{1} << 31),
               "x, N: sizes out of range");
+  TORCH_CHECK(ceil_div(N * K, blocksize) < (int64_t{1} << 31), "N, blocksize: more than 2^31 absmax blocks (",
+              num(ceil_div(N * K, blocksize)), "); the fused kernel indexes them in 31 bits");
   const int lg_bs = log2_blocksize(blocksize, "blocksize");
   const QuantType qt = parse_quant_type(quant_type);
   check_numel(packed, "packed", N * K / 2, "N * K / 2 bytes");
@@ -347,28 +500,54 @@ at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
   }
 
   const c10::cuda::CUDAGuard guard(x.device());
-  int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.get_device()));
-  TORCH_CHECK(major >= 8, "x: the fused 4-bit matmul needs a GPU of compute capability 8.0 or newer "
+  const DeviceInfo device = device_info(x.get_device());
+  TORCH_CHECK(device.major >= 8, "x: the fused 4-bit matmul needs a GPU of compute capability 8.0 or newer "
               "(bf16/fp16 tensor-core MMA); qlora_kernels.matmul_4bit takes the dequantize path on older GPUs");
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0) return out;
   const float* na = nested ? nested_absmax->data_ptr<float>() : nullptr;
   const float* nc = nested ? nested_code->data_ptr<float>() : nullptr;
   const float* off = nested ? offset->data_ptr<float>() : nullptr;
+  const TileConfig tile = tile_config(M, N, K, device.sms, device.major);
+  bool launched = false;
   auto run = [&](auto tag) {
     using T = typename decltype(tag)::type;
     const T* b = bias.has_value() ? reinterpret_cast<const T*>(bias->data_ptr()) : nullptr;
     const int m = static_cast<int>(M), n = static_cast<int>(N), k = static_cast<int>(K);
-    // Fewest n-tiles that hold M tokens (beyond 64 tokens, more CTAs along y).
+    // Fewest n-tiles that hold M tokens (beyond 64 tokens, more CTAs along y), then the compiled
+    // (kR, kD) that tile_config asked for.
+    auto with_tokens = [&](auto tokens) {
+      constexpr int kT = decltype(tokens)::value;
+      auto try_tile = [&](auto rows, auto depth, int want_rows, int want_depth) {
+        constexpr int kR = decltype(rows)::value, kD = decltype(depth)::value;
+        if constexpr (kCompiled<kT, kR, kD>) {
+          if (!launched && want_rows == kR && want_depth == kD) {
+            launch_matmul_4bit<T, kT, kR, kD>(x, packed, absmax, na, nc, off, b, out, m, n, k, lg_bs,
+                                              lg_nbs, qt, nested, tile.split);
+            launched = true;
+          }
+        }
+      };
+      using I1 = std::integral_constant<int, 1>;
+      using I2 = std::integral_constant<int, 2>;
+      using I4 = std::integral_constant<int, 4>;
+      try_tile(I1{}, I2{}, tile.rows, tile.depth);
+      try_tile(I1{}, I4{}, tile.rows, tile.depth);
+      try_tile(I2{}, I2{}, tile.rows, tile.depth);
+      try_tile(I2{}, I4{}, tile.rows, tile.depth);
+      try_tile(I4{}, I2{}, tile.rows, tile.depth);
+      // An override asking for more row tiles than are compiled for this many tokens: one.
+      try_tile(I1{}, I2{}, 1, tile.depth);
+      try_tile(I1{}, I4{}, 1, tile.depth);
+    };
     if (M <= 8) {
-      launch_matmul_4bit<T, 1>(x, packed, absmax, na, nc, off, b, out, m, n, k, lg_bs, lg_nbs, qt, nested);
+      with_tokens(std::integral_constant<int, 1>{});
     } else if (M <= 16) {
-      launch_matmul_4bit<T, 2>(x, packed, absmax, na, nc, off, b, out, m, n, k, lg_bs, lg_nbs, qt, nested);
+      with_tokens(std::integral_constant<int, 2>{});
     } else if (M <= 32) {
-      launch_matmul_4bit<T, 4>(x, packed, absmax, na, nc, off, b, out, m, n, k, lg_bs, lg_nbs, qt, nested);
+      with_tokens(std::integral_constant<int, 4>{});
     } else {
-      launch_matmul_4bit<T, 8>(x, packed, absmax, na, nc, off, b, out, m, n, k, lg_bs, lg_nbs, qt, nested);
+      with_tokens(std::integral_constant<int, 8>{});
     }
   };
   if (x.scalar_type() == at::kBFloat16) {
@@ -376,6 +555,8 @@ at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
   } else {
     run(TypeTag<__half>{});
   }
+  TORCH_CHECK(launched, "QLORA_KERNELS_MM_TILE: no compiled tile (R=", tile.rows, ", D=", tile.depth,
+              ") for ", num(M), " tokens");
   return out;
 }
 
