@@ -250,24 +250,18 @@ inline int grid_size(Kernel kernel, int threads, int64_t ctas_of_work) {
   return static_cast<int>(ctas_of_work < resident ? ctas_of_work : resident);
 }
 
-// Compute capability and SM count of a device, asked once per device: the attribute queries
-// cost about as much host time as a decode-sized kernel runs.
-struct DeviceInfo {
-  int major = 0;
-  int sms = 0;
-};
-
-inline DeviceInfo device_info(int device) {
+// The compute capability major of a device, asked once per device: the attribute query costs
+// about as much host time as a decode-sized kernel runs.
+inline int compute_capability_major(int device) {
   static std::mutex mutex;
-  static std::vector<std::pair<int, DeviceInfo>> cache;
+  static std::vector<std::pair<int, int>> cache;
   std::lock_guard<std::mutex> lock(mutex);
   for (const auto& e : cache)
     if (e.first == device) return e.second;
-  DeviceInfo info;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, device));
-  cache.emplace_back(device, info);
-  return info;
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  cache.emplace_back(device, major);
+  return major;
 }
 
 }  // namespace qlora_kernels

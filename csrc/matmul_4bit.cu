@@ -6,9 +6,10 @@
 // At M = 1..64 the layer is bound by the bytes of W, so the kernel is built around moving them:
 //
 // * Tensor cores do the arithmetic: mma.sync m16n8k16 with W as the A operand (16 weight rows)
-//   and x^T as B (8 tokens), float32 accumulators. A warp owns 16 rows and T * 8 tokens (T
-//   n-tiles of 8), so each decoded weight fragment feeds T MMAs: for M > 1 the decode is paid
-//   once for all rows of x.
+//   and x^T as B (8 tokens), float32 accumulators. A warp owns R row tiles of 16 rows and T * 8
+//   tokens (T n-tiles of 8): each decoded weight fragment feeds T MMAs (for M > 1 the decode is
+//   paid once for all rows of x), and each x fragment feeds R row tiles (x is re-read from L2
+//   once per 16 R weight rows, which is what bounds 16-32 tokens).
 // * No data shuffling: a dot product does not care in which order it walks K, only that A and B
 //   walk it in the same order. Lane (g = lane / 4, t = lane % 4) loads 16 bytes (32 elements
 //   k0 .. k0 + 31, k0 = 128 * step + 32 * t) of weight rows g and g + 8, and the 64 bytes of x
@@ -22,17 +23,20 @@
 //   lanes' random bytes never conflict: 32 KB of shared memory, written with 16-byte stores.
 // * A 32-element chunk never straddles an absmax block (blocks are multiples of 32 and K % 32
 //   == 0), so each chunk has one scale.
-// * Split-K inside the CTA: its 8 warps take the K steps of one 16-row tile round-robin and
+// * Split-K inside the CTA: its 8 warps take the K steps of one 16 R-row tile round-robin and
 //   reduce through shared memory at the end. One launch, no workspace, deterministic sums; an
-//   N = 4096 layer still gives 256 CTAs of 8 warps (about two per SM on an H100).
+//   N = 4096 layer still gives 256 CTAs of 8 warps at R = 1 (about two per SM on an H100).
+// * Each warp keeps D steps of weight loads in flight (a register ring) while it decodes one.
+// * What bounds it (ncu, H100, M = 1, 22016 x 8192): instructions, not DRAM. The table lookups,
+//   HMUL2s and MMAs are most of them (about 280 a warp step of 1 KB of weights, down from 390
+//   with word-indexed lookups and 64-bit block arithmetic); DRAM ran at 47% of peak with issue
+//   slots 65% busy at 37% occupancy.
 //
 // Numerics: code values are rounded to x's 16-bit type, multiplied by the absmax (also rounded
 // to it) in that type, then summed by the MMA in float32. That is two more roundings than
 // x.float() @ dequantize(W).float().T: about 2^-8 relative per weight for bf16, averaging out
 // over K (the tests bound the result at 1e-2 for bf16 and 2e-3 for fp16).
 #include <torch/library.h>
-
-#include <cooperative_groups.h>
 
 #include <cstdlib>
 #include <type_traits>
@@ -167,23 +171,21 @@ __device__ __forceinline__ uint32_t word_of(const uint4& u, int i) {
 
 // kT: n-tiles of 8 tokens per warp (up to 64 tokens per CTA). kR: 16-row tiles per warp, all fed
 // by the same x fragments (x is read from L2 once per kR * 16 weight rows instead of once per 16).
-// kD: steps of weight loads in flight per warp. split: CTAs of a thread-block cluster (sm_90) that
-// share one output tile, each taking every split-th slice of K; they add their partial tiles
-// through distributed shared memory, in a fixed order (deterministic, no workspace, one launch).
+// kD: steps of weight loads in flight per warp. (Splitting K over the CTAs of a cluster, adding
+// the partial tiles through distributed shared memory, was tried on the H100 and never won.)
 template <typename T, int kT, int kR, int kD>
 __global__ void __launch_bounds__(kMmThreads)
     matmul_4bit_kernel(const T* __restrict__ x, const uint8_t* __restrict__ packed,
                        const void* __restrict__ absmax, const float* __restrict__ nested_absmax,
                        const float* __restrict__ nested_code, const float* __restrict__ offset,
                        const T* __restrict__ bias, T* __restrict__ out, int M, int N, int K,
-                       int lg_bs, int lg_nbs, int quant_type, bool nested, int split) {
+                       int lg_bs, int lg_nbs, int quant_type, bool nested) {
   // One warp's accumulators; after the main loop the table's memory holds all warps' copies.
   constexpr int kTileFloats = 4 * kR * kT * 32;
   static_assert(kMmWarps * kTileFloats <= kTableWords, "partial tiles must fit in the table's memory");
   // The byte -> pair table; after the main loop the same memory holds the warps' partial sums.
   __shared__ __align__(16) uint32_t s_table[kTableWords];
   __shared__ float s_code8[256];
-  __shared__ float s_part[kTileFloats];  // this CTA's partial tile, read by its cluster (split > 1)
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -193,9 +195,9 @@ __global__ void __launch_bounds__(kMmThreads)
 
   const int row0 = blockIdx.x * kTileRows * kR;
   const int tok0 = blockIdx.y * kT * 8;
-  // Warp `slice` of kMmWarps * split takes K steps slice, slice + stride, ...
-  const int slice = blockIdx.z * kMmWarps + warp;
-  const int stride = kMmWarps * split;
+  // Warp w takes K steps w, w + kMmWarps, ...
+  const int slice = warp;
+  constexpr int stride = kMmWarps;
   // This lane's two rows in each row tile. Rows past N load row N - 1 (valid memory) and are
   // not stored.
   RowStart lo_row[kR], hi_row[kR];
@@ -353,64 +355,44 @@ __global__ void __launch_bounds__(kMmThreads)
     float sum = 0.0f;
 #pragma unroll
     for (int w = 0; w < kMmWarps; ++w) sum += s_red[w * kTileFloats + idx];
-    if (split == 1) {
-      store(idx, sum);
-    } else {
-      s_part[idx] = sum;
-    }
-  }
-  if (split > 1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    // Cluster dims (1, 1, split) over a grid of depth split: the rank is blockIdx.z. Rank c
-    // finishes the 32-float groups j with j % split == c, adding the ranks' parts in rank order.
-    cooperative_groups::cluster_group cluster = cooperative_groups::this_cluster();
-    cluster.sync();  // every part written
-    const int rank = static_cast<int>(blockIdx.z);
-    for (int idx = tid; idx < kTileFloats; idx += kMmThreads) {
-      if ((idx >> 5) % split != rank) continue;
-      float sum = 0.0f;
-      for (int c = 0; c < split; ++c) sum += cluster.map_shared_rank(s_part, c)[idx];
-      store(idx, sum);
-    }
-    cluster.sync();  // no CTA leaves while another still reads its part
-#else
-    __trap();  // the host launches split > 1 on sm_90+ only
-#endif
+    store(idx, sum);
   }
 }
 
-// (kR, kD) pairs compiled for each kT; the host picks among them (tile_config below).
+// The (kR, kD) compiled for each kT: the ones tile_config picks (from a sweep of kR 1, 2, 4 and
+// kD 2, 4 over the LLaMA shapes on an H100; benchmarks/bench_matmul_4bit.py).
 template <int kT, int kR, int kD>
-constexpr bool kCompiled = (kR == 1 && (kD == 2 || kD == 4)) || (kR == 2 && kD == 2 && kT <= 4) ||
-                           (kR == 2 && kD == 4 && kT <= 4) || (kR == 4 && kD == 2 && kT <= 2);
+constexpr bool kCompiled = (kT == 1 && kR == 1) || (kT == 2 && kR == 2) || (kT == 2 && kR == 4 && kD == 2) ||
+                           (kT == 4 && kR == 2 && kD == 2) || (kT == 8 && kR == 1);
 
 struct TileConfig {
   int rows = 1;   // kR
   int depth = 2;  // kD
-  int split = 1;
 };
 
-// The tile shape for M tokens against an [N, K] weight on a GPU of `sms` SMs (major: compute
-// capability). QLORA_KERNELS_MM_TILE="R,D,S" overrides it (for tuning sweeps).
-TileConfig tile_config(int64_t M, int64_t N, int64_t K, int sms, int major) {
+// The tile shape for M tokens against an [N, K] weight. Measured on an H100 (sweep of every
+// compiled shape): one row tile up to 8 tokens (the decode is the cost, more rows only cut the
+// CTA count); 2 or 4 row tiles at 9-32 tokens, where re-reading x from L2 for every 16 rows is
+// the cost, 4 only while N / 64 still gives most SMs a CTA; a deeper load ring when K is long
+// against N (fewer, longer rows: each warp has more steps to keep in flight).
+// QLORA_KERNELS_MM_TILE="R,D" overrides it, for tuning sweeps (a pair not compiled for this
+// many tokens falls back to the measured choice).
+TileConfig tile_config(int64_t M, int64_t N, int64_t K, bool allow_override) {
   TileConfig c;
-  const char* env = std::getenv("QLORA_KERNELS_MM_TILE");
+  const char* env = allow_override ? std::getenv("QLORA_KERNELS_MM_TILE") : nullptr;
   if (env != nullptr && *env != '\0') {
-    TORCH_CHECK(std::sscanf(env, "%d,%d,%d", &c.rows, &c.depth, &c.split) == 3,
-                "QLORA_KERNELS_MM_TILE: expected \"R,D,S\", got \"", env, "\"");
-    TORCH_CHECK((c.rows == 1 || c.rows == 2 || c.rows == 4) && (c.depth == 2 || c.depth == 4),
-                "QLORA_KERNELS_MM_TILE: R must be 1, 2 or 4 and D 2 or 4, got \"", env, "\"");
-    TORCH_CHECK(c.split == 1 || c.split == 2 || c.split == 4 || c.split == 8,
-                "QLORA_KERNELS_MM_TILE: S must be 1, 2, 4 or 8, got ", c.split);
-    TORCH_CHECK(c.split == 1 || major >= 9, "QLORA_KERNELS_MM_TILE: S > 1 needs a GPU of compute capability 9.0+");
+    TORCH_CHECK(std::sscanf(env, "%d,%d", &c.rows, &c.depth) == 2,
+                "QLORA_KERNELS_MM_TILE: expected \"R,D\", got \"", env, "\"");
     return c;
   }
-  c.rows = M > 8 && M <= 32 ? 2 : 1;
-  c.depth = M <= 8 ? 4 : 2;
-  // Enough CTAs for about two per SM; split K over a cluster (sm_90) when the rows alone give fewer.
-  const int64_t ctas = ceil_div(N, kTileRows * c.rows) * ceil_div(M, 64);
-  while (major >= 9 && c.split < 8 && ctas * c.split < 2 * sms && K / (kStepK * kMmWarps * 2 * c.split) >= 2)
-    c.split *= 2;
+  c.depth = K >= 2 * N ? 4 : 2;
+  if (M > 8 && M <= 16) {
+    c.rows = N >= 5120 ? 4 : 2;
+    if (c.rows == 4) c.depth = 2;
+  } else if (M > 16 && M <= 32) {
+    c.rows = 2;
+    c.depth = 2;
+  }
   return c;
 }
 
@@ -418,27 +400,15 @@ template <typename T, int kT, int kR, int kD>
 void launch_matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                         const float* nested_absmax, const float* nested_code, const float* offset,
                         const T* bias, at::Tensor& out, int M, int N, int K, int lg_bs, int lg_nbs,
-                        QuantType qt, bool nested, int split) {
+                        QuantType qt, bool nested) {
   const int64_t token_tiles = ceil_div(M, kT * 8);
   TORCH_CHECK(token_tiles <= 65535, "x: expected at most ", num(65535 * kT * 8), " rows, got ", num(M));
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>(ceil_div(N, kTileRows * kR)), static_cast<unsigned>(token_tiles),
-                        static_cast<unsigned>(split));
-  config.blockDim = dim3(kMmThreads);
-  config.dynamicSmemBytes = 0;
-  config.stream = c10::cuda::getCurrentCUDAStream();
-  cudaLaunchAttribute cluster;
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = 1;
-  cluster.val.clusterDim.y = 1;
-  cluster.val.clusterDim.z = static_cast<unsigned>(split);
-  config.attrs = &cluster;
-  config.numAttrs = split > 1 ? 1 : 0;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, matmul_4bit_kernel<T, kT, kR, kD>,
-                                    reinterpret_cast<const T*>(x.data_ptr()), packed.data_ptr<uint8_t>(),
-                                    absmax.data_ptr(), nested_absmax, nested_code, offset, bias,
-                                    reinterpret_cast<T*>(out.data_ptr()), M, N, K, lg_bs, lg_nbs,
-                                    static_cast<int>(qt), nested, split));
+  const dim3 grid(static_cast<unsigned>(ceil_div(N, kTileRows * kR)), static_cast<unsigned>(token_tiles));
+  matmul_4bit_kernel<T, kT, kR, kD><<<grid, kMmThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const T*>(x.data_ptr()), packed.data_ptr<uint8_t>(), absmax.data_ptr(),
+      nested_absmax, nested_code, offset, bias, reinterpret_cast<T*>(out.data_ptr()), M, N, K,
+      lg_bs, lg_nbs, static_cast<int>(qt), nested);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
@@ -500,15 +470,15 @@ at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
   }
 
   const c10::cuda::CUDAGuard guard(x.device());
-  const DeviceInfo device = device_info(x.get_device());
-  TORCH_CHECK(device.major >= 8, "x: the fused 4-bit matmul needs a GPU of compute capability 8.0 or newer "
+  TORCH_CHECK(compute_capability_major(x.get_device()) >= 8, "x: the fused 4-bit matmul needs a GPU of compute capability 8.0 or newer "
               "(bf16/fp16 tensor-core MMA); qlora_kernels.matmul_4bit takes the dequantize path on older GPUs");
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0) return out;
   const float* na = nested ? nested_absmax->data_ptr<float>() : nullptr;
   const float* nc = nested ? nested_code->data_ptr<float>() : nullptr;
   const float* off = nested ? offset->data_ptr<float>() : nullptr;
-  const TileConfig tile = tile_config(M, N, K, device.sms, device.major);
+  const TileConfig wanted = tile_config(M, N, K, /*allow_override=*/true);
+  const TileConfig measured = tile_config(M, N, K, /*allow_override=*/false);
   bool launched = false;
   auto run = [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -523,7 +493,7 @@ at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
         if constexpr (kCompiled<kT, kR, kD>) {
           if (!launched && want_rows == kR && want_depth == kD) {
             launch_matmul_4bit<T, kT, kR, kD>(x, packed, absmax, na, nc, off, b, out, m, n, k, lg_bs,
-                                              lg_nbs, qt, nested, tile.split);
+                                              lg_nbs, qt, nested);
             launched = true;
           }
         }
@@ -531,14 +501,13 @@ at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
       using I1 = std::integral_constant<int, 1>;
       using I2 = std::integral_constant<int, 2>;
       using I4 = std::integral_constant<int, 4>;
-      try_tile(I1{}, I2{}, tile.rows, tile.depth);
-      try_tile(I1{}, I4{}, tile.rows, tile.depth);
-      try_tile(I2{}, I2{}, tile.rows, tile.depth);
-      try_tile(I2{}, I4{}, tile.rows, tile.depth);
-      try_tile(I4{}, I2{}, tile.rows, tile.depth);
-      // An override asking for more row tiles than are compiled for this many tokens: one.
-      try_tile(I1{}, I2{}, 1, tile.depth);
-      try_tile(I1{}, I4{}, 1, tile.depth);
+      for (const TileConfig& tile : {wanted, measured}) {
+        try_tile(I1{}, I2{}, tile.rows, tile.depth);
+        try_tile(I1{}, I4{}, tile.rows, tile.depth);
+        try_tile(I2{}, I2{}, tile.rows, tile.depth);
+        try_tile(I2{}, I4{}, tile.rows, tile.depth);
+        try_tile(I4{}, I2{}, tile.rows, tile.depth);
+      }
     };
     if (M <= 8) {
       with_tokens(std::integral_constant<int, 1>{});
@@ -555,8 +524,7 @@ at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
   } else {
     run(TypeTag<__half>{});
   }
-  TORCH_CHECK(launched, "QLORA_KERNELS_MM_TILE: no compiled tile (R=", tile.rows, ", D=", tile.depth,
-              ") for ", num(M), " tokens");
+  TORCH_CHECK(launched, "matmul_4bit: no compiled tile for ", num(M), " tokens (an internal error)");
   return out;
 }
 
