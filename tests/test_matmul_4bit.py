@@ -392,6 +392,34 @@ def test_gpu_formats(impl, M, quant_type, nested, blocksize, rng):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tile", ["1,2", "1,4", "2,2", "2,4", "4,2", "9,9"])
+@pytest.mark.parametrize("M", [1, 9, 16, 17, 33])
+def test_gpu_every_compiled_tile(tile, M, monkeypatch, rng):
+    """The CUDA kernel's tile shapes (QLORA_KERNELS_MM_TILE="R,D": row tiles per warp, loads in
+    flight): the default picks some only on large layers, so each is forced here on an awkward
+    one (N = 257: a partial row tile; K = 4160: a partial last step). A pair not compiled for
+    this many tokens ("9,9" always) falls back to the measured choice and must still be right."""
+    _impl("cuda")
+    monkeypatch.setenv("QLORA_KERNELS_MM_TILE", tile)
+    K, N = 4160, 257
+    packed, state = quantized_weight(N, K, "nf4", 64, True, rng, "cuda")
+    x = random_x((M, K), torch.bfloat16, rng, "cuda")
+    bias = random_x((N,), torch.bfloat16, rng, "cuda")
+    out = qk.matmul_4bit(x, packed, state, bias)
+    assert rel_err(out, expected(x, packed, state, bias)) < 1e-2
+    assert torch.equal(out, qk.matmul_4bit(x, packed, state, bias))  # deterministic split-K sums
+
+
+@pytest.mark.gpu
+def test_gpu_tile_override_rejects_garbage(monkeypatch, rng):
+    _impl("cuda")
+    monkeypatch.setenv("QLORA_KERNELS_MM_TILE", "wide")
+    packed, state = quantized_weight(64, 128, "nf4", 64, True, rng, "cuda")
+    with pytest.raises(RuntimeError, match='QLORA_KERNELS_MM_TILE: expected "R,D"'):
+        qk.matmul_4bit(random_x((1, 128), torch.bfloat16, rng, "cuda"), packed, state)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("impl", IMPLS)
 def test_gpu_unaligned_x(impl, rng):
     """x starting 2 bytes past a 16-byte boundary, and with a row stride wider than K."""
