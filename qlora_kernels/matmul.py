@@ -2,9 +2,10 @@
 
 Two paths, chosen by the number of rows M of x (all leading dims flattened):
 
-* M <= ``fused_max_m()`` (decode: a few tokens): the fused kernel (op ``matmul_4bit``), which
-  reads each 4-bit weight byte once and decodes the codes and the (8-bit) absmax in
-  registers. There the layer is bound by the bytes of W, and 4-bit W is a quarter of bf16's.
+* M <= ``fused_max_m()`` (decode: a few tokens; 64 with the CUDA extension, 1 with Triton
+  alone): the fused kernel (op ``matmul_4bit``), which reads each 4-bit weight byte once and
+  decodes the codes and the (8-bit) absmax in registers. There the layer is bound by the bytes
+  of W, and 4-bit W is a quarter of bf16's.
 * larger M (prefill, training): the fast ``dequantize_4bit`` into a bf16/fp16 buffer, then
   cuBLAS. There the layer is bound by arithmetic, and tensor-core GEMMs win.
 
@@ -31,13 +32,20 @@ _ENV_MAX_M = "QLORA_KERNELS_FUSED_MAX_M"
 # Crossover measured on an H100 (benchmarks/bench_matmul_4bit.py): above this many rows the
 # dequantize + cuBLAS path is faster than the fused kernel.
 _DEFAULT_FUSED_MAX_M = 64
+# The Triton fused kernel (used when the CUDA extension is not built) is only worth it at one
+# row: on an H100 it runs at 1.0-1.1x bf16 there, but its tl.dot path for 2..64 rows runs at
+# 0.06-0.09x bf16 (benchmarks/results/NVIDIA-H100-80GB-HBM3/matmul_4bit.txt, the triton
+# rows), where Triton's dequantize (61-65 us for 4096^2 and 8192^2 weights, quant.txt) plus
+# cuBLAS takes a fraction of that.
+_TRITON_FUSED_MAX_M = 1
 
 
 def fused_max_m() -> int:
-    """The largest M that takes the fused kernel (``QLORA_KERNELS_FUSED_MAX_M`` overrides)."""
+    """The largest M that takes the fused kernel (``QLORA_KERNELS_FUSED_MAX_M`` overrides; with
+    the Triton backend on a GPU the default is 1)."""
     value = os.environ.get(_ENV_MAX_M, "")
     if not value:
-        return _DEFAULT_FUSED_MAX_M
+        return _TRITON_FUSED_MAX_M if ops.BACKEND == "triton" else _DEFAULT_FUSED_MAX_M
     try:
         return int(value)
     except ValueError:

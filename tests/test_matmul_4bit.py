@@ -181,6 +181,23 @@ def test_uses_fused_kernel(rng):
     assert not uses_fused_kernel(random_x((1, 64), torch.float32, rng), state)
 
 
+def test_fused_max_m_per_backend(monkeypatch):
+    """64 rows with the CUDA extension; 1 with Triton alone (its tl.dot path for 2..64 rows is
+    slower than dequantize + cuBLAS); the environment variable wins over both."""
+    from qlora_kernels import ops
+
+    monkeypatch.delenv("QLORA_KERNELS_FUSED_MAX_M", raising=False)
+    monkeypatch.setattr(ops, "BACKEND", "cuda")
+    assert fused_max_m() == 64
+    monkeypatch.setattr(ops, "BACKEND", "triton")
+    assert fused_max_m() == 1
+    monkeypatch.setenv("QLORA_KERNELS_FUSED_MAX_M", "16")
+    assert fused_max_m() == 16
+    monkeypatch.setenv("QLORA_KERNELS_FUSED_MAX_M", "many")
+    with pytest.raises(ValueError, match="QLORA_KERNELS_FUSED_MAX_M: expected an integer"):
+        fused_max_m()
+
+
 def test_public_errors_name_the_argument(rng):
     packed, state = quantized_weight(16, 64, "nf4", 64, True, rng)
     x = random_x((3, 64), torch.bfloat16, rng)
