@@ -242,8 +242,9 @@ def empty_model(config, dtype: torch.dtype = torch.bfloat16, model_class=None) -
 
 
 class safetensors_weights(Mapping):
-    """A lazy ``{key: tensor}`` over a checkpoint directory's safetensors (one file or sharded
-    with ``model.safetensors.index.json``); each tensor is read from disk when asked for."""
+    """A lazy ``{key: tensor}`` over a checkpoint directory's safetensors: the shards listed by
+    ``model.safetensors.index.json``, else ``model.safetensors``, else every ``*.safetensors``
+    file there. Each tensor is read from disk when asked for; the files stay open."""
 
     def __init__(self, path: str | os.PathLike):
         from safetensors import safe_open
@@ -255,17 +256,23 @@ class safetensors_weights(Mapping):
                 weight_map = json.load(f)["weight_map"]
             files = sorted(set(weight_map.values()))
         elif os.path.isfile(os.path.join(path, "model.safetensors")):
-            files = ["model.safetensors"]
-            weight_map = None
+            files, weight_map = ["model.safetensors"], None
         else:
-            raise FileNotFoundError(f"path: no model.safetensors or model.safetensors.index.json in {path!r}")
+            files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+            weight_map = None
+            if not files:
+                raise FileNotFoundError(f"path: no *.safetensors (one file, or shards with "
+                                        f"model.safetensors.index.json) in {path!r}")
         self._handles = {f: safe_open(os.path.join(path, f), "pt") for f in files}
         if weight_map is None:
-            weight_map = {k: files[0] for k in self._handles[files[0]].keys()}
+            weight_map = {k: f for f in files for k in self._handles[f].keys()}
         self._map = weight_map
 
     def __getitem__(self, key):
         return self._handles[self._map[key]].get_tensor(key)
+
+    def __contains__(self, key):  # without reading the tensor, as Mapping's default would
+        return key in self._map
 
     def __iter__(self):
         return iter(self._map)

@@ -540,3 +540,25 @@ def test_load_quantized_errors(rng, tmp_path):
         hf.load_quantized(FIXTURE, device="cpu", dtype=torch.int8)
     with pytest.raises(ValueError, match="has no Linear4bit layers"):
         hf.save_quantized(model, tmp_path / "q")
+
+
+def test_safetensors_weights_reads_shards_lazily(tmp_path):
+    """An index lists the shards; without one, model.safetensors alone; without that, every
+    *.safetensors file. Membership is answered from the names, without reading a tensor."""
+    from safetensors.torch import save_file
+
+    a, b = torch.randn(3, 5), torch.arange(7, dtype=torch.int32)
+    save_file({"layer.a": a}, str(tmp_path / "part-1.safetensors"))
+    save_file({"layer.b": b}, str(tmp_path / "part-2.safetensors"))
+    weights = hf.safetensors_weights(tmp_path)
+    assert sorted(weights) == ["layer.a", "layer.b"] and "layer.c" not in weights
+    assert torch.equal(weights["layer.a"], a) and torch.equal(weights["layer.b"], b)
+    save_file({"only": a}, str(tmp_path / "model.safetensors"))
+    assert list(hf.safetensors_weights(tmp_path)) == ["only"]
+    with open(tmp_path / "model.safetensors.index.json", "w") as f:
+        json.dump({"weight_map": {"layer.b": "part-2.safetensors"}}, f)
+    assert list(hf.safetensors_weights(tmp_path)) == ["layer.b"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no \\*.safetensors"):
+        hf.safetensors_weights(empty)

@@ -138,43 +138,23 @@ def random_model(name: str, device, dtype: torch.dtype, seed: int, *, quant_type
     return model
 
 
-def _checkpoint_index(path: str) -> dict[str, str]:
-    """tensor name -> safetensors file, for a single file or a sharded checkpoint."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        return {k: os.path.join(path, v) for k, v in weight_map.items()}
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if not files:
+def _open_weights(path: str):
+    """The checkpoint's tensors by name (hf.safetensors_weights), or a ModelError saying what
+    was expected and, for other weight formats, how to convert them."""
+    from ..hf import safetensors_weights
+
+    try:
+        return safetensors_weights(path)
+    except FileNotFoundError as err:
         found = [f for f in os.listdir(path) if f.endswith((".bin", ".pt", ".pth", ".gguf"))]
         hint = f" (found {found[:3]}: load it with transformers and save_pretrained(..., safe_serialization=True))" if found else ""
         raise ModelError(f"model: expected *.safetensors weights (one file, or shards with "
-                         f"model.safetensors.index.json) in {path!r}{hint}")
-    from safetensors import safe_open
-
-    mapping = {}
-    for name in files:
-        with safe_open(os.path.join(path, name), framework="pt") as f:
-            mapping.update({k: os.path.join(path, name) for k in f.keys()})
-    return mapping
+                         f"model.safetensors.index.json) in {path!r}{hint}") from err
 
 
-class _Shards:
-    """Reads tensors by name from a set of safetensors files, keeping files open."""
-
-    def __init__(self, index: dict[str, str]):
-        self.index = index
-        self.handles = {}
-
-    def get(self, key: str, device, dtype) -> torch.Tensor:
-        from safetensors import safe_open
-
-        file = self.index[key]
-        if file not in self.handles:
-            self.handles[file] = safe_open(file, framework="pt", device="cpu")
-        t = self.handles[file].get_tensor(key)
-        return t.to(device=device, dtype=dtype if t.dtype.is_floating_point else t.dtype)
+def _read(weights, key: str, device, dtype: torch.dtype) -> torch.Tensor:
+    t = weights[key]
+    return t.to(device=device, dtype=dtype if t.dtype.is_floating_point else t.dtype)
 
 
 def pretrained_model(path: str, device, dtype: torch.dtype, *, quant_type="nf4", blocksize=64,
@@ -200,22 +180,22 @@ def pretrained_model(path: str, device, dtype: torch.dtype, *, quant_type="nf4",
     if not any(isinstance(m, nn.Linear) for m in layers[0].modules()):
         raise ModelError(f"model: {type(model).__name__}'s decoder layers have no nn.Linear projections; "
                          "expected a LLaMA-like architecture (LLaMA, Mistral, Qwen2)")
-    shards = _Shards(_checkpoint_index(path))
+    weights = _open_weights(path)
     device = torch.device(device)
 
     def load(module: nn.Module, module_prefix: str) -> None:
         for name, t in list(module.named_parameters()) + list(module.named_buffers()):
             key = module_prefix + name
-            if t.is_meta and key in shards.index:
-                _set_tensor(module, name, shards.get(key, device, dtype))
+            if t.is_meta and key in weights:
+                _set_tensor(module, name, _read(weights, key, device, dtype))
 
     for i, layer in enumerate(layers):
         load(layer, f"{prefix}.{i}.")
         _check_materialized(layer, f"model: {path!r}, layer {i}")
         quantize_linears(layer, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
     for qualified, t in list(model.named_parameters()):
-        if t.is_meta and qualified in shards.index:
-            _set_tensor(model, qualified, shards.get(qualified, device, dtype))
+        if t.is_meta and qualified in weights:
+            _set_tensor(model, qualified, _read(weights, qualified, device, dtype))
     out = model.get_output_embeddings()
     if out is not None and out.weight.is_meta and getattr(config, "tie_word_embeddings", False):
         out.weight = model.get_input_embeddings().weight
