@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -425,6 +427,34 @@ def test_gpu_every_compiled_tile(tile, M, monkeypatch, rng):
     out = qk.matmul_4bit(x, packed, state, bias)
     assert rel_err(out, expected(x, packed, state, bias)) < 1e-2
     assert torch.equal(out, qk.matmul_4bit(x, packed, state, bias))  # deterministic split-K sums
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_op_host_checks_raise_instead_of_crashing(rng):
+    """The C++ host checks of the CUDA op, reached only by direct op calls (the Python API
+    checks first): each raises a RuntimeError naming the argument, and the process lives on."""
+    _impl("cuda")
+    op = torch.ops.qlora_kernels.matmul_4bit
+    packed, state = quantized_weight(64, 128, "nf4", 64, False, rng, "cuda")
+    x = random_x((3, 128), torch.bfloat16, rng, "cuda")
+    cases = [
+        (lambda: op(x[:, :96].contiguous(), packed, state.absmax, 64, "nf4", 64, None, None, None, 256, None),
+         "packed: expected"),
+        (lambda: op(random_x((3, 48), torch.bfloat16, rng, "cuda"), packed, state.absmax, 64, "nf4", 64, None,
+                    None, None, 256, None), "x: the fused 4-bit matmul needs K"),
+        (lambda: op(x.float(), packed, state.absmax, 64, "nf4", 64, None, None, None, 256, None),
+         "x: expected dtype bfloat16 or float16"),
+        (lambda: op(x, packed, state.absmax[:-1], 64, "nf4", 64, None, None, None, 256, None),
+         "absmax: expected"),
+        (lambda: op(x, packed, state.absmax, 64, "int4", 64, None, None, None, 256, None), "quant_type"),
+        (lambda: op(x, packed, state.absmax, 64, "nf4", 64, None, None, None, 256, x[0, :64].contiguous().float()),
+         "bias: expected dtype"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            call()
+    assert rel_err(op(x, packed, state.absmax, 64, "nf4", 64, None, None, None, 256, None),
+                   expected(x, packed, state)) < 1e-2
 
 
 @pytest.mark.gpu
