@@ -180,12 +180,12 @@ def time_static(model, prompt, new_tokens):
     """Tokens/s and seconds of StaticDecoder with CUDA graphs (capture and one warm-up run
     untimed), or None and the reason when the step cannot be captured, or when replaying it
     gives other tokens than the same steps run eagerly (a position baked into the graph)."""
-    decoder = StaticDecoder(model, prompt.shape[1], new_tokens, graphs=True)
-    try:
+    try:  # TypeError too: StaticCache's signature has moved between transformers releases
+        decoder = StaticDecoder(model, prompt.shape[1], new_tokens, graphs=True)
         graphed = decoder.generate(prompt)
-    except RuntimeError as err:
+    except (RuntimeError, TypeError, ValueError) as err:
         torch.cuda.synchronize()
-        return None, str(err).splitlines()[0][:120]
+        return None, f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
     eager = StaticDecoder(model, prompt.shape[1], new_tokens, graphs=False).generate(prompt)
     if not torch.equal(graphed, eager):
         return None, "replaying the graph gave other tokens than the eager steps"
