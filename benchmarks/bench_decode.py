@@ -96,16 +96,21 @@ def generate(model, prompt, new_tokens):
                           pad_token_id=0, eos_token_id=None)
 
 
-def time_generate(model, prompt, new_tokens, warmup=1):
-    for _ in range(warmup):
-        generate(model, prompt, 8)
+def timed(run, prompt, new_tokens):
+    """(tokens/s, seconds) of one ``run(prompt)`` that appends new_tokens tokens."""
     torch.cuda.synchronize()
     start = time.perf_counter()
-    out = generate(model, prompt, new_tokens)
+    out = run(prompt)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     assert out.shape[1] == prompt.shape[1] + new_tokens
     return new_tokens / seconds, seconds
+
+
+def time_generate(model, prompt, new_tokens, warmup=1):
+    for _ in range(warmup):
+        generate(model, prompt, 8)
+    return timed(lambda p: generate(model, p, new_tokens), prompt, new_tokens)
 
 
 class StaticDecoder:
@@ -189,13 +194,7 @@ def time_static(model, prompt, new_tokens):
     eager = StaticDecoder(model, prompt.shape[1], new_tokens, graphs=False).generate(prompt)
     if not torch.equal(graphed, eager):
         return None, "replaying the graph gave other tokens than the eager steps"
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = decoder.generate(prompt)
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    assert out.shape[1] == prompt.shape[1] + new_tokens
-    return (new_tokens / seconds, seconds), None
+    return timed(decoder.generate, prompt, new_tokens), None
 
 
 def main():

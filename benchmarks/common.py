@@ -128,18 +128,22 @@ def bench_graph(fn_of_input, inputs: list, reps: int = 25) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def bench_gpu_and_eager(name: str, fn_of_input, inputs: list, rep_ms: float = 200) -> tuple[float, float]:
-    """(GPU milliseconds from a CUDA graph, eager milliseconds with launch overhead) of one
-    fn_of_input call. A call that cannot be captured gets its eager time for both, and a line
+def bench_gpu(name: str, fn_of_input, inputs: list, rep_ms: float = 200, eager_ms: float | None = None) -> float:
+    """GPU milliseconds of one fn_of_input call, from a CUDA graph (:func:`bench_graph`). A call
+    that cannot be captured gets its eager time (eager_ms when already measured), and a line
     saying so."""
-    eager = bench(fn_of_input, inputs, rep_ms=rep_ms)
     try:
-        gpu = bench_graph(fn_of_input, inputs)
+        return bench_graph(fn_of_input, inputs)
     except RuntimeError as err:
         print(f"# {name}: CUDA graph capture failed ({str(err).splitlines()[0][:80]}); eager time used", flush=True)
         torch.cuda.synchronize()
-        gpu = eager
-    return gpu, eager
+        return eager_ms if eager_ms is not None else bench(fn_of_input, inputs, rep_ms=rep_ms)
+
+
+def bench_gpu_and_eager(name: str, fn_of_input, inputs: list, rep_ms: float = 200) -> tuple[float, float]:
+    """(GPU milliseconds, eager milliseconds with launch overhead) of one fn_of_input call."""
+    eager = bench(fn_of_input, inputs, rep_ms=rep_ms)
+    return bench_gpu(name, fn_of_input, inputs, eager_ms=eager), eager
 
 
 def copy_bandwidth_gbs(nbytes: int = 2**30) -> float:

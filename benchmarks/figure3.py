@@ -32,7 +32,7 @@ def measure(shapes, bnb_F):
         cases = make_cases(N, K, copies, bnb_F)
         xs = [torch.randn(1, K, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
         # GPU time (CUDA-graph replay): the layer's own cost, as in a captured decode step
-        times = {name: common.bench_gpu_and_eager(name, lambda item, fn=fn: fn(item), list(zip(xs, pool)))[0]
+        times = {name: common.bench_gpu(name, lambda item, fn=fn: fn(item), list(zip(xs, pool)))
                  for name, (fn, pool, _) in cases.items() if name in ("bf16", "ours", "bnb")}
         row = {"model": model_of(shape), "shape": shape, "N": N, "K": K,
                "bf16_ms": times["bf16"], "ours_ms": times["ours"],

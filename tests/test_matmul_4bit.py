@@ -10,7 +10,6 @@ quantization error. Relative error = ||got - want|| / ||want||.
 from __future__ import annotations
 
 import os
-
 import re
 
 import pytest

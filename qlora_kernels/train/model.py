@@ -10,7 +10,6 @@ freed. So the 16-bit model never sits whole in memory: the peak is the 4-bit mod
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
