@@ -28,9 +28,11 @@
 //   N = 4096 layer still gives 256 CTAs of 8 warps at R = 1 (about two per SM on an H100).
 // * Each warp keeps D steps of weight loads in flight (a register ring) while it decodes one.
 // * What bounds it (ncu, H100, M = 1, 22016 x 8192): instructions, not DRAM. The table lookups,
-//   HMUL2s and MMAs are most of them (about 280 a warp step of 1 KB of weights, down from 390
-//   with word-indexed lookups and 64-bit block arithmetic); DRAM ran at 47% of peak with issue
-//   slots 65% busy at 37% occupancy.
+//   HMUL2s and MMAs are most of them; DRAM ran at 47% of peak with issue slots 65% busy at 37%
+//   occupancy. Instructions a warp step of 1 KB of weights (M <= 8, counted in the SASS): 390
+//   with word-indexed lookups and 64-bit block arithmetic, 274 with byte offsets and 32-bit
+//   blocks, 249 now that loop invariants stay in registers (keep) and the table's address sits
+//   in a uniform register (the shuffled warp index).
 //
 // Numerics: code values are rounded to x's 16-bit type, multiplied by the absmax (also rounded
 // to it) in that type, then summed by the MMA in float32. That is two more roundings than
@@ -50,7 +52,7 @@ constexpr int kMmWarps = 8;                 // K-slices (warps) per CTA
 constexpr int kMmThreads = kMmWarps * 32;
 constexpr int kTileRows = 16;               // weight rows per CTA: the MMA's m
 constexpr int kStepK = 128;                 // K elements per warp step: 4 lanes x 32
-constexpr int kTableWords = 256 * 32;       // byte -> pair table, one copy per lane
+constexpr int kTableBytes = 256 * 128;      // byte -> pair table: 256 entries of 128 bytes (one copy per lane)
 
 template <typename T>
 struct Pair;
@@ -169,6 +171,27 @@ __device__ __forceinline__ uint32_t word_of(const uint4& u, int i) {
   return i == 0 ? u.x : i == 1 ? u.y : i == 2 ? u.z : u.w;
 }
 
+// Returns v unchanged, but through an empty asm statement, so the compiler no longer knows how v
+// was computed and keeps it in a register. Without it NVVM re-derives loop invariants (row
+// starts, x's row pointers) inside the main loop to shorten their live ranges: about 15 extra
+// instructions a warp step, in a kernel bound by its instruction count.
+template <typename V>
+__device__ __forceinline__ V keep(V v) {
+  static_assert(sizeof(V) == 4 || sizeof(V) == 8, "keep: 32- or 64-bit values");
+  if constexpr (sizeof(V) == 8) {
+    uint64_t u;
+    memcpy(&u, &v, 8);
+    asm volatile("" : "+l"(u));
+    memcpy(&v, &u, 8);
+  } else {
+    uint32_t u;
+    memcpy(&u, &v, 4);
+    asm volatile("" : "+r"(u));
+    memcpy(&v, &u, 4);
+  }
+  return v;
+}
+
 // kT: n-tiles of 8 tokens per warp (up to 64 tokens per CTA). kR: 16-row tiles per warp, all fed
 // by the same x fragments (x is read from L2 once per kR * 16 weight rows instead of once per 16).
 // kD: steps of weight loads in flight per warp. (Splitting K over the CTAs of a cluster, adding
@@ -182,14 +205,17 @@ __global__ void __launch_bounds__(kMmThreads)
                        int lg_bs, int lg_nbs, int quant_type, bool nested) {
   // One warp's accumulators; after the main loop the table's memory holds all warps' copies.
   constexpr int kTileFloats = 4 * kR * kT * 32;
-  static_assert(kMmWarps * kTileFloats <= kTableWords, "partial tiles must fit in the table's memory");
+  static_assert(kMmWarps * kTileFloats * 4 <= kTableBytes, "partial tiles must fit in the table's memory");
   // The byte -> pair table; after the main loop the same memory holds the warps' partial sums.
-  __shared__ __align__(16) uint32_t s_table[kTableWords];
+  __shared__ __align__(16) uint8_t s_table[kTableBytes];
   __shared__ float s_code8[256];
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
-  const int warp = tid >> 5;
+  // Through a shuffle, so that the compiler knows the warp index (and with it the main loop's trip
+  // count) is the same for all lanes: then it keeps the table's shared address in a uniform
+  // register, which every lookup adds for free ([R + UR] addressing).
+  const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0);
   const int g = lane >> 2;
   const int t = lane & 3;
 
@@ -205,6 +231,8 @@ __global__ void __launch_bounds__(kMmThreads)
   for (int r = 0; r < kR; ++r) {
     lo_row[r] = row_start(packed, min(row0 + 16 * r + g, N - 1), K, lg_bs);
     hi_row[r] = row_start(packed, min(row0 + 16 * r + g + 8, N - 1), K, lg_bs);
+    lo_row[r] = {keep(lo_row[r].bytes), keep(lo_row[r].block), keep(lo_row[r].in_block)};
+    hi_row[r] = {keep(hi_row[r].bytes), keep(hi_row[r].block), keep(hi_row[r].in_block)};
   }
   const int nsteps = (K + kStepK - 1) / kStepK;
   // K % 32 == 0: a lane's 32-element chunk is wholly inside K or wholly past it. A lane past
@@ -224,14 +252,18 @@ __global__ void __launch_bounds__(kMmThreads)
     for (int r = 0; r < kR; ++r) ring[d][r] = load(r, slice + d * stride);
 
   // Table: entry b holds (code[b >> 4], code[b & 15]) as a pair of T, the high nibble (the
-  // element at the lower address) in the low half. All 32 copies of an entry are equal, so a
-  // thread writes 4 lanes' copies with one 16-byte store.
-  for (int i = tid; i < kTableWords / 4; i += kMmThreads) {
+  // element at the lower address) in the low half, at byte 128 b + 4 L for lane L: each lane reads
+  // its own copy (bank L), so the 32 lanes' random bytes never conflict, and the offset of byte j
+  // of a weight word is a shift and a LOP3, ((word shifted by 7 - 8 j) & 0x7f80) | 4 L. All 32
+  // copies of an entry are equal: a thread writes 4 of them with one 16-byte store. (A 256-byte
+  // stride saves a shift for byte 1, but its 64 KB table left too little L1 for x and the absmax:
+  // the largest layers ran 9-15% slower on an H100.)
+  for (int i = tid; i < 256 * 8; i += kMmThreads) {
     const int b = i >> 3;
     const float lo = __uint_as_float(kCodeValueBits[quant_type][b >> 4]);
     const float hi = __uint_as_float(kCodeValueBits[quant_type][b & 15]);
     const uint32_t v = pack2<T>(lo, hi);
-    reinterpret_cast<uint4*>(s_table)[i] = make_uint4(v, v, v, v);
+    *reinterpret_cast<uint4*>(s_table + 128 * b + 16 * (i & 7)) = make_uint4(v, v, v, v);
   }
   if (nested) {
     for (int i = tid; i < 256; i += kMmThreads) s_code8[i] = nested_code[i];
@@ -239,15 +271,12 @@ __global__ void __launch_bounds__(kMmThreads)
   __syncthreads();
 
   const float off = nested ? __ldg(offset) : 0.0f;
-  // Entry b of this lane's table copy is at byte 128 b + 4 lane. The byte offset of byte j of a
-  // weight word is one mask and one shift, which the compiler folds with the add of this 32-bit
-  // shared address into LOP3 + LEA: three instructions a lookup with the LDS. (Indexing words of
-  // a generic pointer took five, and the lookups are most of the kernel's instructions.)
-  const uint32_t table_lane = static_cast<uint32_t>(__cvta_generic_to_shared(s_table)) + 4 * lane;
+  // A lookup is a shift, a LOP3 and the LDS, the table's address coming from a uniform register
+  // (the lookups are most of the kernel's instructions; with the address in a regular register
+  // they took 2.25 ALU ops each instead of 2).
+  const uint32_t lane4 = keep(4u * lane);
   auto entry = [&](uint32_t byte_offset) {
-    uint32_t v;
-    asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(table_lane + byte_offset));
-    return v;
+    return *reinterpret_cast<const uint32_t*>(s_table + (byte_offset | lane4));
   };
   // Each n-tile's token row of x (a token past M reads row M - 1 and is multiplied by zero).
   const T* x_tok[kT];
@@ -256,7 +285,7 @@ __global__ void __launch_bounds__(kMmThreads)
   for (int n = 0; n < kT; ++n) {
     const int tok = tok0 + n * 8 + g;
     tok_ok[n] = tok < M;
-    x_tok[n] = x + static_cast<int64_t>(min(tok, M - 1)) * K;
+    x_tok[n] = keep(x + static_cast<int64_t>(min(tok, M - 1)) * K);
   }
 
   float acc[kR][kT][4];
@@ -301,19 +330,19 @@ __global__ void __launch_bounds__(kMmThreads)
 #pragma unroll
           for (int half = 0; half < 2; ++half) {
             // Sub-step s = 2q + half: bytes 2s, 2s + 1 of the chunk = bytes 2 half, 2 half + 1 of
-            // word q; byte j of a word sits at bits 8j, so its table offset 128 b is
-            // (word & (0xff << 8j)) shifted by 7 - 8j.
+            // word q; byte j's table offset 128 * byte is (word << 7, word >> 1, word >> 9,
+            // word >> 17) & 0x7f80.
             uint32_t a[4];
             if (half == 0) {
-              a[0] = scale_pair<T>(entry((lo_word & 0xffu) << 7), s_lo[r]);
-              a[2] = scale_pair<T>(entry((lo_word & 0xff00u) >> 1), s_lo[r]);
-              a[1] = scale_pair<T>(entry((hi_word & 0xffu) << 7), s_hi[r]);
-              a[3] = scale_pair<T>(entry((hi_word & 0xff00u) >> 1), s_hi[r]);
+              a[0] = scale_pair<T>(entry((lo_word << 7) & 0x7f80u), s_lo[r]);
+              a[2] = scale_pair<T>(entry((lo_word >> 1) & 0x7f80u), s_lo[r]);
+              a[1] = scale_pair<T>(entry((hi_word << 7) & 0x7f80u), s_hi[r]);
+              a[3] = scale_pair<T>(entry((hi_word >> 1) & 0x7f80u), s_hi[r]);
             } else {
-              a[0] = scale_pair<T>(entry((lo_word & 0xff0000u) >> 9), s_lo[r]);
-              a[2] = scale_pair<T>(entry((lo_word & 0xff000000u) >> 17), s_lo[r]);
-              a[1] = scale_pair<T>(entry((hi_word & 0xff0000u) >> 9), s_hi[r]);
-              a[3] = scale_pair<T>(entry((hi_word & 0xff000000u) >> 17), s_hi[r]);
+              a[0] = scale_pair<T>(entry((lo_word >> 9) & 0x7f80u), s_lo[r]);
+              a[2] = scale_pair<T>(entry((lo_word >> 17) & 0x7f80u), s_lo[r]);
+              a[1] = scale_pair<T>(entry((hi_word >> 9) & 0x7f80u), s_hi[r]);
+              a[3] = scale_pair<T>(entry((hi_word >> 17) & 0x7f80u), s_hi[r]);
             }
 #pragma unroll
             for (int n = 0; n < kT; ++n) {
