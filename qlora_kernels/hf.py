@@ -289,8 +289,32 @@ def _default_device(device):
     return torch.device(device)
 
 
+def _device_from_map(device_map) -> torch.device:
+    """The one device a transformers-style ``device_map`` names: ``"auto"`` / ``"balanced"`` /
+    ``"sequential"`` (the current CUDA device, else the CPU: a model loaded here fits one
+    device), a device (``"cuda:0"``, ``0``, ``torch.device``), or a dict whose values are all the
+    same device (``{"": 0}``). A map over several devices raises: these layers are not split."""
+    def one(d) -> torch.device:
+        if isinstance(d, bool):  # a bool is an int: refuse it before the int case
+            raise ValueError(f"device_map: expected a device, 'auto' or a dict, got {device_map!r}")
+        try:
+            return torch.device(f"cuda:{d}" if isinstance(d, int) else d)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device_map: expected a device, 'auto' or a dict of devices, got {device_map!r}") from None
+
+    if isinstance(device_map, Mapping):
+        devices = {str(one(d)) for d in device_map.values()}
+        if len(devices) != 1:
+            raise ValueError(f"device_map: expected one device (qlora_kernels loads the whole model onto "
+                             f"one GPU), got {sorted(devices) or 'an empty map'}")
+        return torch.device(devices.pop())
+    if device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return _default_device(None)
+    return one(device_map)
+
+
 def load_quantized(path: str | os.PathLike, device=None, dtype: torch.dtype = torch.bfloat16,
-                   model_class=None) -> nn.Module:
+                   model_class=None, device_map=None) -> nn.Module:
     """Loads a transformers directory saved with ``BitsAndBytesConfig(load_in_4bit=True, ...)``
     (or by :func:`save_quantized`) into our ``Linear4bit`` layers, without bitsandbytes.
 
@@ -300,10 +324,18 @@ def load_quantized(path: str | os.PathLike, device=None, dtype: torch.dtype = to
     every other tensor is read into place, cast to ``dtype``. One tensor is read at a time, on
     ``device`` (default: CUDA when available, else the CPU). ``model.config.quantization_config``
     is kept, so ``save_pretrained`` / :func:`save_quantized` write the same layout back.
+
+    ``device_map`` takes what ``from_pretrained`` takes for a model on one device (``"auto"``,
+    ``"cuda:0"``, ``{"": 0}``), in place of ``device``; the model's ``hf_device_map`` records it,
+    as transformers does. A map over several devices raises ``ValueError``.
     """
     import transformers
 
     path = os.fspath(path)
+    if device_map is not None:
+        if device is not None:
+            raise ValueError("device, device_map: give one of them, not both")
+        device = _device_from_map(device_map)
     device = _default_device(device)
     if dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype: expected float32, float16 or bfloat16, got {dtype}")
@@ -360,6 +392,9 @@ def load_quantized(path: str | os.PathLike, device=None, dtype: torch.dtype = to
         model.generation_config = transformers.GenerationConfig.from_pretrained(path)
     except (OSError, ValueError):
         pass  # no generation_config.json: the one built from config stays
+    if device_map is not None:
+        # as from_pretrained(device_map=...) leaves it; Trainer reads it to tell one device from model parallel
+        model.hf_device_map = {"": str(device)}
     return model
 
 

@@ -531,6 +531,32 @@ def test_save_quantized_round_trip(rng, tmp_path, shard):
             assert torch.equal(loaded.get_submodule(name).dequantize(), W), name
 
 
+@pytest.mark.parametrize("device_map", ["cpu", {"": "cpu"}, {"model": "cpu", "lm_head": torch.device("cpu")}])
+def test_load_quantized_device_map_one_device(device_map, rng):
+    """A transformers-style device_map naming one device loads as device= does, and leaves
+    hf_device_map as from_pretrained would."""
+    model = hf.load_quantized(FIXTURE, device_map=device_map)
+    assert model.hf_device_map == {"": "cpu"}
+    plain = hf.load_quantized(FIXTURE, device="cpu")
+    tokens = torch.randint(0, model.config.vocab_size, (2, 7), generator=rng)
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, plain(tokens).logits)
+    assert not hasattr(plain, "hf_device_map")
+
+
+@pytest.mark.parametrize("device_map,match", [
+    ({"model": "cpu", "lm_head": "cuda:1"}, "expected one device"),
+    ({}, "expected one device.*an empty map"),
+    ("disk", "expected a device"),
+    (True, "expected a device"),
+])
+def test_load_quantized_device_map_errors(device_map, match):
+    with pytest.raises(ValueError, match=f"device_map: {match}"):
+        hf.load_quantized(FIXTURE, device_map=device_map)
+    with pytest.raises(ValueError, match="device, device_map: give one"):
+        hf.load_quantized(FIXTURE, device="cpu", device_map="cpu")
+
+
 def test_load_quantized_errors(rng, tmp_path):
     model = tiny_llama(rng, dtype=torch.bfloat16)
     model.save_pretrained(tmp_path / "float")
