@@ -212,18 +212,16 @@ __global__ void __launch_bounds__(kMmThreads)
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
-  // Through a shuffle, so that the compiler knows the warp index (and with it the main loop's trip
-  // count) is the same for all lanes: then it keeps the table's shared address in a uniform
-  // register, which every lookup adds for free ([R + UR] addressing).
+  // Warp w takes K steps w, w + kMmWarps, ... Its index goes through a shuffle, so that the
+  // compiler knows it (and with it the main loop's trip count) is the same for all lanes: then it
+  // keeps the table's shared address in a uniform register, which every lookup adds for free
+  // ([R + UR] addressing).
   const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0);
   const int g = lane >> 2;
   const int t = lane & 3;
 
   const int row0 = blockIdx.x * kTileRows * kR;
   const int tok0 = blockIdx.y * kT * 8;
-  // Warp w takes K steps w, w + kMmWarps, ...
-  const int slice = warp;
-  constexpr int stride = kMmWarps;
   // This lane's two rows in each row tile. Rows past N load row N - 1 (valid memory) and are
   // not stored.
   RowStart lo_row[kR], hi_row[kR];
@@ -249,7 +247,7 @@ __global__ void __launch_bounds__(kMmThreads)
 #pragma unroll
   for (int d = 0; d < kD; ++d)
 #pragma unroll
-    for (int r = 0; r < kR; ++r) ring[d][r] = load(r, slice + d * stride);
+    for (int r = 0; r < kR; ++r) ring[d][r] = load(r, warp + d * kMmWarps);
 
   // Table: entry b holds (code[b >> 4], code[b & 15]) as a pair of T, the high nibble (the
   // element at the lower address) in the low half, at byte 128 b + 4 L for lane L: each lane reads
@@ -294,16 +292,16 @@ __global__ void __launch_bounds__(kMmThreads)
 #pragma unroll
     for (int n = 0; n < kT; ++n) acc[r][n][0] = acc[r][n][1] = acc[r][n][2] = acc[r][n][3] = 0.0f;
 
-  for (int base = slice; base < nsteps; base += kD * stride) {
+  for (int base = warp; base < nsteps; base += kD * kMmWarps) {
 #pragma unroll
     for (int d = 0; d < kD; ++d) {
-      const int step = base + d * stride;
+      const int step = base + d * kMmWarps;
       if (step >= nsteps) break;  // warp-uniform
       StepLoads cur[kR];
 #pragma unroll
       for (int r = 0; r < kR; ++r) {
         cur[r] = ring[d][r];
-        ring[d][r] = load(r, step + kD * stride);
+        ring[d][r] = load(r, step + kD * kMmWarps);
       }
       const int k0 = step_k0(step);
       const bool k_ok = k0 < K;
