@@ -109,11 +109,70 @@ def run(shapes, ms, copy_gbs, bnb_F, rep_ms):
     return rows
 
 
+# The (R, D) tiles csrc/matmul_4bit.cu compiles (its kCompiled), by n-tiles of 8 tokens T: the
+# set --tiles times. QLORA_KERNELS_MM_TILE asks for one; a pair not compiled would fall back to
+# the default and be timed as if it were the pair.
+COMPILED_TILES = {1: [(1, 2), (1, 4)], 2: [(2, 2), (2, 4), (4, 2)], 4: [(2, 2)], 8: [(1, 2), (1, 4)]}
+
+
+def n_tiles(M: int) -> int:
+    return 1 if M <= 8 else 2 if M <= 16 else 4 if M <= 32 else 8
+
+
+def sweep_tiles(shapes, ms, rep_ms):
+    """Every compiled tile of the CUDA kernel per (shape, M), forced with QLORA_KERNELS_MM_TILE,
+    against the default choice: the data behind tile_config. Each forced tile is also checked
+    against the float32 reference and for run-to-run equality."""
+    import os
+
+    import qlora_kernels as qk
+
+    print(f"{'shape':<13}{'M':>4}  {'default us':>10}  tiles (R,D: us)  best")
+    rows = []
+    for shape in shapes:
+        N, K = (int(v) for v in shape.lower().split("x"))
+        copies = common.copies_for(common.format_bytes(N * K))
+        W16 = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        ours = [qk.quantize_4bit(W, "nf4", 64, double_quant=True) for W in W16]
+        ref_W = qk.dequantize_4bit(*ours[0], dtype=torch.float32)
+        for M in ms:
+            xs = [torch.randn(M, K, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+            ref = xs[0].float() @ ref_W.T
+            items = list(zip(xs, ours))
+            call = lambda item: qk.matmul_4bit(item[0], *item[1])  # noqa: E731
+            os.environ.pop("QLORA_KERNELS_MM_TILE", None)
+            default_ms, _ = common.bench_gpu_and_eager("default", call, items, rep_ms=rep_ms)
+            times = {}
+            try:
+                for rows_, depth in COMPILED_TILES[n_tiles(M)]:
+                    key = f"{rows_},{depth}"
+                    os.environ["QLORA_KERNELS_MM_TILE"] = key
+                    out = call(items[0])
+                    err = ((out.float() - ref).norm() / ref.norm()).item()
+                    if err >= 1e-2 or not torch.equal(out, call(items[0])):
+                        raise SystemExit(f"tile {key}, {shape}, M={M}: rel err {err:.2e} or not deterministic")
+                    times[key], _ = common.bench_gpu_and_eager(key, call, items, rep_ms=rep_ms)
+            finally:
+                os.environ.pop("QLORA_KERNELS_MM_TILE", None)
+            best = min(times, key=times.get)
+            print(f"{shape:<13}{M:>4}  {default_ms * 1e3:>10.1f}  "
+                  + "  ".join(f"{k}: {v * 1e3:.1f}" for k, v in times.items()) + f"  {best}", flush=True)
+            rows.append({"shape": shape, "N": N, "K": K, "M": M, "default_ms": default_ms,
+                         "tile_ms": times, "best": best})
+            del xs
+        del W16, ours
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=None, help="comma-separated NxK (default: every LLaMA shape)")
     ap.add_argument("--m", default=None, help=f"comma-separated M (default {DEFAULT_M})")
     ap.add_argument("--quick", action="store_true", help=f"shapes {QUICK_SHAPES}, M {QUICK_M}, shorter timing")
+    ap.add_argument("--tiles", action="store_true",
+                    help="instead: time every compiled tile of the CUDA kernel (QLORA_KERNELS_MM_TILE) "
+                         "against the default, M up to 64 (saved as matmul_4bit_tile_sweep)")
     ap.add_argument("--json", default=None, help="output path (default benchmarks/results/<gpu>/matmul_4bit.json)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -128,6 +187,19 @@ def main():
     print(f"{env['gpu']}  torch {env['torch']}  CUDA {env['cuda']}  backend {env.get('qlora_kernels_backend')}"
           f"  bitsandbytes {env.get('bitsandbytes', 'absent')}")
     print(f"device copy: {copy_gbs:.0f} GB/s (read + write); NF4 + double quant, blocksize 64; x bf16\n")
+    if args.tiles:
+        import qlora_kernels as qk
+
+        if qk.backend() != "cuda":
+            raise SystemExit("--tiles needs the CUDA extension (qlora_kernels.backend() is "
+                             f"{qk.backend()!r})")
+        from qlora_kernels.matmul import fused_max_m
+
+        # only M that take the fused kernel: above it every forced tile would time the same path
+        rows = sweep_tiles(shapes, [m for m in ms if m <= min(64, fused_max_m())], rep_ms)
+        path = common.save({"env": env, "copy_gbs": copy_gbs, "rows": rows}, "matmul_4bit_tile_sweep", args.json)
+        print(f"\nsaved {path}")
+        return
     rows = run(shapes, ms, copy_gbs, bnb_F, rep_ms)
     path = common.save({"env": env, "copy_gbs": copy_gbs, "rows": rows}, "matmul_4bit", args.json)
     print(f"\nsaved {path}")
