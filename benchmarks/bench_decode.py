@@ -2,7 +2,7 @@
 128 new tokens (greedy) after a 128-token prompt; tokens/s for bf16, for our Linear4bit
 (NF4 + double quant, every nn.Linear but lm_head swapped) and for bitsandbytes' Linear4bit.
 
-    python benchmarks/bench_decode.py [--layers 32] [--new-tokens 128] [--cuda-graphs] [--compile] [--json out.json]
+    python benchmarks/bench_decode.py [--layers 32] [--new-tokens 128] [--cuda-graphs] [--compile] [--fuse] [--json out.json]
 
 Eager rows use Hugging Face ``generate``: batch-1 decode launches ~10 kernels per layer per
 token, so the CPU's launches, not the weights, bound them. ``--cuda-graphs`` adds rows from our
@@ -11,7 +11,10 @@ a CUDA graph of the model's forward: the GPU's time per token, which is what 4-b
 change. (``torch.compile(mode="reduce-overhead")`` of ``generate`` fails on transformers 5.17:
 its CUDA-graph trees reject the static cache's in-place updates.) ``--compile`` adds the same
 loop with the step compiled by ``torch.compile`` (default mode) before capture, for every arm:
-inductor fuses the norms, rotary and residual chains that the matmuls sit between.
+inductor fuses the norms, rotary and residual chains that the matmuls sit between. ``--fuse``
+adds bf16 and ours again with q/k/v and gate/up grouped by ``qlora_kernels.nn.fuse_projections``
+(ours: one kernel launch per group; bf16: concatenated weights, one GEMM), each compared with
+unfused bf16 and, in the JSON, with fused bf16.
 Weights take ~13.5 GB in bf16 and ~3.9 GB per 4-bit copy (both 4-bit sets are held at once).
 """
 
@@ -54,6 +57,29 @@ def linear_slots(model):
             if isinstance(child, nn.Linear) and full != "lm_head":
                 slots.append((parent, name))
     return slots
+
+
+def unfuse_dense(model):
+    """Undoes fuse_projections on bf16 layers: each member's place gets an nn.Linear holding its
+    slice of the group's weight again (so that the model can be quantized as before)."""
+    from qlora_kernels.nn import ProjectionGroup, ProjectionGroupMember
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, ProjectionGroupMember):
+                group = child.group
+                start = sum(group.out_features[:child.index])
+                linear = nn.Linear(group.in_features, child.out_features, bias=group.bias is not None,
+                                   device="meta")
+                linear.weight = nn.Parameter(group.weight[start:start + child.out_features].clone(),
+                                             requires_grad=False)
+                if group.bias is not None:
+                    linear.bias = nn.Parameter(group.bias[start:start + child.out_features].clone(),
+                                               requires_grad=False)
+                setattr(parent, name, linear)
+        for name, child in list(parent.named_children()):
+            if isinstance(child, ProjectionGroup):
+                delattr(parent, name)
 
 
 def bnb_linear(linear: nn.Linear):
@@ -216,6 +242,9 @@ def main():
                     help="also run our static-KV-cache greedy loop, one CUDA-graph replay per token")
     ap.add_argument("--compile", action="store_true",
                     help="also run the CUDA-graph loop with its step compiled by torch.compile (every arm)")
+    ap.add_argument("--fuse", action="store_true",
+                    help="also run bf16 and ours with q/k/v and gate/up fused (qlora_kernels.nn.fuse_projections: "
+                         "one launch each at decode; bf16 gets concatenated weights, one GEMM)")
     ap.add_argument("--no-bnb", action="store_true", help="skip bitsandbytes even when importable")
     ap.add_argument("--json", default=None, help="output path (default benchmarks/results/<gpu>/decode.json)")
     args = ap.parse_args()
@@ -234,14 +263,21 @@ def main():
     rows = []
 
     def record(name, graphs, tps, seconds, compiled=False):
-        base = next((r["tokens_per_s"] for r in rows if r["impl"] == "bf16" and r["cuda_graphs"] == graphs
-                     and r["compiled"] == compiled), None)
+        # against unfused bf16 in the same decode loop (a fused arm is also compared with fused bf16)
+        def base_of(impl):
+            return next((r["tokens_per_s"] for r in rows if r["impl"] == impl and r["cuda_graphs"] == graphs
+                         and r["compiled"] == compiled), None)
+
+        base = base_of("bf16")
         vs = tps / base if base else 1.0
+        fused_base = base_of("bf16 fused") if name.endswith("fused") else None
         mem = torch.cuda.max_memory_allocated() / 2**30
         mode = ("compiled" if compiled else "yes") if graphs else "no"
         print(f"{name:<14}{mode:<10}{tps:>10.1f}{seconds:>10.2f}{vs:>9.2f}x{mem:>10.1f}", flush=True)
         rows.append({"impl": name, "cuda_graphs": graphs, "compiled": compiled, "tokens_per_s": tps,
                      "seconds": seconds, "speedup_vs_bf16": vs, "peak_gib": mem})
+        if fused_base:
+            rows[-1]["speedup_vs_bf16_fused"] = tps / fused_base
 
     def record_both(name):
         """Eager generate, then (--cuda-graphs) the CUDA-graph static-cache decoder."""
@@ -259,10 +295,19 @@ def main():
 
     print(f"{'impl':<14}{'graphs':<10}{'tokens/s':>10}{'seconds':>10}{'vs bf16':>10}{'peak GiB':>10}")
     record_both("bf16")
+    if args.fuse:
+        from qlora_kernels.nn import fuse_projections
+
+        fuse_projections(model)
+        record_both("bf16 fused")
+        unfuse_dense(model)
 
     ours, theirs = quantize_model(model, with_bnb)
     torch.cuda.reset_peak_memory_stats()
     record_both("qlora_kernels")
+    if args.fuse:
+        fuse_projections(model)
+        record_both("qlora_kernels fused")
     if with_bnb:
         swap(theirs)
         del ours

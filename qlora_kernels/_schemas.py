@@ -21,6 +21,11 @@ SCHEMAS = {
         "Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, "
         "int nested_blocksize=256, Tensor? bias=None) -> Tensor"
     ),
+    "matmul_4bit_grouped": (
+        "matmul_4bit_grouped(Tensor x, Tensor[] packed, Tensor[] absmax, int blocksize, str quant_type, "
+        "int[] N, Tensor[]? nested_absmax, Tensor? nested_code, Tensor[]? offset, int nested_blocksize, "
+        "Tensor?[] bias) -> Tensor[]"
+    ),
     "dropout_forward": "dropout_forward(Tensor x, int seed, float p) -> Tensor",
     "dropout_backward_add": "dropout_backward_add(Tensor(a!) out, Tensor grad, int seed, float p) -> ()",
     "adamw_step": (

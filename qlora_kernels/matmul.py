@@ -156,3 +156,57 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("qlora_kernels::matmul_4bit", _backward, setup_context=_setup_context)
+
+
+#: The most weights one grouped launch takes (the CUDA kernel's WeightSet).
+MAX_GROUP = 4
+
+
+def same_format(states: list[QuantState]) -> bool:
+    """Whether 4-bit weights can share one grouped launch: the same K, quant type, blocksize and
+    double-quant layout (the 8-bit code map itself is compared by the caller, once)."""
+    first = states[0]
+    return all(
+        len(s.shape) == 2 and s.shape[-1] == first.shape[-1] and s.quant_type == first.quant_type
+        and s.blocksize == first.blocksize and s.nested == first.nested
+        and (not s.nested or s.state2.blocksize == first.state2.blocksize)
+        for s in states)
+
+
+def matmul_4bit_group(x: torch.Tensor, weights: list[tuple[torch.Tensor, QuantState]],
+                      biases: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+    """``[matmul_4bit(x, packed_i, state_i, bias_i) for each weight]``, in one kernel launch when
+    it can be: the CUDA extension, an x that takes the fused kernel, no gradient needed, at most
+    ``MAX_GROUP`` weights of one format (:func:`same_format`) whose double-quant code maps are
+    equal (the caller's promise: :class:`qlora_kernels.nn.ProjectionGroup` checks it once).
+    Decode runs q, k and v (or gate and up) this way: one launch, one ramp-up and one tail
+    instead of three. Otherwise one ``matmul_4bit`` per weight; the results are the same."""
+    biases = list(biases) if biases is not None else [None] * len(weights)
+    if len(biases) != len(weights):
+        raise ValueError(f"biases: expected one (or None) per weight ({len(weights)}), got {len(biases)}")
+    states = [s for _, s in weights]
+    one_launch = (
+        ops.BACKEND == "cuda" and x.is_cuda and 1 <= len(weights) <= MAX_GROUP and same_format(states)
+        and uses_fused_kernel(x, states[0])
+        and not (torch.is_grad_enabled() and (x.requires_grad or any(b is not None and b.requires_grad
+                                                                      for b in biases))))
+    if not one_launch:
+        return [matmul_4bit(x, p, s, b) for (p, s), b in zip(weights, biases)]
+    Ns = []
+    for (packed, state), bias in zip(weights, biases):
+        N, K = check_x_and_weight(x, packed, state, FLOAT_DTYPES)
+        if bias is not None and (bias.shape != (N,) or bias.device != x.device):
+            raise ValueError(f"bias: expected shape [{N}] on {x.device}, got {tuple(bias.shape)} on {bias.device}")
+        Ns.append(N)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    if _needs_copy(x2):
+        x2 = x2.clone(memory_format=torch.contiguous_format)
+    first = states[0]
+    nested = [_nested_args(s) for s in states]
+    outs = ops.matmul_4bit_grouped(
+        x2, [p.contiguous() for p, _ in weights], [s.absmax.contiguous() for s in states], first.blocksize,
+        first.quant_type, Ns, [n[0] for n in nested] if first.nested else None,
+        nested[0][1] if first.nested else None, [n[2] for n in nested] if first.nested else None,
+        nested[0][3], [b.to(x.dtype) if b is not None else None for b in biases])
+    return [o.view(*lead, n) for o, n in zip(outs, Ns)]

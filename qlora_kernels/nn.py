@@ -337,3 +337,142 @@ def add_lora(model: nn.Module, r: int = 64, alpha: float = 16, dropout: float = 
     for pname, param in model.named_parameters():
         param.requires_grad_(".lora_A." in f".{pname}" or ".lora_B." in f".{pname}")
     return model
+
+
+# --- Decode: projections of one input in one launch -------------------------------------------
+
+#: The projections ``fuse_projections`` groups by default: LLaMA / Mistral / Qwen2 attention and MLP.
+DEFAULT_PROJECTION_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+class ProjectionGroup(nn.Module):
+    """Several layers applied to the same input, computed in one call: ``forward(x)`` returns
+    their outputs as a list. For inference (batch-1 decode is launch-bound: q, k and v of a
+    4096-wide model are 8 MB each, a few microseconds of bytes).
+
+    * :class:`Linear4bit` layers (exactly that class, one 4-bit format, equal double-quant code
+      maps) keep their own weights and run as one launch of the fused kernel
+      (:func:`qlora_kernels.matmul.matmul_4bit_group`); bit for bit what each layer gives alone.
+    * ``nn.Linear`` layers (one dtype and device) are concatenated into one weight: one GEMM,
+      the outputs are column slices of it (for a fair bf16 baseline).
+
+    The model keeps calling ``q_proj(x)``, ``k_proj(x)``, ... : :func:`fuse_projections` puts a
+    member module in each place. The first member called computes every output and keeps them
+    until each member has taken its own; a call with another input (or the same tensor modified
+    in place, except under ``torch.compile`` and for inference-mode tensors, which have no
+    version counter) recomputes. So the members must be
+    called with the very same tensor, which is how LLaMA-style attention and MLP blocks call
+    them; anything else is correct, just not faster.
+    """
+
+    def __init__(self, layers: list[nn.Module]):
+        super().__init__()
+        if not 2 <= len(layers) <= 4:
+            raise ValueError(f"layers: expected 2 to 4 layers, got {len(layers)}")
+        if all(type(m) is Linear4bit for m in layers):
+            from .matmul import same_format
+
+            states = [m.quant_state for m in layers]
+            if not same_format(states):
+                raise ValueError("layers: expected 4-bit layers of one format (K, quant type, blocksize, "
+                                 "double quant)")
+            if states[0].nested and not all(torch.equal(s.state2.code.cpu(), states[0].state2.code.cpu())
+                                            for s in states):
+                raise ValueError("layers: expected equal double-quant code maps")
+            self.kind = "4bit"
+            self.layers = nn.ModuleList(layers)
+        elif all(type(m) is nn.Linear for m in layers):
+            w = layers[0].weight
+            if any(m.weight.shape[1] != w.shape[1] or m.weight.dtype != w.dtype or m.weight.device != w.device
+                   for m in layers):
+                raise ValueError("layers: expected nn.Linear layers of one in_features, dtype and device")
+            if len({m.bias is None for m in layers}) != 1:
+                raise ValueError("layers: expected all with a bias or all without")
+            self.kind = "dense"
+            with torch.no_grad():
+                self.weight = nn.Parameter(torch.cat([m.weight for m in layers]), requires_grad=False)
+                self.bias = (nn.Parameter(torch.cat([m.bias for m in layers]), requires_grad=False)
+                             if layers[0].bias is not None else None)
+        else:
+            raise TypeError("layers: expected all Linear4bit or all nn.Linear, got "
+                            f"{[type(m).__name__ for m in layers]}")
+        self.out_features = [m.out_features for m in layers]
+        self.in_features = layers[0].in_features
+        self._outputs = None
+        self._input = None
+        self._input_version = None
+        self._taken = 0
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        if self.kind == "dense":
+            return list(torch.nn.functional.linear(x, self.weight, self.bias).split(self.out_features, dim=-1))
+        from .matmul import matmul_4bit_group
+
+        return matmul_4bit_group(x, [(m.weight, m.quant_state) for m in self.layers],
+                                 [m.bias for m in self.layers])
+
+    def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Output ``index`` of the group for input ``x`` (what member ``index`` returns)."""
+        # in-place changes are seen through the version counter, which neither traced nor
+        # inference-mode tensors have
+        version = None if torch.compiler.is_compiling() or x.is_inference() else x._version
+        if self._outputs is None or self._input is not x or self._input_version != version:
+            self._outputs = self(x)
+            self._input = x
+            self._input_version = version
+            self._taken = 0
+        out = self._outputs[index]
+        self._taken += 1
+        if self._taken >= len(self._outputs):  # every member served: keep no tensors alive
+            self._outputs = None
+            self._input = None
+        return out
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, in_features={self.in_features}, out_features={self.out_features}"
+
+
+class ProjectionGroupMember(nn.Module):
+    """Stands where one layer of a :class:`ProjectionGroup` was: ``forward(x)`` is that layer's
+    output, computed with the group's other layers."""
+
+    def __init__(self, group: ProjectionGroup, index: int):
+        super().__init__()
+        object.__setattr__(self, "group", group)  # not a submodule: the group's parent owns it
+        self.index = index
+        self.in_features = group.in_features
+        self.out_features = group.out_features[index]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.group.output(self.index, x)
+
+    def extra_repr(self) -> str:
+        return f"output {self.index} of the group, in_features={self.in_features}, out_features={self.out_features}"
+
+
+def fuse_projections(model: nn.Module, groups=DEFAULT_PROJECTION_GROUPS) -> int:
+    """For inference: in every module of ``model`` that has all the children named in one of
+    ``groups`` (by default q/k/v of attention and gate/up of the MLP), all :class:`Linear4bit`
+    or all ``nn.Linear``, puts them in a :class:`ProjectionGroup` (a child named
+    ``fused_<names>``, e.g. ``fused_q_k_v``) and each name's place is taken by a member that
+    returns its output. Batch-1 decode then runs q, k and v as one kernel launch. Returns how
+    many groups were made. The state dict changes (the weights move under the group), so fuse
+    after loading, and not for training (no LoRA layers are grouped; gradients still flow
+    through the unfused path)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    made = 0
+    for parent in list(model.modules()):
+        for names in groups:
+            layers = [getattr(parent, n, None) for n in names]
+            if any(not isinstance(m, nn.Module) for m in layers):
+                continue
+            try:
+                group = ProjectionGroup(layers)
+            except (TypeError, ValueError):
+                continue  # mixed kinds or formats (a LoRA layer, a bias on one only): left alone
+            parent.add_module("fused_" + "_".join(n.removesuffix("_proj") for n in names), group)
+            for i, n in enumerate(names):
+                setattr(parent, n, ProjectionGroupMember(group, i))
+            made += 1
+    return made

@@ -96,6 +96,11 @@ def _(x, packed, absmax, blocksize, quant_type, N, nested_absmax=None, nested_co
     return x.new_empty((x.shape[0], N))
 
 
+@torch.library.register_fake("qlora_kernels::matmul_4bit_grouped")
+def _(x, packed, absmax, blocksize, quant_type, N, nested_absmax, nested_code, offset, nested_blocksize, bias):
+    return [x.new_empty((x.shape[0], n)) for n in N]
+
+
 @torch.library.register_fake("qlora_kernels::dropout_forward")
 def _(x, seed, p):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -117,6 +122,7 @@ dequantize_4bit = torch.ops.qlora_kernels.dequantize_4bit.default
 quantize_8bit = torch.ops.qlora_kernels.quantize_8bit.default
 dequantize_8bit = torch.ops.qlora_kernels.dequantize_8bit.default
 matmul_4bit = torch.ops.qlora_kernels.matmul_4bit.default
+matmul_4bit_grouped = torch.ops.qlora_kernels.matmul_4bit_grouped.default
 dropout_forward = torch.ops.qlora_kernels.dropout_forward.default
 dropout_backward_add = torch.ops.qlora_kernels.dropout_backward_add.default
 adamw_step = torch.ops.qlora_kernels.adamw_step.default

@@ -215,3 +215,26 @@ def dropout_backward_add(out: torch.Tensor, grad: torch.Tensor, seed: int, p: fl
     cdt = _dropout_compute_dtype(out.dtype)
     add = torch.where(keep, grad.to(cdt) * dropout_scale(p), 0.0)
     out.copy_((out.to(cdt) + add).to(out.dtype))
+
+
+def grouped(matmul):
+    """``matmul_4bit_grouped`` (several weights times the same x) from a single-weight
+    ``matmul_4bit``: one call per weight. The reference and Triton backends run it this way;
+    the CUDA kernel runs all weights in one launch."""
+
+    def matmul_4bit_grouped(x, packed, absmax, blocksize, quant_type, N, nested_absmax, nested_code, offset,
+                            nested_blocksize, bias):
+        count = len(packed)
+        if len(absmax) != count or len(N) != count or (bias and len(bias) != count):
+            raise ValueError(f"packed, absmax, N, bias: expected one per weight, got {count}, {len(absmax)}, "
+                             f"{len(N)}, {len(bias)}")
+        nested = nested_absmax is not None
+        return [matmul(x, packed[i], absmax[i], blocksize, quant_type, N[i],
+                       nested_absmax[i] if nested else None, nested_code, offset[i] if nested else None,
+                       nested_blocksize, bias[i] if bias else None)
+                for i in range(count)]
+
+    return matmul_4bit_grouped
+
+
+matmul_4bit_grouped = grouped(matmul_4bit)

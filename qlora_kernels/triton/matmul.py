@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import codes
+from .. import codes, reference
 from .quant import _on_device, kernel_absmax_args
 
 #: Bytes per group (one 16-byte load), i.e. 32 weights; K must be a multiple of GROUP_K.
@@ -279,3 +279,7 @@ def matmul_4bit(
                 SPLITS=cfg.split, HAS_BIAS=has_bias, TILE=tile, num_warps=4,
             )
     return out
+
+
+# several weights times the same x: one Triton launch per weight
+matmul_4bit_grouped = reference.grouped(matmul_4bit)
