@@ -173,14 +173,25 @@ def same_format(states: list[QuantState]) -> bool:
         for s in states)
 
 
+def same_code_maps(states: list[QuantState]) -> bool:
+    """Whether double-quantized weights share one 8-bit code map (the grouped kernel reads the
+    first one's); compares the tensors (a device sync on the GPU), so callers check it once."""
+    first = states[0]
+    return not first.nested or all(
+        s.state2.code is first.state2.code
+        or torch.equal(s.state2.code.cpu(), first.state2.code.cpu()) for s in states)
+
+
 def matmul_4bit_group(x: torch.Tensor, weights: list[tuple[torch.Tensor, QuantState]],
-                      biases: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+                      biases: list[torch.Tensor | None] | None = None,
+                      check_code_maps: bool = True) -> list[torch.Tensor]:
     """``[matmul_4bit(x, packed_i, state_i, bias_i) for each weight]``, in one kernel launch when
     it can be: the CUDA extension, an x that takes the fused kernel, no gradient needed, at most
-    ``MAX_GROUP`` weights of one format (:func:`same_format`) whose double-quant code maps are
-    equal (the caller's promise: :class:`qlora_kernels.nn.ProjectionGroup` checks it once).
-    Decode runs q, k and v (or gate and up) this way: one launch, one ramp-up and one tail
-    instead of three. Otherwise one ``matmul_4bit`` per weight; the results are the same."""
+    ``MAX_GROUP`` weights of one format (:func:`same_format`) and one double-quant code map
+    (:func:`same_code_maps`; ``check_code_maps=False`` skips that check, for callers that made
+    it once, as :class:`qlora_kernels.nn.ProjectionGroup` does). Decode runs q, k and v (or
+    gate and up) this way: one launch, one ramp-up and one tail instead of three. Otherwise one
+    ``matmul_4bit`` per weight; the results are the same, bit for bit."""
     biases = list(biases) if biases is not None else [None] * len(weights)
     if len(biases) != len(weights):
         raise ValueError(f"biases: expected one (or None) per weight ({len(weights)}), got {len(biases)}")
@@ -189,7 +200,8 @@ def matmul_4bit_group(x: torch.Tensor, weights: list[tuple[torch.Tensor, QuantSt
         ops.BACKEND == "cuda" and x.is_cuda and 1 <= len(weights) <= MAX_GROUP and same_format(states)
         and uses_fused_kernel(x, states[0])
         and not (torch.is_grad_enabled() and (x.requires_grad or any(b is not None and b.requires_grad
-                                                                      for b in biases))))
+                                                                      for b in biases)))
+        and (not check_code_maps or same_code_maps(states)))
     if not one_launch:
         return [matmul_4bit(x, p, s, b) for (p, s), b in zip(weights, biases)]
     Ns = []

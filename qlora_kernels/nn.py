@@ -353,14 +353,16 @@ class ProjectionGroup(nn.Module):
     * :class:`Linear4bit` layers (exactly that class, one 4-bit format, equal double-quant code
       maps) keep their own weights and run as one launch of the fused kernel
       (:func:`qlora_kernels.matmul.matmul_4bit_group`); bit for bit what each layer gives alone.
-    * ``nn.Linear`` layers (one dtype and device) are concatenated into one weight: one GEMM,
-      the outputs are column slices of it (for a fair bf16 baseline).
+      (Layers replaced later, e.g. by ``add_lora``, are called one by one.)
+    * ``nn.Linear`` layers (one dtype and device) are concatenated into one frozen weight: one
+      GEMM, the outputs are column slices of it (for a fair bf16 baseline; the GEMM of the
+      concatenation may round differently from the separate ones).
 
     The model keeps calling ``q_proj(x)``, ``k_proj(x)``, ... : :func:`fuse_projections` puts a
     member module in each place. The first member called computes every output and keeps them
-    until each member has taken its own; a call with another input (or the same tensor modified
-    in place, except under ``torch.compile`` and for inference-mode tensors, which have no
-    version counter) recomputes. So the members must be
+    until each member has taken its own; a call with another input, a member asking a second
+    time, or the same tensor modified in place (except under ``torch.compile`` and for
+    inference-mode tensors, which have no version counter) recomputes. So the members must be
     called with the very same tensor, which is how LLaMA-style attention and MLP blocks call
     them; anything else is correct, just not faster.
     """
@@ -376,8 +378,9 @@ class ProjectionGroup(nn.Module):
             if not same_format(states):
                 raise ValueError("layers: expected 4-bit layers of one format (K, quant type, blocksize, "
                                  "double quant)")
-            if states[0].nested and not all(torch.equal(s.state2.code.cpu(), states[0].state2.code.cpu())
-                                            for s in states):
+            from .matmul import same_code_maps
+
+            if not same_code_maps(states):
                 raise ValueError("layers: expected equal double-quant code maps")
             self.kind = "4bit"
             self.layers = nn.ModuleList(layers)
@@ -401,29 +404,34 @@ class ProjectionGroup(nn.Module):
         self._outputs = None
         self._input = None
         self._input_version = None
-        self._taken = 0
+        self._served = 0  # bit i: member i has taken its output of the kept set
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         if self.kind == "dense":
             return list(torch.nn.functional.linear(x, self.weight, self.bias).split(self.out_features, dim=-1))
+        if any(type(m) is not Linear4bit for m in self.layers):
+            # a layer replaced after grouping (add_lora makes LoRALinear4bit): each its own call
+            return [m(x) for m in self.layers]
         from .matmul import matmul_4bit_group
 
         return matmul_4bit_group(x, [(m.weight, m.quant_state) for m in self.layers],
-                                 [m.bias for m in self.layers])
+                                 [m.bias for m in self.layers], check_code_maps=False)
 
     def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Output ``index`` of the group for input ``x`` (what member ``index`` returns)."""
         # in-place changes are seen through the version counter, which neither traced nor
-        # inference-mode tensors have
+        # inference-mode tensors have; a member asking twice gets a fresh computation (never
+        # the tensor it already has, which its caller may have changed)
         version = None if torch.compiler.is_compiling() or x.is_inference() else x._version
-        if self._outputs is None or self._input is not x or self._input_version != version:
+        if (self._outputs is None or self._input is not x or self._input_version != version
+                or self._served & (1 << index)):
             self._outputs = self(x)
             self._input = x
             self._input_version = version
-            self._taken = 0
+            self._served = 0
         out = self._outputs[index]
-        self._taken += 1
-        if self._taken >= len(self._outputs):  # every member served: keep no tensors alive
+        self._served |= 1 << index
+        if self._served == (1 << len(self._outputs)) - 1:  # every member served: keep no tensors
             self._outputs = None
             self._input = None
         return out
@@ -457,8 +465,9 @@ def fuse_projections(model: nn.Module, groups=DEFAULT_PROJECTION_GROUPS) -> int:
     ``fused_<names>``, e.g. ``fused_q_k_v``) and each name's place is taken by a member that
     returns its output. Batch-1 decode then runs q, k and v as one kernel launch. Returns how
     many groups were made. The state dict changes (the weights move under the group), so fuse
-    after loading, and not for training (no LoRA layers are grouped; gradients still flow
-    through the unfused path)."""
+    after loading, and for inference only: LoRA layers are not grouped, grouped ``nn.Linear``
+    weights are frozen, and a grouped 4-bit layer needing gradients (of x or a bias) is called
+    on its own."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     made = 0

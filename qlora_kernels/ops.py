@@ -27,8 +27,10 @@ BACKEND = _backend.choose()
 _backend.warn_if_degraded(BACKEND)
 
 _lib = torch.library.Library("qlora_kernels", "FRAGMENT")
-if BACKEND != "cuda":
-    for _schema in SCHEMAS.values():
+for _name, _schema in SCHEMAS.items():
+    # all of them without the extension; with it, any op newer than its build (an extension
+    # compiled from older sources), which then runs its Triton or reference version below
+    if BACKEND != "cuda" or not hasattr(torch.ops.qlora_kernels, _name):
         _lib.define(_schema)
 
 for _name in SCHEMAS:

@@ -225,10 +225,16 @@ def grouped(matmul):
     def matmul_4bit_grouped(x, packed, absmax, blocksize, quant_type, N, nested_absmax, nested_code, offset,
                             nested_blocksize, bias):
         count = len(packed)
+        if not 1 <= count <= 4:
+            raise ValueError(f"packed: expected 1 to 4 weights, got {count}")
         if len(absmax) != count or len(N) != count or (bias and len(bias) != count):
             raise ValueError(f"packed, absmax, N, bias: expected one per weight, got {count}, {len(absmax)}, "
                              f"{len(N)}, {len(bias)}")
         nested = nested_absmax is not None
+        if (offset is not None) != nested or (nested_code is not None) != nested:
+            raise ValueError("nested_absmax, nested_code, offset: expected all three (double quant) or none")
+        if nested and (len(nested_absmax) != count or len(offset) != count):
+            raise ValueError("nested_absmax, offset: expected one per weight")
         return [matmul(x, packed[i], absmax[i], blocksize, quant_type, N[i],
                        nested_absmax[i] if nested else None, nested_code, offset[i] if nested else None,
                        nested_blocksize, bias[i] if bias else None)

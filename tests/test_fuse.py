@@ -95,6 +95,45 @@ def test_member_recomputes_for_another_or_modified_input(rng):
     assert torch.equal(k2, qk.matmul_4bit(x2, layer.weight, layer.quant_state))
 
 
+def test_member_asking_twice_gets_a_fresh_output(rng):
+    block = Block(linear4bit)
+    fuse_projections(block)
+    x = torch.randn(3, 64, generator=rng)
+    q1 = block.q_proj(x)
+    want = q1.clone()
+    q1.mul_(0)  # the caller owns what it got
+    q2 = block.q_proj(x)
+    assert q2 is not q1 and torch.equal(q2, want)
+
+
+def test_lora_added_after_fusing_is_applied(rng):
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=rng)))
+    block = Block(linear4bit)
+    fuse_projections(block)
+    qk.add_lora(block, r=4, alpha=8, dropout=0.0)
+    group = block.fused_q_k_v
+    for layer in group.layers:
+        torch.nn.init.normal_(layer.lora_B.weight)  # B starts at zero: make the LoRA term count
+    x = torch.randn(2, 64, generator=rng, requires_grad=True)
+    outs = [block.q_proj(x), block.k_proj(x), block.v_proj(x)]
+    for out, layer in zip(outs, group.layers):
+        assert torch.equal(out, layer(x))
+    sum(o.sum() for o in outs).backward()
+    assert all(layer.lora_B.weight.grad is not None for layer in group.layers)
+
+
+def test_grouped_reference_rejects_bad_lists(rng):
+    p, s = quantized(64, 128, rng)
+    x = torch.randn(2, 128, generator=rng)
+    nested = _nested_args(s)
+    with pytest.raises(ValueError, match="packed: expected 1 to 4 weights"):
+        ops.matmul_4bit_grouped(x, [], [], 64, "nf4", [], None, None, None, 256, [])
+    with pytest.raises(ValueError, match="packed, absmax, N, bias: expected one per weight"):
+        ops.matmul_4bit_grouped(x, [p, p], [s.absmax], 64, "nf4", [64, 64], None, None, None, 256, [])
+    with pytest.raises(ValueError, match="nested_absmax, nested_code, offset: expected all three"):
+        ops.matmul_4bit_grouped(x, [p], [s.absmax], 64, "nf4", [64], [nested[0]], nested[1], None, 256, [])
+
+
 def test_fuse_projections_leaves_mixed_groups_alone(rng):
     block = Block(linear4bit)
     block.k_proj = nn.Linear(64, 32, bias=False)  # a plain layer among 4-bit ones
