@@ -273,7 +273,7 @@ def main():
         fused_base = base_of("bf16 fused") if name.endswith("fused") else None
         mem = torch.cuda.max_memory_allocated() / 2**30
         mode = ("compiled" if compiled else "yes") if graphs else "no"
-        print(f"{name:<14}{mode:<10}{tps:>10.1f}{seconds:>10.2f}{vs:>9.2f}x{mem:>10.1f}", flush=True)
+        print(f"{name:<21}{mode:<10}{tps:>10.1f}{seconds:>10.2f}{vs:>9.2f}x{mem:>10.1f}", flush=True)
         rows.append({"impl": name, "cuda_graphs": graphs, "compiled": compiled, "tokens_per_s": tps,
                      "seconds": seconds, "speedup_vs_bf16": vs, "peak_gib": mem})
         if fused_base:
@@ -293,7 +293,7 @@ def main():
             else:
                 record(name, True, *timed, compiled=compiled)
 
-    print(f"{'impl':<14}{'graphs':<10}{'tokens/s':>10}{'seconds':>10}{'vs bf16':>10}{'peak GiB':>10}")
+    print(f"{'impl':<21}{'graphs':<10}{'tokens/s':>10}{'seconds':>10}{'vs bf16':>10}{'peak GiB':>10}")
     record_both("bf16")
     if args.fuse:
         from qlora_kernels.nn import fuse_projections
