@@ -11,7 +11,7 @@
        (NF4 + double quant, layer by layer), ``add_lora``, ``PagedAdamW``.
 3. Report both held-out losses (target tokens only); the claim holds if (b) is within 1% of (a).
 
-    python benchmarks/fidelity.py                 # GPU, about 3-4 minutes on an H100
+    python benchmarks/fidelity.py                 # GPU, 144 s on an H100
     python benchmarks/fidelity.py --size small    # a smaller model, runs on a CPU (~30 min on 2 cores)
     python benchmarks/fidelity.py --quick         # a smoke test of every stage (CPU: ~1 min)
 
