@@ -534,7 +534,7 @@ std::vector<at::Tensor> run_matmul_4bit(const at::Tensor& x, const std::vector<H
     check_dtype(*nested_code, "nested_code", at::kFloat);
     check_numel(*nested_code, "nested_code", 256, "the 8-bit code");
   }
-  int64_t total_tiles = 0, total_rows = 0;
+  int64_t total_rows = 0;
   for (size_t i = 0; i < weights.size(); ++i) {
     const HostWeight& w = weights[i];
     const int idx = static_cast<int>(i);
@@ -673,8 +673,6 @@ at::Tensor matmul_4bit(const at::Tensor& x, const at::Tensor& packed, const at::
                        const std::optional<at::Tensor>& nested_code,
                        const std::optional<at::Tensor>& offset, int64_t nested_blocksize,
                        const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(nested_absmax.has_value() == nested_code.has_value() && offset.has_value() == nested_code.has_value(),
-              "nested_absmax, nested_code, offset: expected all three (double quant) or none");
   return run_matmul_4bit(x, {HostWeight{packed, absmax, nested_absmax, offset, bias, N}}, blocksize, quant_type,
                          nested_code, nested_blocksize, /*grouped=*/false)[0];
 }

@@ -104,6 +104,18 @@ def check_x_and_weight(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
     return N, K
 
 
+def _checked_bias(bias: torch.Tensor | None, N: int, x: torch.Tensor) -> torch.Tensor | None:
+    """``bias`` checked against an output of N features on x's device, in x's dtype."""
+    if bias is None:
+        return None
+    _check_tensor("bias", bias, FLOAT_DTYPES)
+    if bias.shape != (N,):
+        raise ValueError(f"bias: expected shape [{N}], got {tuple(bias.shape)}")
+    if bias.device != x.device:
+        raise ValueError(f"bias: expected a tensor on {x.device}, got {bias.device}")
+    return bias.to(x.dtype)
+
+
 def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T + bias`` where ``(packed, state)`` hold W ``[N, K]`` in 4 bits.
@@ -113,13 +125,7 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
     quant; any K (see the module doc for which shapes take the fused kernel).
     """
     N, K = check_x_and_weight(x, packed, state, FLOAT_DTYPES)
-    if bias is not None:
-        _check_tensor("bias", bias, FLOAT_DTYPES)
-        if bias.shape != (N,):
-            raise ValueError(f"bias: expected shape [{N}], got {tuple(bias.shape)}")
-        if bias.device != x.device:
-            raise ValueError(f"bias: expected a tensor on {x.device}, got {bias.device}")
-        bias = bias.to(x.dtype)
+    bias = _checked_bias(bias, N, x)
     lead = x.shape[:-1]
     if x.numel() == 0 or N == 0:
         return torch.nn.functional.linear(x, x.new_zeros((N, K)), bias)
@@ -184,31 +190,30 @@ def same_code_maps(states: list[QuantState]) -> bool:
 
 def matmul_4bit_group(x: torch.Tensor, weights: list[tuple[torch.Tensor, QuantState]],
                       biases: list[torch.Tensor | None] | None = None,
-                      check_code_maps: bool = True) -> list[torch.Tensor]:
+                      checked: bool = False) -> list[torch.Tensor]:
     """``[matmul_4bit(x, packed_i, state_i, bias_i) for each weight]``, in one kernel launch when
     it can be: the CUDA extension, an x that takes the fused kernel, no gradient needed, at most
     ``MAX_GROUP`` weights of one format (:func:`same_format`) and one double-quant code map
-    (:func:`same_code_maps`; ``check_code_maps=False`` skips that check, for callers that made
-    it once, as :class:`qlora_kernels.nn.ProjectionGroup` does). Decode runs q, k and v (or
-    gate and up) this way: one launch, one ramp-up and one tail instead of three. Otherwise one
-    ``matmul_4bit`` per weight; the results are the same, bit for bit."""
+    (:func:`same_code_maps`; ``checked=True`` says the caller verified both once, as
+    :class:`qlora_kernels.nn.ProjectionGroup` does, and skips them on every call). Decode runs
+    q, k and v (or gate and up) this way: one launch, one ramp-up and one tail instead of three.
+    Otherwise one ``matmul_4bit`` per weight; the results are the same, bit for bit."""
     biases = list(biases) if biases is not None else [None] * len(weights)
     if len(biases) != len(weights):
         raise ValueError(f"biases: expected one (or None) per weight ({len(weights)}), got {len(biases)}")
     states = [s for _, s in weights]
     one_launch = (
-        ops.BACKEND == "cuda" and x.is_cuda and 1 <= len(weights) <= MAX_GROUP and same_format(states)
+        ops.BACKEND == "cuda" and x.is_cuda and 1 <= len(weights) <= MAX_GROUP
         and uses_fused_kernel(x, states[0])
         and not (torch.is_grad_enabled() and (x.requires_grad or any(b is not None and b.requires_grad
                                                                       for b in biases)))
-        and (not check_code_maps or same_code_maps(states)))
+        and (checked or (same_format(states) and same_code_maps(states))))
     if not one_launch:
         return [matmul_4bit(x, p, s, b) for (p, s), b in zip(weights, biases)]
     Ns = []
-    for (packed, state), bias in zip(weights, biases):
+    for i, ((packed, state), bias) in enumerate(zip(weights, biases)):
         N, K = check_x_and_weight(x, packed, state, FLOAT_DTYPES)
-        if bias is not None and (bias.shape != (N,) or bias.device != x.device):
-            raise ValueError(f"bias: expected shape [{N}] on {x.device}, got {tuple(bias.shape)} on {bias.device}")
+        biases[i] = _checked_bias(bias, N, x)
         Ns.append(N)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
@@ -220,5 +225,5 @@ def matmul_4bit_group(x: torch.Tensor, weights: list[tuple[torch.Tensor, QuantSt
         x2, [p.contiguous() for p, _ in weights], [s.absmax.contiguous() for s in states], first.blocksize,
         first.quant_type, Ns, [n[0] for n in nested] if first.nested else None,
         nested[0][1] if first.nested else None, [n[2] for n in nested] if first.nested else None,
-        nested[0][3], [b.to(x.dtype) if b is not None else None for b in biases])
+        nested[0][3], biases)
     return [o.view(*lead, n) for o, n in zip(outs, Ns)]

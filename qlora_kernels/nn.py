@@ -16,7 +16,7 @@ from torch import nn
 from . import codes
 from .functional import FLOAT_DTYPES, _check_format, dequantize_4bit, quantize_4bit
 from .lora import matmul_4bit_lora
-from .matmul import matmul_4bit
+from .matmul import matmul_4bit, matmul_4bit_group, same_code_maps, same_format
 from .quant_state import QuantState
 
 class Linear4bit(nn.Module):
@@ -372,14 +372,10 @@ class ProjectionGroup(nn.Module):
         if not 2 <= len(layers) <= 4:
             raise ValueError(f"layers: expected 2 to 4 layers, got {len(layers)}")
         if all(type(m) is Linear4bit for m in layers):
-            from .matmul import same_format
-
             states = [m.quant_state for m in layers]
             if not same_format(states):
                 raise ValueError("layers: expected 4-bit layers of one format (K, quant type, blocksize, "
                                  "double quant)")
-            from .matmul import same_code_maps
-
             if not same_code_maps(states):
                 raise ValueError("layers: expected equal double-quant code maps")
             self.kind = "4bit"
@@ -412,10 +408,8 @@ class ProjectionGroup(nn.Module):
         if any(type(m) is not Linear4bit for m in self.layers):
             # a layer replaced after grouping (add_lora makes LoRALinear4bit): each its own call
             return [m(x) for m in self.layers]
-        from .matmul import matmul_4bit_group
-
         return matmul_4bit_group(x, [(m.weight, m.quant_state) for m in self.layers],
-                                 [m.bias for m in self.layers], check_code_maps=False)
+                                 [m.bias for m in self.layers], checked=True)
 
     def output(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Output ``index`` of the group for input ``x`` (what member ``index`` returns)."""
