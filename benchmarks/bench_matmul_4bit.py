@@ -109,10 +109,17 @@ def run(shapes, ms, copy_gbs, bnb_F, rep_ms):
     return rows
 
 
-# The (R, D) tiles csrc/matmul_4bit.cu compiles (its kCompiled), by n-tiles of 8 tokens T: the
-# set --tiles times. QLORA_KERNELS_MM_TILE asks for one; a pair not compiled would fall back to
-# the default and be timed as if it were the pair.
-COMPILED_TILES = {1: [(1, 2), (1, 4)], 2: [(2, 2), (2, 4), (4, 2)], 4: [(2, 2)], 8: [(1, 2), (1, 4)]}
+# The tiles csrc/matmul_4bit.cu compiles (its kCompiled), by n-tiles of 8 tokens T, as
+# QLORA_KERNELS_MM_TILE keys "R,D[,W,S,C]": R row tiles per warp, D loads in flight, W row groups
+# per CTA, S K splits over the grid (0: automatic), C CTAs per SM to fit. The set --tiles times;
+# a key not compiled would fall back to the default and be timed as if it were that key.
+_ROW_GROUP_TILES = ["1,2,8,0,1", "1,2,8,0,2", "1,2,8,1,1"]
+COMPILED_TILES = {
+    1: ["1,2", "1,4"],
+    2: ["2,2", "2,4", "4,2", "2,2,4,0,1"] + _ROW_GROUP_TILES,
+    4: ["2,2", "2,2,4,0,1"] + _ROW_GROUP_TILES,
+    8: ["1,2", "1,4", "1,2,4,0,1", "1,2,4,0,2"] + _ROW_GROUP_TILES,
+}
 
 
 def n_tiles(M: int) -> int:
@@ -127,7 +134,7 @@ def sweep_tiles(shapes, ms, rep_ms):
 
     import qlora_kernels as qk
 
-    print(f"{'shape':<13}{'M':>4}  {'default us':>10}  tiles (R,D: us)  best")
+    print(f"{'shape':<13}{'M':>4}  {'default us':>10}  tiles (R,D[,W,S,C]: us)  best")
     rows = []
     for shape in shapes:
         N, K = (int(v) for v in shape.lower().split("x"))
@@ -144,8 +151,7 @@ def sweep_tiles(shapes, ms, rep_ms):
             default_ms, _ = common.bench_gpu_and_eager("default", call, items, rep_ms=rep_ms)
             times = {}
             try:
-                for rows_, depth in COMPILED_TILES[n_tiles(M)]:
-                    key = f"{rows_},{depth}"
+                for key in COMPILED_TILES[n_tiles(M)]:
                     os.environ["QLORA_KERNELS_MM_TILE"] = key
                     out = call(items[0])
                     err = ((out.float() - ref).norm() / ref.norm()).item()

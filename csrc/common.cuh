@@ -264,4 +264,17 @@ inline int compute_capability_major(int device) {
   return major;
 }
 
+// The SM count of a device, asked once per device (as compute_capability_major).
+inline int multiprocessor_count(int device) {
+  static std::mutex mutex;
+  static std::vector<std::pair<int, int>> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  for (const auto& e : cache)
+    if (e.first == device) return e.second;
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  cache.emplace_back(device, sms);
+  return sms;
+}
+
 }  // namespace qlora_kernels

@@ -232,11 +232,20 @@ __device__ __forceinline__ V pick(const V (&a)[kMaxWeights], int i) {
 // by the same x fragments (x is read from L2 once per kR * 16 weight rows instead of once per 16).
 // kD: steps of weight loads in flight per warp. (Splitting K over the CTAs of a cluster, adding
 // the partial tiles through distributed shared memory, was tried on the H100 and never won.)
-template <typename T, int kT, int kR, int kD, bool kGrouped>
-__global__ void __launch_bounds__(kMmThreads)
+// kRowWarps: row groups per CTA. At 1 the 8 warps split the K steps of one group of kR row
+// tiles; at 8 each warp owns its own group and walks all of K. With more tokens x is the larger
+// stream (64 tokens: 16 bytes of x per weight byte, re-read from L2 by every row group), and the
+// row groups of a CTA walk the same K steps at about the same time, so L1 serves x to all but the
+// first of them. Fewer, longer CTAs then get K split over the grid's z (blockIdx.z takes steps
+// split_steps * z ..): each writes a float32 partial tile, summed by sum_k_splits_kernel.
+// kMinCtas: CTAs per SM to fit (ptxas then spills what does not fit in the registers).
+template <typename T, int kT, int kR, int kD, bool kGrouped, int kRowWarps, int kMinCtas>
+__global__ void __launch_bounds__(kMmThreads, kMinCtas == 1 ? 0 : kMinCtas)  // 0: no minimum (ptxas picks)
     matmul_4bit_kernel(const T* __restrict__ x, const __grid_constant__ WeightSet<T> weights,
                        const float* __restrict__ nested_code, int M, int K, int lg_bs, int lg_nbs,
-                       int quant_type, bool nested) {
+                       int quant_type, bool nested, int split_steps, float* __restrict__ partial) {
+  static_assert(kMmWarps % kRowWarps == 0 && (!kGrouped || kRowWarps == 1), "row groups: 1, 2, 4 or 8; grouped: 1");
+  constexpr int kSlices = kMmWarps / kRowWarps;  // warps sharing one row group's K steps
   // One warp's accumulators; after the main loop the table's memory holds all warps' copies.
   constexpr int kTileFloats = 4 * kR * kT * 32;
   static_assert(kMmWarps * kTileFloats * 4 <= kTableBytes, "partial tiles must fit in the table's memory");
@@ -251,6 +260,8 @@ __global__ void __launch_bounds__(kMmThreads)
   // keeps the table's shared address in a uniform register, which every lookup adds for free
   // ([R + UR] addressing).
   const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0);
+  const int row_group = warp / kSlices;
+  const int slice = warp % kSlices;
   const int g = lane >> 2;
   const int t = lane & 3;
 
@@ -269,7 +280,7 @@ __global__ void __launch_bounds__(kMmThreads)
   const float* __restrict__ offset = pick(weights.offset, which);
   const int N = pick(weights.N, which);
   const int first_tile = which == 0 ? 0 : pick(weights.tile_end, which - 1);
-  const int row0 = (static_cast<int>(blockIdx.x) - first_tile) * kTileRows * kR;
+  const int row0 = (static_cast<int>(blockIdx.x) - first_tile) * kTileRows * kR * kRowWarps + row_group * kTileRows * kR;
   const int tok0 = blockIdx.y * kT * 8;
   // This lane's two rows in each row tile. Rows past N load row N - 1 (valid memory) and are
   // not stored.
@@ -282,12 +293,15 @@ __global__ void __launch_bounds__(kMmThreads)
     hi_row[r] = {keep(hi_row[r].bytes), keep(hi_row[r].block), keep(hi_row[r].in_block)};
   }
   const int nsteps = (K + kStepK - 1) / kStepK;
+  // This CTA's K steps (all of them unless K is split over the grid's z)
+  const int step_begin = static_cast<int>(blockIdx.z) * split_steps;
+  const int step_end = min(nsteps, step_begin + split_steps);
   // K % 32 == 0: a lane's 32-element chunk is wholly inside K or wholly past it. A lane past
   // K still takes part in the MMAs (they are warp-wide), with a zero scale and zero x.
   auto step_k0 = [&](int step) { return step * kStepK + t * 32; };
   auto load = [&](int r, int step) {
     const int k0 = step_k0(step);
-    return load_step(lo_row[r], hi_row[r], k0, step < nsteps && k0 < K, absmax, nested, nested_absmax,
+    return load_step(lo_row[r], hi_row[r], k0, step < step_end && k0 < K, absmax, nested, nested_absmax,
                      lg_bs, lg_nbs);
   };
   // kD steps of loads are kept in flight ahead of the one being decoded; the first ones go out
@@ -296,7 +310,7 @@ __global__ void __launch_bounds__(kMmThreads)
 #pragma unroll
   for (int d = 0; d < kD; ++d)
 #pragma unroll
-    for (int r = 0; r < kR; ++r) ring[d][r] = load(r, warp + d * kMmWarps);
+    for (int r = 0; r < kR; ++r) ring[d][r] = load(r, step_begin + slice + d * kSlices);
 
   // Table: entry b holds (code[b >> 4], code[b & 15]) as a pair of T, the high nibble (the
   // element at the lower address) in the low half, at byte 128 b + 4 L for lane L: each lane reads
@@ -341,16 +355,16 @@ __global__ void __launch_bounds__(kMmThreads)
 #pragma unroll
     for (int n = 0; n < kT; ++n) acc[r][n][0] = acc[r][n][1] = acc[r][n][2] = acc[r][n][3] = 0.0f;
 
-  for (int base = warp; base < nsteps; base += kD * kMmWarps) {
+  for (int base = step_begin + slice; base < step_end; base += kD * kSlices) {
 #pragma unroll
     for (int d = 0; d < kD; ++d) {
-      const int step = base + d * kMmWarps;
-      if (step >= nsteps) break;  // warp-uniform
+      const int step = base + d * kSlices;
+      if (step >= step_end) break;  // warp-uniform
       StepLoads cur[kR];
 #pragma unroll
       for (int r = 0; r < kR; ++r) {
         cur[r] = ring[d][r];
-        ring[d][r] = load(r, step + kD * kMmWarps);
+        ring[d][r] = load(r, step + kD * kSlices);
       }
       const int k0 = step_k0(step);
       const bool k_ok = k0 < K;
@@ -403,8 +417,8 @@ __global__ void __launch_bounds__(kMmThreads)
     }
   }
 
-  // Reduce the 8 warps' partial tiles: accumulator i of n-tile n of row tile r, lane L, warp w
-  // at s_red[w * kTileFloats + ((r * kT + n) * 4 + i) * 32 + L].
+  // Reduce the partial tiles of each row group's kSlices warps: accumulator i of n-tile n of row
+  // tile r, lane L, warp w at s_red[w * kTileFloats + ((r * kT + n) * 4 + i) * 32 + L].
   __syncthreads();  // the table is no longer read
   float* s_red = reinterpret_cast<float*>(s_table);
 #pragma unroll
@@ -419,37 +433,61 @@ __global__ void __launch_bounds__(kMmThreads)
   const T* __restrict__ bias = pick(weights.bias, which_out);
   const int n_out = pick(weights.N, which_out);
   const int row_out0 = (static_cast<int>(blockIdx.x) - (which_out == 0 ? 0 : pick(weights.tile_end, which_out - 1))) *
-                       kTileRows * kR;
-  auto store = [&](int idx, float sum) {
+                       kTileRows * kR * kRowWarps;
+  auto store = [&](int group, int idx, float sum) {
     // Accumulator i of n-tile n of row tile r in lane L: row 16 r + g (+8 for i >= 2), token 2t + (i & 1).
     const int L = idx & 31;
     const int i = (idx >> 5) & 3;
     const int n = (idx >> 7) % kT;
     const int r = (idx >> 7) / kT;
-    const int row = row_out0 + 16 * r + (L >> 2) + (i >= 2 ? 8 : 0);
+    const int row = row_out0 + group * kTileRows * kR + 16 * r + (L >> 2) + (i >= 2 ? 8 : 0);
     const int tok = tok0 + n * 8 + 2 * (L & 3) + (i & 1);
     if (row < n_out && tok < M) {
-      if (bias != nullptr) sum += to_float(bias[row]);
-      out[static_cast<int64_t>(tok) * n_out + row] = from_float<T>(sum);
+      if (partial != nullptr) {
+        partial[(static_cast<int64_t>(blockIdx.z) * M + tok) * n_out + row] = sum;  // the bias comes with the sum
+      } else {
+        if (bias != nullptr) sum += to_float(bias[row]);
+        out[static_cast<int64_t>(tok) * n_out + row] = from_float<T>(sum);
+      }
     }
   };
-  for (int idx = tid; idx < kTileFloats; idx += kMmThreads) {
+  for (int idx = tid; idx < kRowWarps * kTileFloats; idx += kMmThreads) {
+    const int group = idx / kTileFloats, within = idx % kTileFloats;
     float sum = 0.0f;
 #pragma unroll
-    for (int w = 0; w < kMmWarps; ++w) sum += s_red[w * kTileFloats + idx];
-    store(idx, sum);
+    for (int w = 0; w < kSlices; ++w) sum += s_red[(group * kSlices + w) * kTileFloats + within];
+    store(group, within, sum);
+  }
+}
+
+// out[m, n] = the sum over the K splits of partial[z, m, n] (+ bias[n]), in a fixed order.
+template <typename T>
+__global__ void sum_k_splits_kernel(const float* __restrict__ partial, int splits, int64_t MN, int N,
+                                    const T* __restrict__ bias, T* __restrict__ out) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < MN;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float sum = 0.0f;
+    for (int z = 0; z < splits; ++z) sum += partial[z * MN + i];
+    if (bias != nullptr) sum += to_float(bias[i % N]);
+    out[i] = from_float<T>(sum);
   }
 }
 
 // The (kR, kD) compiled for each kT: the ones tile_config picks (from a sweep of kR 1, 2, 4 and
 // kD 2, 4 over the LLaMA shapes on an H100; benchmarks/bench_matmul_4bit.py).
-template <int kT, int kR, int kD>
-constexpr bool kCompiled = (kT == 1 && kR == 1) || (kT == 2 && kR == 2) || (kT == 2 && kR == 4 && kD == 2) ||
-                           (kT == 4 && kR == 2 && kD == 2) || (kT == 8 && kR == 1);
+template <int kT, int kR, int kD, int kW, int kC>
+constexpr bool kCompiled =
+    kW == 1 ? kC == 1 && ((kT == 1 && kR == 1) || (kT == 2 && kR == 2) || (kT == 2 && kR == 4 && kD == 2) ||
+                          (kT == 4 && kR == 2 && kD == 2) || (kT == 8 && kR == 1))
+            : kT >= 2 && kD == 2 &&
+                  ((kR == 1 && kW == 8) || (kT <= 4 && kR == 2 && kW == 4 && kC == 1) || (kT == 8 && kR == 1 && kW == 4));
 
 struct TileConfig {
-  int rows = 1;   // kR
-  int depth = 2;  // kD
+  int rows = 1;        // kR
+  int depth = 2;       // kD
+  int row_warps = 1;   // kRowWarps
+  int splits = 0;      // K splits over the grid's z; 0: as many as fill the GPU (splits_for)
+  int min_ctas = 1;    // kMinCtas
 };
 
 // The tile shape for M tokens against an [N, K] weight. Measured on an H100 (sweep of every
@@ -463,11 +501,14 @@ TileConfig tile_config(int64_t M, int64_t N, int64_t K, bool allow_override) {
   TileConfig c;
   const char* env = allow_override ? std::getenv("QLORA_KERNELS_MM_TILE") : nullptr;
   if (env != nullptr && *env != '\0') {
-    TORCH_CHECK(std::sscanf(env, "%d,%d", &c.rows, &c.depth) == 2,
-                "QLORA_KERNELS_MM_TILE: expected \"R,D\", got \"", env, "\"");
+    const int n = std::sscanf(env, "%d,%d,%d,%d,%d", &c.rows, &c.depth, &c.row_warps, &c.splits, &c.min_ctas);
+    TORCH_CHECK(n >= 2 && c.splits >= 0, "QLORA_KERNELS_MM_TILE: expected \"R,D\" or \"R,D,W[,S[,C]]\", got \"",
+                env, "\"");
+    if (n == 2) c.splits = 1;  // "R,D": the K-split-in-the-CTA kernel alone, as before W and S
     return c;
   }
   c.depth = K >= 2 * N ? 4 : 2;
+  c.splits = 1;
   if (M > 8 && M <= 16) {
     c.rows = N >= 5120 ? 4 : 2;
     if (c.rows == 4) c.depth = 2;
@@ -478,17 +519,41 @@ TileConfig tile_config(int64_t M, int64_t N, int64_t K, bool allow_override) {
   return c;
 }
 
-template <typename T, int kT, int kR, int kD, bool kGrouped>
+// K splits for a launch of `ctas` CTAs (tiles x token tiles) whose warps walk K in
+// slices of kSlices: enough for about two CTAs per SM, but at least 2 steps per warp per split.
+inline int splits_for(int64_t ctas, int nsteps, int slices, int device) {
+  const int64_t want = ceil_div(2 * int64_t{multiprocessor_count(device)}, ctas);
+  const int64_t most = std::max<int64_t>(1, nsteps / (2 * slices));
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({want, most, 64})));
+}
+
+template <typename T, int kT, int kR, int kD, bool kGrouped, int kW, int kC>
 void launch_matmul_4bit(const at::Tensor& x, const WeightSet<T>& weights, int total_tiles,
                         const float* nested_code, int M, int K, int lg_bs, int lg_nbs, QuantType qt,
-                        bool nested) {
+                        bool nested, int splits) {
   const int64_t token_tiles = ceil_div(M, kT * 8);
   TORCH_CHECK(token_tiles <= 65535, "x: expected at most ", num(65535 * kT * 8), " rows, got ", num(M));
-  const dim3 grid(static_cast<unsigned>(total_tiles), static_cast<unsigned>(token_tiles));
-  matmul_4bit_kernel<T, kT, kR, kD, kGrouped><<<grid, kMmThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  const int nsteps = static_cast<int>(ceil_div(K, kStepK));
+  if (splits <= 0) splits = splits_for(int64_t{total_tiles} * token_tiles, nsteps, kMmWarps / kW, x.get_device());
+  const int split_steps = static_cast<int>(ceil_div(nsteps, std::min(splits, nsteps)));
+  splits = static_cast<int>(ceil_div(nsteps, split_steps));  // no empty split
+  TORCH_CHECK(!kGrouped || splits == 1, "matmul_4bit: a grouped launch with K splits (an internal error)");
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor partial;
+  if (splits > 1) partial = at::empty({splits, M, weights.N[0]}, x.options().dtype(at::kFloat));
+  const dim3 grid(static_cast<unsigned>(total_tiles), static_cast<unsigned>(token_tiles), static_cast<unsigned>(splits));
+  matmul_4bit_kernel<T, kT, kR, kD, kGrouped, kW, kC><<<grid, kMmThreads, 0, stream>>>(
       reinterpret_cast<const T*>(x.data_ptr()), weights, nested_code, M, K, lg_bs, lg_nbs,
-      static_cast<int>(qt), nested);
+      static_cast<int>(qt), nested, split_steps, splits > 1 ? partial.data_ptr<float>() : nullptr);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (splits > 1) {
+    const int64_t mn = int64_t{M} * weights.N[0];
+    const int threads = 256;
+    const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(mn, threads), 4096));
+    sum_k_splits_kernel<T><<<blocks, threads, 0, stream>>>(partial.data_ptr<float>(), splits, mn, weights.N[0],
+                                                          weights.bias[0], weights.out[0]);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 // One weight of a launch, as the host has it.
@@ -597,10 +662,11 @@ std::vector<at::Tensor> run_matmul_4bit(const at::Tensor& x, const std::vector<H
     // (kR, kD) that tile_config asked for.
     auto with_tokens = [&](auto tokens) {
       constexpr int kT = decltype(tokens)::value;
-      auto try_tile = [&](auto rows, auto depth, int want_rows, int want_depth) {
-        constexpr int kR = decltype(rows)::value, kD = decltype(depth)::value;
-        if constexpr (kCompiled<kT, kR, kD>) {
-          if (!launched && want_rows == kR && want_depth == kD) {
+      auto try_tile = [&](auto rows, auto depth, auto row_warps, auto min_ctas, const TileConfig& want) {
+        constexpr int kR = decltype(rows)::value, kD = decltype(depth)::value, kW = decltype(row_warps)::value,
+                      kC = decltype(min_ctas)::value;
+        if constexpr (kCompiled<kT, kR, kD, kW, kC>) {
+          if (!launched && want.rows == kR && want.depth == kD && want.row_warps == kW && want.min_ctas == kC) {
             // Weights i0 .. i1 - 1 in one launch.
             auto launch_weights = [&](auto grouped, size_t i0, size_t i1) {
               WeightSet<T> set{};
@@ -616,17 +682,19 @@ std::vector<at::Tensor> run_matmul_4bit(const at::Tensor& x, const std::vector<H
                 set.bias[j] = w.bias.has_value() ? reinterpret_cast<const T*>(w.bias->data_ptr()) : nullptr;
                 set.out[j] = reinterpret_cast<T*>(outs[i0 + j].data_ptr());
                 set.N[j] = static_cast<int>(w.N);
-                tiles += ceil_div(w.N, kTileRows * kR);
+                tiles += ceil_div(w.N, kTileRows * kR * kW);
                 TORCH_CHECK(tiles < (int64_t{1} << 31), "N: too many row tiles");
                 set.tile_end[j] = static_cast<int>(tiles);
               }
-              launch_matmul_4bit<T, kT, kR, kD, decltype(grouped)::value>(x, set, static_cast<int>(tiles), nc, m, k,
-                                                                           lg_bs, lg_nbs, qt, nested);
+              constexpr bool kGrouped = decltype(grouped)::value;
+              if constexpr (!kGrouped || kW == 1)
+                launch_matmul_4bit<T, kT, kR, kD, kGrouped, kW, kC>(x, set, static_cast<int>(tiles), nc, m, k, lg_bs,
+                                                                lg_nbs, qt, nested, kGrouped ? 1 : want.splits);
             };
             // The one-launch kernel is compiled for decode batches (one n-tile, M <= 8) only:
             // above that, and for a single weight, one launch per weight of the plain kernel.
             bool done = false;
-            if constexpr (kT == 1) {
+            if constexpr (kT == 1 && kW == 1) {
               if (weights.size() > 1) {
                 launch_weights(std::true_type{}, 0, weights.size());
                 done = true;
@@ -640,12 +708,19 @@ std::vector<at::Tensor> run_matmul_4bit(const at::Tensor& x, const std::vector<H
       using I1 = std::integral_constant<int, 1>;
       using I2 = std::integral_constant<int, 2>;
       using I4 = std::integral_constant<int, 4>;
+      using I8 = std::integral_constant<int, 8>;
       for (const TileConfig& tile : {wanted, measured}) {
-        try_tile(I1{}, I2{}, tile.rows, tile.depth);
-        try_tile(I1{}, I4{}, tile.rows, tile.depth);
-        try_tile(I2{}, I2{}, tile.rows, tile.depth);
-        try_tile(I2{}, I4{}, tile.rows, tile.depth);
-        try_tile(I4{}, I2{}, tile.rows, tile.depth);
+        // (R, D, W, C): the compiled ones (kCompiled)
+        try_tile(I1{}, I2{}, I1{}, I1{}, tile);
+        try_tile(I1{}, I4{}, I1{}, I1{}, tile);
+        try_tile(I2{}, I2{}, I1{}, I1{}, tile);
+        try_tile(I2{}, I4{}, I1{}, I1{}, tile);
+        try_tile(I4{}, I2{}, I1{}, I1{}, tile);
+        try_tile(I1{}, I2{}, I8{}, I1{}, tile);
+        try_tile(I1{}, I2{}, I8{}, I2{}, tile);
+        try_tile(I2{}, I2{}, I4{}, I1{}, tile);
+        try_tile(I1{}, I2{}, I4{}, I1{}, tile);
+        try_tile(I1{}, I2{}, I4{}, I2{}, tile);
       }
     };
     if (M <= 8) {
