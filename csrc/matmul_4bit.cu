@@ -243,7 +243,8 @@ template <typename T, int kT, int kR, int kD, bool kGrouped, int kRowWarps, int 
 __global__ void __launch_bounds__(kMmThreads, kMinCtas == 1 ? 0 : kMinCtas)  // 0: no minimum (ptxas picks)
     matmul_4bit_kernel(const T* __restrict__ x, const __grid_constant__ WeightSet<T> weights,
                        const float* __restrict__ nested_code, int M, int K, int lg_bs, int lg_nbs,
-                       int quant_type, bool nested, int split_steps, float* __restrict__ partial) {
+                       int quant_type, bool nested, int split_steps, float* __restrict__ partial,
+                       int64_t x_stride) {
   static_assert(kMmWarps % kRowWarps == 0 && (!kGrouped || kRowWarps == 1), "row groups: 1, 2, 4 or 8; grouped: 1");
   constexpr int kSlices = kMmWarps / kRowWarps;  // warps sharing one row group's K steps
   // One warp's accumulators; after the main loop the table's memory holds all warps' copies.
@@ -340,13 +341,16 @@ __global__ void __launch_bounds__(kMmThreads, kMinCtas == 1 ? 0 : kMinCtas)  // 
     return *reinterpret_cast<const uint32_t*>(s_table + (byte_offset | lane4));
   };
   // Each n-tile's token row of x (a token past M reads row M - 1 and is multiplied by zero).
+  // With more than 8 tokens x comes permuted (permute_x_kernel): rows of x_stride elements, and
+  // within each step of 128 elements, lane t's 16 bytes for sub-step word q at 32 q + 8 t.
+  constexpr bool kPermutedX = kT >= 2;
   const T* x_tok[kT];
   bool tok_ok[kT];
 #pragma unroll
   for (int n = 0; n < kT; ++n) {
     const int tok = tok0 + n * 8 + g;
     tok_ok[n] = tok < M;
-    x_tok[n] = keep(x + static_cast<int64_t>(min(tok, M - 1)) * K);
+    x_tok[n] = keep(x + static_cast<int64_t>(min(tok, M - 1)) * x_stride);
   }
 
   float acc[kR][kT][4];
@@ -377,13 +381,14 @@ __global__ void __launch_bounds__(kMmThreads, kMinCtas == 1 ? 0 : kMinCtas)  // 
       }
       const uint4* x_step[kT];
 #pragma unroll
-      for (int n = 0; n < kT; ++n) x_step[n] = reinterpret_cast<const uint4*>(x_tok[n] + k0);
+      for (int n = 0; n < kT; ++n)
+        x_step[n] = reinterpret_cast<const uint4*>(x_tok[n] + (kPermutedX ? step * kStepK + 8 * t : k0));
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         // x words 4q .. 4q + 3 (elements k0 + 8q .. k0 + 8q + 7) of each n-tile's token g.
         uint4 xq[kT];
 #pragma unroll
-        for (int n = 0; n < kT; ++n) xq[n] = k_ok && tok_ok[n] ? __ldg(x_step[n] + q) : zero;
+        for (int n = 0; n < kT; ++n) xq[n] = k_ok && tok_ok[n] ? __ldg(x_step[n] + (kPermutedX ? 4 * q : q)) : zero;
 #pragma unroll
         for (int r = 0; r < kR; ++r) {
           const uint32_t lo_word = word_of(cur[r].wa, q);
@@ -457,6 +462,26 @@ __global__ void __launch_bounds__(kMmThreads, kMinCtas == 1 ? 0 : kMinCtas)  // 
 #pragma unroll
     for (int w = 0; w < kSlices; ++w) sum += s_red[(group * kSlices + w) * kTileFloats + within];
     store(group, within, sum);
+  }
+}
+
+// x [M, K] -> xp [M, x_stride] (x_stride: K rounded up to a step), so that the 4 lanes of a
+// token read 64 contiguous bytes per sub-step word instead of 16 bytes at a 64-byte stride: within
+// each 128-element step, the 8-element unit 4 t + q (lane t's word q, elements 32 t + 8 q ..)
+// moves to unit 4 q + t. Measured by ncu at 64 tokens (22016 x 8192, H100): L1 throughput was the
+// bound (89%), x's strided loads most of it. Units whose source is past K are not written (only
+// lanes past K would read them, and those load nothing).
+template <typename T>
+__global__ void permute_x_kernel(const T* __restrict__ x, T* __restrict__ xp, int64_t M, int K, int64_t x_stride) {
+  const int64_t units_per_row = x_stride / 8;
+  const int64_t total = M * units_per_row;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t row = i / units_per_row;
+    const int64_t unit = i % units_per_row;
+    const int64_t src = (unit & ~int64_t{15}) | ((unit & 3) << 2) | ((unit >> 2) & 3);
+    if (src * 8 < K)
+      reinterpret_cast<uint4*>(xp)[i] = reinterpret_cast<const uint4*>(x + row * K)[src];
   }
 }
 
@@ -539,12 +564,22 @@ void launch_matmul_4bit(const at::Tensor& x, const WeightSet<T>& weights, int to
   splits = static_cast<int>(ceil_div(nsteps, split_steps));  // no empty split
   TORCH_CHECK(!kGrouped || splits == 1, "matmul_4bit: a grouped launch with K splits (an internal error)");
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor xp = x;
+  int64_t x_stride = K;
+  if constexpr (kT >= 2) {  // the kernel's kPermutedX
+    x_stride = ceil_div(K, kStepK) * kStepK;
+    xp = at::empty({M, x_stride}, x.options());
+    const int64_t units = int64_t{M} * x_stride / 8;
+    permute_x_kernel<T><<<static_cast<unsigned>(std::min<int64_t>(ceil_div(units, 256), 2048)), 256, 0, stream>>>(
+        reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<T*>(xp.data_ptr()), M, K, x_stride);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
   at::Tensor partial;
   if (splits > 1) partial = at::empty({splits, M, weights.N[0]}, x.options().dtype(at::kFloat));
   const dim3 grid(static_cast<unsigned>(total_tiles), static_cast<unsigned>(token_tiles), static_cast<unsigned>(splits));
   matmul_4bit_kernel<T, kT, kR, kD, kGrouped, kW, kC><<<grid, kMmThreads, 0, stream>>>(
-      reinterpret_cast<const T*>(x.data_ptr()), weights, nested_code, M, K, lg_bs, lg_nbs,
-      static_cast<int>(qt), nested, split_steps, splits > 1 ? partial.data_ptr<float>() : nullptr);
+      reinterpret_cast<const T*>(xp.data_ptr()), weights, nested_code, M, K, lg_bs, lg_nbs,
+      static_cast<int>(qt), nested, split_steps, splits > 1 ? partial.data_ptr<float>() : nullptr, x_stride);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (splits > 1) {
     const int64_t mn = int64_t{M} * weights.N[0];
@@ -586,7 +621,7 @@ std::vector<at::Tensor> run_matmul_4bit(const at::Tensor& x, const std::vector<H
   TORCH_CHECK(is_aligned16(x.data_ptr()), "x: expected a tensor starting on a 16-byte boundary");
   TORCH_CHECK(M < (int64_t{1} << 31), "x: sizes out of range");
   TORCH_CHECK(!weights.empty() && weights.size() <= static_cast<size_t>(kMaxWeights),
-              "packed: expected 1 to ", kMaxWeights, " weights, got ", weights.size());
+              "packed: expected 1 to ", num(kMaxWeights), " weights, got ", num(static_cast<int64_t>(weights.size())));
   const int lg_bs = log2_blocksize(blocksize, "blocksize");
   const QuantType qt = parse_quant_type(quant_type);
   const bool nested = weights[0].nested_absmax.has_value();
@@ -761,10 +796,13 @@ std::vector<at::Tensor> matmul_4bit_grouped(const at::Tensor& x, at::TensorList 
                                             std::optional<at::TensorList> offset, int64_t nested_blocksize,
                                             const c10::List<std::optional<at::Tensor>>& bias) {
   const size_t count = packed.size();
+  // (sizes through num(): streaming an integer from this library crashed the process on the H100
+  // machine, see common.cuh)
+  auto size = [](size_t n) { return num(static_cast<int64_t>(n)); };
   TORCH_CHECK(absmax.size() == count && N.size() == count, "packed, absmax, N: expected one of each per weight, got ",
-              count, ", ", absmax.size(), ", ", N.size());
+              size(count), ", ", size(absmax.size()), ", ", size(N.size()));
   TORCH_CHECK(bias.size() == 0 || bias.size() == count, "bias: expected none or one (or None) per weight, got ",
-              bias.size());
+              size(bias.size()));
   const bool nested = nested_absmax.has_value();
   TORCH_CHECK(offset.has_value() == nested && nested_code.has_value() == nested,
               "nested_absmax, nested_code, offset: expected all three (double quant) or none");

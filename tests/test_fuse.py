@@ -222,9 +222,8 @@ def test_gpu_grouped_launch_equals_one_launch_per_weight(M, nested, dtype, rng):
 
 @pytest.mark.gpu
 def test_gpu_grouped_op_checks_name_the_weight(rng):
-    """The C++ checks name the weight they found wrong. (Lists of different lengths are not
-    called here: on torch 2.11 + an H100 such a direct op call crashed the process before
-    reaching the op's own check; matmul_4bit_group always passes lists of one length.)"""
+    """The C++ checks name the weight they found wrong, and lists of different lengths raise
+    (they once crashed the process on the H100 machine: the message streamed a size_t)."""
     _cuda()
     weights = [quantized(64, 128, rng, "cuda", False), quantized(32, 128, rng, "cuda", False)]
     x = torch.randn(2, 128, generator=rng).to("cuda", torch.bfloat16)
@@ -236,6 +235,12 @@ def test_gpu_grouped_op_checks_name_the_weight(rng):
          "absmax[1]: expected"),
         (lambda: op(x, list(p), absmax, 64, "nf4", [64, 32], None, None, None, 256, [None, x[0, :32].float()]),
          "bias[1]: expected dtype"),
+        (lambda: op(x, list(p), absmax, 64, "nf4", [64], None, None, None, 256, [None, None]),
+         "packed, absmax, N: expected one of each per weight, got 2, 2, 1"),
+        (lambda: op(x, list(p), absmax[:1], 64, "nf4", [64, 32], None, None, None, 256, [None, None]),
+         "packed, absmax, N: expected one of each per weight, got 2, 1, 2"),
+        (lambda: op(x, list(p), absmax, 64, "nf4", [64, 32], None, None, None, 256, [None]),
+         "bias: expected none or one (or None) per weight, got 1"),
     ]
     for call, message in cases:
         with pytest.raises(RuntimeError, match=re.escape(message)):
