@@ -249,7 +249,11 @@ __global__ void __launch_bounds__(kMmThreads, kMinCtas == 1 ? 0 : kMinCtas)  // 
   constexpr int kSlices = kMmWarps / kRowWarps;  // warps sharing one row group's K steps
   // One warp's accumulators; after the main loop the table's memory holds all warps' copies.
   constexpr int kTileFloats = 4 * kR * kT * 32;
-  static_assert(kMmWarps * kTileFloats * 4 <= kTableBytes, "partial tiles must fit in the table's memory");
+  // The partial tiles are reduced through the table's memory, in as many passes (of kR / kPasses
+  // row tiles each) as that takes.
+  constexpr int kPasses = (kMmWarps * kTileFloats * 4 + kTableBytes - 1) / kTableBytes;
+  static_assert(kR % kPasses == 0, "partial tiles: kR must split into the reduction passes");
+  constexpr int kPassFloats = kTileFloats / kPasses;
   // The byte -> pair table; after the main loop the same memory holds the warps' partial sums.
   __shared__ __align__(16) uint8_t s_table[kTableBytes];
   __shared__ float s_code8[256];
@@ -422,17 +426,10 @@ __global__ void __launch_bounds__(kMmThreads, kMinCtas == 1 ? 0 : kMinCtas)  // 
     }
   }
 
-  // Reduce the partial tiles of each row group's kSlices warps: accumulator i of n-tile n of row
-  // tile r, lane L, warp w at s_red[w * kTileFloats + ((r * kT + n) * 4 + i) * 32 + L].
-  __syncthreads();  // the table is no longer read
+  // Reduce the partial tiles of each row group's kSlices warps, kR / kPasses row tiles a pass:
+  // accumulator i of n-tile n of row tile pass * kR / kPasses + r, lane L, warp w at
+  // s_red[w * kPassFloats + ((r * kT + n) * 4 + i) * 32 + L].
   float* s_red = reinterpret_cast<float*>(s_table);
-#pragma unroll
-  for (int r = 0; r < kR; ++r)
-#pragma unroll
-    for (int n = 0; n < kT; ++n)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) s_red[warp * kTileFloats + ((r * kT + n) * 4 + i) * 32 + lane] = acc[r][n][i];
-  __syncthreads();
   const int which_out = kGrouped ? keep(which_weight()) : 0;
   T* __restrict__ out = pick(weights.out, which_out);
   const T* __restrict__ bias = pick(weights.bias, which_out);
@@ -456,12 +453,25 @@ __global__ void __launch_bounds__(kMmThreads, kMinCtas == 1 ? 0 : kMinCtas)  // 
       }
     }
   };
-  for (int idx = tid; idx < kRowWarps * kTileFloats; idx += kMmThreads) {
-    const int group = idx / kTileFloats, within = idx % kTileFloats;
-    float sum = 0.0f;
 #pragma unroll
-    for (int w = 0; w < kSlices; ++w) sum += s_red[(group * kSlices + w) * kTileFloats + within];
-    store(group, within, sum);
+  for (int pass = 0; pass < kPasses; ++pass) {
+    constexpr int kPassR = kR / kPasses;
+    __syncthreads();  // the table (or the last pass's sums) is no longer read
+#pragma unroll
+    for (int r = 0; r < kPassR; ++r)
+#pragma unroll
+      for (int n = 0; n < kT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          s_red[warp * kPassFloats + ((r * kT + n) * 4 + i) * 32 + lane] = acc[pass * kPassR + r][n][i];
+    __syncthreads();
+    for (int idx = tid; idx < kRowWarps * kPassFloats; idx += kMmThreads) {
+      const int group = idx / kPassFloats, within = idx % kPassFloats;
+      float sum = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kSlices; ++w) sum += s_red[(group * kSlices + w) * kPassFloats + within];
+      store(group, pass * kPassFloats + within, sum);
+    }
   }
 }
 
@@ -503,9 +513,9 @@ __global__ void sum_k_splits_kernel(const float* __restrict__ partial, int split
 template <int kT, int kR, int kD, int kW, int kC>
 constexpr bool kCompiled =
     kW == 1 ? kC == 1 && ((kT == 1 && kR == 1) || (kT == 2 && kR == 2) || (kT == 2 && kR == 4 && kD == 2) ||
-                          (kT == 4 && kR == 2 && kD == 2) || (kT == 8 && kR == 1))
+                          (kT == 4 && kR == 2 && kD == 2) || (kT == 8 && kR == 1) || (kT == 8 && kR == 2 && kD == 2))
             : kT >= 2 && kD == 2 &&
-                  ((kR == 1 && kW == 8) || (kT <= 4 && kR == 2 && kW == 4 && kC == 1) || (kT == 8 && kR == 1 && kW == 4));
+                  ((kR == 1 && kW == 8) || (kR == 2 && kW == 4 && kC == 1) || (kT == 8 && kR == 1 && kW == 4));
 
 struct TileConfig {
   int rows = 1;        // kR
