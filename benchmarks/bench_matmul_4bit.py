@@ -110,15 +110,15 @@ def run(shapes, ms, copy_gbs, bnb_F, rep_ms):
 
 
 # The tiles csrc/matmul_4bit.cu compiles (its kCompiled), by n-tiles of 8 tokens T, as
-# QLORA_KERNELS_MM_TILE keys "R,D[,W,S,C]": R row tiles per warp, D loads in flight, W row groups
-# per CTA, S K splits over the grid (0: automatic), C CTAs per SM to fit. The set --tiles times;
-# a key not compiled would fall back to the default and be timed as if it were that key.
-_ROW_GROUP_TILES = ["1,2,8,0,1", "1,2,8,0,2", "1,2,8,1,1"]
+# QLORA_KERNELS_MM_TILE keys "R,D[,W,S]": R row tiles per warp, D loads in flight, W row groups
+# per CTA, S K splits over the grid (0: enough to fill the GPU). The set --tiles times; a key
+# not compiled would fall back to the default and be timed as if it were that key.
+_ROW_GROUP_TILES = ["1,2,8,0", "1,2,8,1", "2,2,4,0"]
 COMPILED_TILES = {
     1: ["1,2", "1,4"],
-    2: ["2,2", "2,4", "4,2", "2,2,4,0,1"] + _ROW_GROUP_TILES,
-    4: ["2,2", "2,2,4,0,1"] + _ROW_GROUP_TILES,
-    8: ["1,2", "1,4", "2,2", "1,2,4,0,1", "1,2,4,0,2", "2,2,4,0,1"] + _ROW_GROUP_TILES,
+    2: ["2,2", "2,4", "4,2"] + _ROW_GROUP_TILES,
+    4: ["2,2"] + _ROW_GROUP_TILES,
+    8: ["1,2", "1,4", "2,2", "1,2,4,0"] + _ROW_GROUP_TILES,
 }
 
 
@@ -134,7 +134,7 @@ def sweep_tiles(shapes, ms, rep_ms):
 
     import qlora_kernels as qk
 
-    print(f"{'shape':<13}{'M':>4}  {'default us':>10}  tiles (R,D[,W,S,C]: us)  best")
+    print(f"{'shape':<13}{'M':>4}  {'default us':>10}  tiles (R,D[,W,S]: us)  best")
     rows = []
     for shape in shapes:
         N, K = (int(v) for v in shape.lower().split("x"))

@@ -238,9 +238,8 @@ __device__ __forceinline__ V pick(const V (&a)[kMaxWeights], int i) {
 // row groups of a CTA walk the same K steps at about the same time, so L1 serves x to all but the
 // first of them. Fewer, longer CTAs then get K split over the grid's z (blockIdx.z takes steps
 // split_steps * z ..): each writes a float32 partial tile, summed by sum_k_splits_kernel.
-// kMinCtas: CTAs per SM to fit (ptxas then spills what does not fit in the registers).
-template <typename T, int kT, int kR, int kD, bool kGrouped, int kRowWarps, int kMinCtas>
-__global__ void __launch_bounds__(kMmThreads, kMinCtas == 1 ? 0 : kMinCtas)  // 0: no minimum (ptxas picks)
+template <typename T, int kT, int kR, int kD, bool kGrouped, int kRowWarps>
+__global__ void __launch_bounds__(kMmThreads)
     matmul_4bit_kernel(const T* __restrict__ x, const __grid_constant__ WeightSet<T> weights,
                        const float* __restrict__ nested_code, int M, int K, int lg_bs, int lg_nbs,
                        int quant_type, bool nested, int split_steps, float* __restrict__ partial,
@@ -508,37 +507,38 @@ __global__ void sum_k_splits_kernel(const float* __restrict__ partial, int split
   }
 }
 
-// The (kR, kD) compiled for each kT: the ones tile_config picks (from a sweep of kR 1, 2, 4 and
-// kD 2, 4 over the LLaMA shapes on an H100; benchmarks/bench_matmul_4bit.py).
-template <int kT, int kR, int kD, int kW, int kC>
+// The (kR, kD, kW) compiled for each kT: the ones tile_config picks (from a sweep of kR 1, 2, 4 and
+// kD 2, 4 over the LLaMA shapes on an H100; benchmarks/bench_matmul_4bit.py --tiles), and the row
+// groups (kW 4, 8) for tuning: on the H100 they won only by 3-6% on a few of the largest layers
+// at 48-64 tokens, and lost elsewhere, so the default does not pick them.
+template <int kT, int kR, int kD, int kW>
 constexpr bool kCompiled =
-    kW == 1 ? kC == 1 && ((kT == 1 && kR == 1) || (kT == 2 && kR == 2) || (kT == 2 && kR == 4 && kD == 2) ||
-                          (kT == 4 && kR == 2 && kD == 2) || (kT == 8 && kR == 1) || (kT == 8 && kR == 2 && kD == 2))
-            : kT >= 2 && kD == 2 &&
-                  ((kR == 1 && kW == 8) || (kR == 2 && kW == 4 && kC == 1) || (kT == 8 && kR == 1 && kW == 4));
+    kW == 1 ? (kT == 1 && kR == 1) || (kT == 2 && kR == 2) || (kT == 2 && kR == 4 && kD == 2) ||
+                  (kT == 4 && kR == 2 && kD == 2) || (kT == 8 && kR == 1) || (kT == 8 && kR == 2 && kD == 2)
+            : kT >= 2 && kD == 2 && ((kR == 1 && kW == 8) || (kR == 2 && kW == 4) || (kT == 8 && kR == 1 && kW == 4));
 
 struct TileConfig {
   int rows = 1;        // kR
   int depth = 2;       // kD
   int row_warps = 1;   // kRowWarps
   int splits = 0;      // K splits over the grid's z; 0: as many as fill the GPU (splits_for)
-  int min_ctas = 1;    // kMinCtas
 };
 
 // The tile shape for M tokens against an [N, K] weight. Measured on an H100 (sweep of every
 // compiled shape): one row tile up to 8 tokens (the decode is the cost, more rows only cut the
-// CTA count); 2 or 4 row tiles at 9-32 tokens, where re-reading x from L2 for every 16 rows is
-// the cost, 4 only while N / 64 still gives most SMs a CTA; a deeper load ring when K is long
-// against N (fewer, longer rows: each warp has more steps to keep in flight).
-// QLORA_KERNELS_MM_TILE="R,D" overrides it, for tuning sweeps (a pair not compiled for this
-// many tokens falls back to the measured choice).
+// CTA count); 2 or 4 row tiles at 9-64 tokens, where loading x for every 16 rows is the cost,
+// 4 only while N / 64 still gives most SMs a CTA; a deeper load ring when K is long against N
+// (fewer, longer rows: each warp has more steps to keep in flight).
+// QLORA_KERNELS_MM_TILE="R,D" (or "R,D,W" / "R,D,W,S": W row groups per CTA, S K splits over
+// the grid, 0 = enough to fill the GPU) overrides it, for tuning sweeps (a key not compiled for
+// this many tokens falls back to the measured choice).
 TileConfig tile_config(int64_t M, int64_t N, int64_t K, bool allow_override) {
   TileConfig c;
   const char* env = allow_override ? std::getenv("QLORA_KERNELS_MM_TILE") : nullptr;
   if (env != nullptr && *env != '\0') {
-    const int n = std::sscanf(env, "%d,%d,%d,%d,%d", &c.rows, &c.depth, &c.row_warps, &c.splits, &c.min_ctas);
-    TORCH_CHECK(n >= 2 && c.splits >= 0, "QLORA_KERNELS_MM_TILE: expected \"R,D\" or \"R,D,W[,S[,C]]\", got \"",
-                env, "\"");
+    const int n = std::sscanf(env, "%d,%d,%d,%d", &c.rows, &c.depth, &c.row_warps, &c.splits);
+    TORCH_CHECK(n >= 2 && c.splits >= 0, "QLORA_KERNELS_MM_TILE: expected \"R,D\" or \"R,D,W[,S]\", got \"", env,
+                "\"");
     if (n == 2) c.splits = 1;  // "R,D": the K-split-in-the-CTA kernel alone, as before W and S
     return c;
   }
@@ -547,7 +547,9 @@ TileConfig tile_config(int64_t M, int64_t N, int64_t K, bool allow_override) {
   if (M > 8 && M <= 16) {
     c.rows = N >= 5120 ? 4 : 2;
     if (c.rows == 4) c.depth = 2;
-  } else if (M > 16 && M <= 32) {
+  } else if (M > 16) {
+    // 17-64 tokens: 2 row tiles (at 33-64 it has 255 registers and spills a little, but halving
+    // x's loads per weight byte won: 22016 x 8192 at 64 tokens 217 -> 178 us, H100)
     c.rows = 2;
     c.depth = 2;
   }
@@ -562,7 +564,7 @@ inline int splits_for(int64_t ctas, int nsteps, int slices, int device) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({want, most, 64})));
 }
 
-template <typename T, int kT, int kR, int kD, bool kGrouped, int kW, int kC>
+template <typename T, int kT, int kR, int kD, bool kGrouped, int kW>
 void launch_matmul_4bit(const at::Tensor& x, const WeightSet<T>& weights, int total_tiles,
                         const float* nested_code, int M, int K, int lg_bs, int lg_nbs, QuantType qt,
                         bool nested, int splits) {
@@ -587,7 +589,7 @@ void launch_matmul_4bit(const at::Tensor& x, const WeightSet<T>& weights, int to
   at::Tensor partial;
   if (splits > 1) partial = at::empty({splits, M, weights.N[0]}, x.options().dtype(at::kFloat));
   const dim3 grid(static_cast<unsigned>(total_tiles), static_cast<unsigned>(token_tiles), static_cast<unsigned>(splits));
-  matmul_4bit_kernel<T, kT, kR, kD, kGrouped, kW, kC><<<grid, kMmThreads, 0, stream>>>(
+  matmul_4bit_kernel<T, kT, kR, kD, kGrouped, kW><<<grid, kMmThreads, 0, stream>>>(
       reinterpret_cast<const T*>(xp.data_ptr()), weights, nested_code, M, K, lg_bs, lg_nbs,
       static_cast<int>(qt), nested, split_steps, splits > 1 ? partial.data_ptr<float>() : nullptr, x_stride);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -707,11 +709,10 @@ std::vector<at::Tensor> run_matmul_4bit(const at::Tensor& x, const std::vector<H
     // (kR, kD) that tile_config asked for.
     auto with_tokens = [&](auto tokens) {
       constexpr int kT = decltype(tokens)::value;
-      auto try_tile = [&](auto rows, auto depth, auto row_warps, auto min_ctas, const TileConfig& want) {
-        constexpr int kR = decltype(rows)::value, kD = decltype(depth)::value, kW = decltype(row_warps)::value,
-                      kC = decltype(min_ctas)::value;
-        if constexpr (kCompiled<kT, kR, kD, kW, kC>) {
-          if (!launched && want.rows == kR && want.depth == kD && want.row_warps == kW && want.min_ctas == kC) {
+      auto try_tile = [&](auto rows, auto depth, auto row_warps, const TileConfig& want) {
+        constexpr int kR = decltype(rows)::value, kD = decltype(depth)::value, kW = decltype(row_warps)::value;
+        if constexpr (kCompiled<kT, kR, kD, kW>) {
+          if (!launched && want.rows == kR && want.depth == kD && want.row_warps == kW) {
             // Weights i0 .. i1 - 1 in one launch.
             auto launch_weights = [&](auto grouped, size_t i0, size_t i1) {
               WeightSet<T> set{};
@@ -733,7 +734,7 @@ std::vector<at::Tensor> run_matmul_4bit(const at::Tensor& x, const std::vector<H
               }
               constexpr bool kGrouped = decltype(grouped)::value;
               if constexpr (!kGrouped || kW == 1)
-                launch_matmul_4bit<T, kT, kR, kD, kGrouped, kW, kC>(x, set, static_cast<int>(tiles), nc, m, k, lg_bs,
+                launch_matmul_4bit<T, kT, kR, kD, kGrouped, kW>(x, set, static_cast<int>(tiles), nc, m, k, lg_bs,
                                                                 lg_nbs, qt, nested, kGrouped ? 1 : want.splits);
             };
             // The one-launch kernel is compiled for decode batches (one n-tile, M <= 8) only:
@@ -755,17 +756,15 @@ std::vector<at::Tensor> run_matmul_4bit(const at::Tensor& x, const std::vector<H
       using I4 = std::integral_constant<int, 4>;
       using I8 = std::integral_constant<int, 8>;
       for (const TileConfig& tile : {wanted, measured}) {
-        // (R, D, W, C): the compiled ones (kCompiled)
-        try_tile(I1{}, I2{}, I1{}, I1{}, tile);
-        try_tile(I1{}, I4{}, I1{}, I1{}, tile);
-        try_tile(I2{}, I2{}, I1{}, I1{}, tile);
-        try_tile(I2{}, I4{}, I1{}, I1{}, tile);
-        try_tile(I4{}, I2{}, I1{}, I1{}, tile);
-        try_tile(I1{}, I2{}, I8{}, I1{}, tile);
-        try_tile(I1{}, I2{}, I8{}, I2{}, tile);
-        try_tile(I2{}, I2{}, I4{}, I1{}, tile);
-        try_tile(I1{}, I2{}, I4{}, I1{}, tile);
-        try_tile(I1{}, I2{}, I4{}, I2{}, tile);
+        // (R, D, W): the compiled ones (kCompiled)
+        try_tile(I1{}, I2{}, I1{}, tile);
+        try_tile(I1{}, I4{}, I1{}, tile);
+        try_tile(I2{}, I2{}, I1{}, tile);
+        try_tile(I2{}, I4{}, I1{}, tile);
+        try_tile(I4{}, I2{}, I1{}, tile);
+        try_tile(I1{}, I2{}, I8{}, tile);
+        try_tile(I2{}, I2{}, I4{}, tile);
+        try_tile(I1{}, I2{}, I4{}, tile);
       }
     };
     if (M <= 8) {
