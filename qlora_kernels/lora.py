@@ -64,7 +64,13 @@ def _dequantize(packed, absmax, blocksize, quant_type, N, K, nested_absmax, nest
     out_dtype = dtype if dtype in FLOAT_DTYPES else torch.float32
     W = ops.dequantize_4bit(packed, absmax, blocksize, quant_type, N * K, out_dtype,
                             nested_absmax, nested_code, offset, nested_blocksize)
-    return W.view(N, K).to(dtype)
+    return _as(W.view(N, K), dtype)
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``; the dtype test first, because even a no-op ``Tensor.to`` costs a few
+    microseconds of dispatch, and a 7B training step makes ~1800 of them (it is CPU-bound)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _dropped(x2: Tensor, seed: Optional[Tensor], p: float) -> Tensor:
@@ -82,14 +88,14 @@ def _forward_impl(x: Tensor, packed: Tensor, absmax: Tensor, blocksize: int, qua
     dt = x.dtype
     x2 = x.reshape(-1, K)
     # The dropped-out x lives only until xa is computed (before W's buffer is allocated).
-    xa = _dropped(x2, seed, p) @ A.to(dt).T
+    xa = _dropped(x2, seed, p) @ _as(A, dt).T
     # The LoRA term (and bias) first, then the base GEMM with beta = 1: cuBLAS adds the LoRA
     # term in its epilogue, where reading Y hides under the arithmetic of the big GEMM. (The
     # other order, base GEMM then Y += LoRA, costs one more full read and write of Y.)
     if bias is not None:
-        Y = torch.addmm(bias.to(dt), xa, B.to(dt).T, alpha=scale)
+        Y = torch.addmm(_as(bias, dt), xa, _as(B, dt).T, alpha=scale)
     else:
-        Y = _scaled_mm(xa, B.to(dt).T, scale)
+        Y = _scaled_mm(xa, _as(B, dt).T, scale)
     W = _dequantize(packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code, offset,
                     nested_blocksize, dt)
     Y.addmm_(x2, W.T)
@@ -138,17 +144,17 @@ def _backward_impl(dY: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, blocks
     K = x.shape[-1]
     dt = x.dtype
     x2 = x.reshape(-1, K)
-    dY2 = dY.reshape(-1, N).to(dt)
+    dY2 = _as(dY.reshape(-1, N), dt)
     xa2 = xa.reshape(-1, xa.shape[-1])
     # gradients not needed: distinct empty tensors (custom-op outputs may not alias each other)
     dX, dA, dB = x.new_empty((0,)), x.new_empty((0,)), x.new_empty((0,))
     if need_dB:
-        dB = _scaled_mm(dY2.T, xa2, scale).to(B.dtype)
+        dB = _as(_scaled_mm(dY2.T, xa2, scale), B.dtype)
     if need_dA or need_dx:
-        A_ = A.to(dt)
-        g = _scaled_mm(dY2, B.to(dt), scale)  # shared by dA and dX
+        A_ = _as(A, dt)
+        g = _scaled_mm(dY2, _as(B, dt), scale)  # shared by dA and dX
         if need_dA:
-            dA = torch.mm(g.T, _dropped(x2, seed, p)).to(A.dtype)
+            dA = _as(torch.mm(g.T, _dropped(x2, seed, p)), A.dtype)
         if need_dx:
             # as in forward: the LoRA term (through the dropout: the same mask scales the
             # gradient) first, then dX += dY @ W with the big GEMM's beta = 1
