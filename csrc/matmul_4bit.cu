@@ -536,8 +536,9 @@ struct TileConfig {
 // 4 only while N / 64 still gives most SMs a CTA; a deeper load ring when K is long against N
 // (fewer, longer rows: each warp has more steps to keep in flight).
 // QLORA_KERNELS_MM_TILE="R,D" (or "R,D,W" / "R,D,W,S": W row groups per CTA, S K splits over
-// the grid, 0 = enough to fill the GPU) overrides it, for tuning sweeps (a key not compiled for
-// this many tokens falls back to the measured choice).
+// the grid, at most 64; 0 or left out after W = enough to fill the GPU, left out after D = 1)
+// overrides it, for tuning sweeps (a key not compiled for this many tokens falls back to the
+// measured choice).
 TileConfig tile_config(int64_t M, int64_t N, int64_t K, bool allow_override) {
   TileConfig c;
   const char* env = allow_override ? std::getenv("QLORA_KERNELS_MM_TILE") : nullptr;
@@ -545,7 +546,9 @@ TileConfig tile_config(int64_t M, int64_t N, int64_t K, bool allow_override) {
     const int n = std::sscanf(env, "%d,%d,%d,%d", &c.rows, &c.depth, &c.row_warps, &c.splits);
     TORCH_CHECK(n >= 2 && c.splits >= 0, "QLORA_KERNELS_MM_TILE: expected \"R,D\" or \"R,D,W[,S]\", got \"", env,
                 "\"");
-    if (n == 2) c.splits = 1;  // "R,D": the K-split-in-the-CTA kernel alone, as before W and S
+    // "R,D": the K split inside the CTA alone, as before W and S; "R,D,W": S automatic
+    if (n == 2) c.splits = 1;
+    c.splits = std::min(c.splits, 64);  // as splits_for: beyond that only the workspace grows
     return c;
   }
   c.depth = K >= 2 * N ? 4 : 2;
@@ -637,7 +640,7 @@ std::vector<at::Tensor> run_matmul_4bit(const at::Tensor& x, const std::vector<H
   TORCH_CHECK(K % 32 == 0 && K > 0, "x: the fused 4-bit matmul needs K (x.size(1)) a positive multiple "
               "of 32, got ", num(K), " (qlora_kernels.matmul_4bit takes the dequantize path then)");
   TORCH_CHECK(is_aligned16(x.data_ptr()), "x: expected a tensor starting on a 16-byte boundary");
-  TORCH_CHECK(M < (int64_t{1} << 31), "x: sizes out of range");
+  TORCH_CHECK(M < (int64_t{1} << 31) && K <= std::numeric_limits<int>::max() - kStepK, "x: sizes out of range");
   TORCH_CHECK(!weights.empty() && weights.size() <= static_cast<size_t>(kMaxWeights),
               "packed: expected 1 to ", num(kMaxWeights), " weights, got ", num(static_cast<int64_t>(weights.size())));
   const int lg_bs = log2_blocksize(blocksize, "blocksize");

@@ -409,26 +409,47 @@ def test_gpu_formats(impl, M, quant_type, nested, blocksize, rng):
     assert rel_err(fn(x, packed, state, bias), expected(x, packed, state, bias)) < 1e-2
 
 
+# (R, D, W) compiled per n-tiles of 8 tokens (csrc/matmul_4bit.cu's kCompiled)
+_COMPILED = {1: {(1, 2, 1), (1, 4, 1)},
+             2: {(2, 2, 1), (2, 4, 1), (4, 2, 1), (1, 2, 8), (2, 2, 4)},
+             4: {(2, 2, 1), (1, 2, 8), (2, 2, 4)},
+             8: {(1, 2, 1), (1, 4, 1), (2, 2, 1), (1, 2, 8), (2, 2, 4), (1, 2, 4)}}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("tile", ["1,2", "1,4", "2,2", "2,4", "4,2", "9,9", "1,2,8", "2,2,4", "1,2,4", "1,2,8,3",
-                                  "1,2,8,64", "1,2,8,1", "2,2,1,0"])
+                                  "1,2,8,1000", "1,2,8,1", "2,2,1,0", "1,2,1,3"])
 @pytest.mark.parametrize("M", [1, 9, 16, 17, 33, 64])
 def test_gpu_every_compiled_tile(tile, M, monkeypatch, rng):
     """The CUDA kernel's tile shapes (QLORA_KERNELS_MM_TILE="R,D[,W,S]": row tiles per warp,
-    loads in flight, row groups per CTA, K splits over the grid (0: enough to fill the GPU; 64:
-    more than K has steps)): the default picks some only on large layers, so each is forced
-    here on an awkward one (N = 257: a partial row tile and row group; K = 4160: a partial last
-    step, in the last K split). A key not compiled for this many tokens ("9,9" always) falls
-    back to the measured choice and must still be right."""
+    loads in flight, row groups per CTA, K splits over the grid (0: enough to fill the GPU;
+    1000: capped at 64, then at the 33 steps K has)): the default picks some only on large
+    layers, so each is forced here on an awkward one (N = 257: a partial row tile and row group;
+    K = 4160: a partial last step, in the last K split). A key compiled for this many tokens
+    must launch that kernel (its template arguments in the profiler's kernel name); one not
+    compiled ("9,9" always) falls back to the measured choice and must still be right."""
     _impl("cuda")
     monkeypatch.setenv("QLORA_KERNELS_MM_TILE", tile)
     K, N = 4160, 257
     packed, state = quantized_weight(N, K, "nf4", 64, True, rng, "cuda")
     x = random_x((M, K), torch.bfloat16, rng, "cuda")
     bias = random_x((N,), torch.bfloat16, rng, "cuda")
-    out = qk.matmul_4bit(x, packed, state, bias)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = qk.matmul_4bit(x, packed, state, bias)
+        torch.cuda.synchronize()
     assert rel_err(out, expected(x, packed, state, bias)) < 1e-2
     assert torch.equal(out, qk.matmul_4bit(x, packed, state, bias))  # deterministic split-K sums
+    names = [e.name for e in prof.events()]
+    fields = [int(v) for v in tile.split(",")]
+    rows, depth, row_warps = (fields + [1])[:3]
+    n_tiles = 1 if M <= 8 else 2 if M <= 16 else 4 if M <= 32 else 8
+    if (rows, depth, row_warps) in _COMPILED[n_tiles]:
+        pattern = rf"matmul_4bit_kernel<[^,]+, {n_tiles}, {rows}, {depth}, (false|0), {row_warps}>"
+        assert any(re.search(pattern, n) for n in names), (pattern, names)
+        splits = fields[3] if len(fields) > 3 else (1 if len(fields) == 2 else 0)
+        if splits > 1:
+            assert any("sum_k_splits_kernel" in n for n in names), names
+        assert any("permute_x_kernel" in n for n in names) == (n_tiles == 8), names
 
 
 @pytest.mark.gpu
