@@ -19,6 +19,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <tuple>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -217,6 +218,20 @@ __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + 
 
 inline bool is_aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// A device attribute, asked once per (device, attribute): the query costs about as much host
+// time as a decode-sized kernel runs.
+inline int device_attribute(int device, cudaDeviceAttr attr) {
+  static std::mutex mutex;
+  static std::vector<std::tuple<int, cudaDeviceAttr, int>> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  for (const auto& [d, a, value] : cache)
+    if (d == device && a == attr) return value;
+  int value = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, device));
+  cache.emplace_back(device, attr, value);
+  return value;
+}
+
 // Grid of a grid-stride kernel: as many CTAs as fit on the device at once (more would only
 // queue behind them and repeat the per-CTA table setup), and never more than there is work for.
 template <typename Kernel>
@@ -241,40 +256,19 @@ inline int grid_size(Kernel kernel, int threads, int64_t ctas_of_work) {
     if (resident == 0) {
       int per_sm = 0;
       C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0));
-      int sms = 0;
-      C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-      resident = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
+      resident = static_cast<int64_t>(device_attribute(device, cudaDevAttrMultiProcessorCount)) * (per_sm > 0 ? per_sm : 1);
       cache.push_back({key, threads, device, resident});
     }
   }
   return static_cast<int>(ctas_of_work < resident ? ctas_of_work : resident);
 }
 
-// The compute capability major of a device, asked once per device: the attribute query costs
-// about as much host time as a decode-sized kernel runs.
+// The compute capability major of a device (device_attribute caches it).
 inline int compute_capability_major(int device) {
-  static std::mutex mutex;
-  static std::vector<std::pair<int, int>> cache;
-  std::lock_guard<std::mutex> lock(mutex);
-  for (const auto& e : cache)
-    if (e.first == device) return e.second;
-  int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  cache.emplace_back(device, major);
-  return major;
+  return device_attribute(device, cudaDevAttrComputeCapabilityMajor);
 }
 
-// The SM count of a device, asked once per device (as compute_capability_major).
-inline int multiprocessor_count(int device) {
-  static std::mutex mutex;
-  static std::vector<std::pair<int, int>> cache;
-  std::lock_guard<std::mutex> lock(mutex);
-  for (const auto& e : cache)
-    if (e.first == device) return e.second;
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  cache.emplace_back(device, sms);
-  return sms;
-}
+// The SM count of a device (device_attribute caches it).
+inline int multiprocessor_count(int device) { return device_attribute(device, cudaDevAttrMultiProcessorCount); }
 
 }  // namespace qlora_kernels

@@ -352,7 +352,6 @@ __global__ void __launch_bounds__(kMmThreads)
   // Each n-tile's token row of x (a token past M reads row M - 1 and is multiplied by zero).
   // With kPermuteX (33-64 tokens) x comes permuted (permute_x_kernel): rows of x_stride elements,
   // and within each step of 128 elements, lane t's 16 bytes for sub-step word q at 32 q + 8 t.
-  constexpr bool kPermutedX = kPermuteX<kT>;
   const T* x_tok[kT];
   bool tok_ok[kT];
 #pragma unroll
@@ -391,13 +390,13 @@ __global__ void __launch_bounds__(kMmThreads)
       const uint4* x_step[kT];
 #pragma unroll
       for (int n = 0; n < kT; ++n)
-        x_step[n] = reinterpret_cast<const uint4*>(x_tok[n] + (kPermutedX ? step * kStepK + 8 * t : k0));
+        x_step[n] = reinterpret_cast<const uint4*>(x_tok[n] + (kPermuteX<kT> ? step * kStepK + 8 * t : k0));
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
         // x words 4q .. 4q + 3 (elements k0 + 8q .. k0 + 8q + 7) of each n-tile's token g.
         uint4 xq[kT];
 #pragma unroll
-        for (int n = 0; n < kT; ++n) xq[n] = k_ok && tok_ok[n] ? __ldg(x_step[n] + (kPermutedX ? 4 * q : q)) : zero;
+        for (int n = 0; n < kT; ++n) xq[n] = k_ok && tok_ok[n] ? __ldg(x_step[n] + (kPermuteX<kT> ? 4 * q : q)) : zero;
 #pragma unroll
         for (int r = 0; r < kR; ++r) {
           const uint32_t lo_word = word_of(cur[r].wa, q);
@@ -573,30 +572,41 @@ inline int splits_for(int64_t ctas, int nsteps, int slices, int device) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({want, most, 64})));
 }
 
+// x as the kernel for kT n-tiles reads it, and its row stride: permuted by permute_x_kernel
+// (kPermuteX), or x itself. Done once per call, for all the weights it launches.
+template <typename T, int kT>
+std::pair<at::Tensor, int64_t> kernel_x(const at::Tensor& x) {
+  const int64_t M = x.size(0), K = x.size(1);
+  if constexpr (!kPermuteX<kT>) {
+    return {x, K};
+  } else {
+    const int64_t x_stride = ceil_div(K, kStepK) * kStepK;
+    at::Tensor xp = at::empty({M, x_stride}, x.options());
+    const int64_t units = M * x_stride / 8;
+    permute_x_kernel<T><<<static_cast<unsigned>(std::min<int64_t>(ceil_div(units, 256), 2048)), 256, 0,
+                          c10::cuda::getCurrentCUDAStream()>>>(reinterpret_cast<const T*>(x.data_ptr()),
+                                                               reinterpret_cast<T*>(xp.data_ptr()), M,
+                                                               static_cast<int>(K), x_stride);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {xp, x_stride};
+  }
+}
+
+// xp, x_stride: from kernel_x<T, kT>.
 template <typename T, int kT, int kR, int kD, bool kGrouped, int kW>
-void launch_matmul_4bit(const at::Tensor& x, const WeightSet<T>& weights, int total_tiles,
+void launch_matmul_4bit(const at::Tensor& xp, int64_t x_stride, const WeightSet<T>& weights, int total_tiles,
                         const float* nested_code, int M, int K, int lg_bs, int lg_nbs, QuantType qt,
                         bool nested, int splits) {
   const int64_t token_tiles = ceil_div(M, kT * 8);
   TORCH_CHECK(token_tiles <= 65535, "x: expected at most ", num(65535 * kT * 8), " rows, got ", num(M));
   const int nsteps = static_cast<int>(ceil_div(K, kStepK));
-  if (splits <= 0) splits = splits_for(int64_t{total_tiles} * token_tiles, nsteps, kMmWarps / kW, x.get_device());
+  if (splits <= 0) splits = splits_for(int64_t{total_tiles} * token_tiles, nsteps, kMmWarps / kW, xp.get_device());
   const int split_steps = static_cast<int>(ceil_div(nsteps, std::min(splits, nsteps)));
   splits = static_cast<int>(ceil_div(nsteps, split_steps));  // no empty split
   TORCH_CHECK(!kGrouped || splits == 1, "matmul_4bit: a grouped launch with K splits (an internal error)");
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor xp = x;
-  int64_t x_stride = K;
-  if constexpr (kPermuteX<kT>) {
-    x_stride = ceil_div(K, kStepK) * kStepK;
-    xp = at::empty({M, x_stride}, x.options());
-    const int64_t units = int64_t{M} * x_stride / 8;
-    permute_x_kernel<T><<<static_cast<unsigned>(std::min<int64_t>(ceil_div(units, 256), 2048)), 256, 0, stream>>>(
-        reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<T*>(xp.data_ptr()), M, K, x_stride);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
   at::Tensor partial;
-  if (splits > 1) partial = at::empty({splits, M, weights.N[0]}, x.options().dtype(at::kFloat));
+  if (splits > 1) partial = at::empty({splits, M, weights.N[0]}, xp.options().dtype(at::kFloat));
   const dim3 grid(static_cast<unsigned>(total_tiles), static_cast<unsigned>(token_tiles), static_cast<unsigned>(splits));
   matmul_4bit_kernel<T, kT, kR, kD, kGrouped, kW><<<grid, kMmThreads, 0, stream>>>(
       reinterpret_cast<const T*>(xp.data_ptr()), weights, nested_code, M, K, lg_bs, lg_nbs,
@@ -722,6 +732,7 @@ std::vector<at::Tensor> run_matmul_4bit(const at::Tensor& x, const std::vector<H
         constexpr int kR = decltype(rows)::value, kD = decltype(depth)::value, kW = decltype(row_warps)::value;
         if constexpr (kCompiled<kT, kR, kD, kW>) {
           if (!launched && want.rows == kR && want.depth == kD && want.row_warps == kW) {
+            const auto [xp, x_stride] = kernel_x<T, kT>(x);
             // Weights i0 .. i1 - 1 in one launch.
             auto launch_weights = [&](auto grouped, size_t i0, size_t i1) {
               WeightSet<T> set{};
@@ -741,10 +752,9 @@ std::vector<at::Tensor> run_matmul_4bit(const at::Tensor& x, const std::vector<H
                 TORCH_CHECK(tiles < (int64_t{1} << 31), "N: too many row tiles");
                 set.tile_end[j] = static_cast<int>(tiles);
               }
-              constexpr bool kGrouped = decltype(grouped)::value;
-              if constexpr (!kGrouped || kW == 1)
-                launch_matmul_4bit<T, kT, kR, kD, kGrouped, kW>(x, set, static_cast<int>(tiles), nc, m, k, lg_bs,
-                                                                lg_nbs, qt, nested, kGrouped ? 1 : want.splits);
+              constexpr bool kGrouped = decltype(grouped)::value;  // only with kW == 1 (the kernel asserts it)
+              launch_matmul_4bit<T, kT, kR, kD, kGrouped, kW>(xp, x_stride, set, static_cast<int>(tiles), nc, m, k,
+                                                              lg_bs, lg_nbs, qt, nested, kGrouped ? 1 : want.splits);
             };
             // The one-launch kernel is compiled for decode batches (one n-tile, M <= 8) only:
             // above that, and for a single weight, one launch per weight of the plain kernel.
