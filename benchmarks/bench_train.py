@@ -162,13 +162,25 @@ def worker(args) -> dict:
     after_build = device_peak
     torch.cuda.reset_peak_memory_stats()
     losses, times = [], []
+    graphed = None
     for step in range(args.warmup + args.steps):
         ids = torch.randint(3, vocab, (args.batch, args.seq), device="cuda", generator=gen)
+        if args.cuda_graphs and graphed is None and step >= 1:
+            # after one eager step (compiles, gives PagedAdamW its flat gradient buffer); the
+            # capture happens in this untimed step
+            from qlora_kernels.train.graphs import GraphedStep
+
+            chunked = _chunked_loss(args)
+            graphed = GraphedStep(model, params, lambda m, x: _mean_loss(m, x, chunked))
         torch.cuda.synchronize()
         t = time.perf_counter()
-        loss = _mean_loss(model, ids, _chunked_loss(args))
-        device_peak = max(device_peak, _device_used())
-        loss.backward()
+        if graphed is not None:
+            loss = graphed(ids)  # forward and backward in one replay
+            device_peak = max(device_peak, _device_used())
+        else:
+            loss = _mean_loss(model, ids, _chunked_loss(args))
+            device_peak = max(device_peak, _device_used())
+            loss.backward()
         device_peak = max(device_peak, _device_used())
         torch.nn.utils.clip_grad_norm_(params, 0.3)
         opt.step()
@@ -179,11 +191,12 @@ def worker(args) -> dict:
         if step >= args.warmup:
             times.append(time.perf_counter() - t)
     if args.profile:
-        _profile_step(model, opt, params, vocab, args, gen)
+        _profile_step(model, opt, params, vocab, args, gen, graphed)
     tokens = args.batch * args.seq
     return {
         "impl": args.impl, "chunked_loss": _chunked_loss(args),
         "compiled": bool(args.compile and args.impl == "ours"),
+        "cuda_graphs": bool(graphed is not None),
         "max_memory_gib": args.max_memory_gib if args.impl == "ours" else None,
         "model_config": args.model_config, "batch": args.batch, "seq": args.seq,
         "steps": args.steps, "build_s": round(build_s, 2),
@@ -197,18 +210,20 @@ def worker(args) -> dict:
     }
 
 
-def _one_step(model, opt, params, ids, args) -> None:
+def _one_step(model, opt, params, ids, args, graphed=None) -> None:
     """One training step, synchronized at the end (the timed loop does the same with memory
     samples in between)."""
-    loss = _mean_loss(model, ids, _chunked_loss(args))
-    loss.backward()
+    if graphed is not None:
+        graphed(ids)
+    else:
+        _mean_loss(model, ids, _chunked_loss(args)).backward()
     torch.nn.utils.clip_grad_norm_(params, 0.3)
     opt.step()
     opt.zero_grad(set_to_none=args.impl != "ours")
     torch.cuda.synchronize()
 
 
-def _profile_step(model, opt, params, vocab, args, gen) -> None:
+def _profile_step(model, opt, params, vocab, args, gen, graphed=None) -> None:
     """One more step under torch.profiler: the GPU kernels by total time, to stderr."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -216,7 +231,7 @@ def _profile_step(model, opt, params, vocab, args, gen) -> None:
     torch.cuda.synchronize()
     t = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        _one_step(model, opt, params, ids, args)
+        _one_step(model, opt, params, ids, args, graphed)
     wall = time.perf_counter() - t
     events = prof.key_averages()
     gpu_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
@@ -235,7 +250,7 @@ def _profile_step(model, opt, params, vocab, args, gen) -> None:
     torch.cuda.synchronize()
     py = cProfile.Profile()
     py.enable()
-    _one_step(model, opt, params, ids, args)
+    _one_step(model, opt, params, ids, args, graphed)
     py.disable()
     text = io.StringIO()
     pstats.Stats(py, stream=text).sort_stats("tottime").print_stats(args.profile)
@@ -279,6 +294,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="JSON path (default: benchmarks/results/<gpu>/train_<cfg>.json)")
     ap.add_argument("--compile", action="store_true",
                     help="ours: torch.compile each decoder layer (qlora_kernels.train.model.compile_decoder_layers)")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="ours: forward + backward as one CUDA graph replay per step "
+                         "(qlora_kernels.train.graphs.GraphedStep), captured in the second warmup step")
     ap.add_argument("--max-memory-gib", type=float, default=None,
                     help="ours: keep the card's use under this; PagedAdamW pages what does not fit "
                          "(PagedAdamW(device_limit_bytes=...))")
@@ -316,6 +334,8 @@ def main(argv=None) -> int:
                "--warmup", str(args.warmup), "--profile", str(args.profile), "--loss", args.loss]
         if args.compile:
             cmd.append("--compile")
+        if args.cuda_graphs and impl == "ours":
+            cmd.append("--cuda-graphs")
         if args.max_memory_gib:
             cmd += ["--max-memory-gib", str(args.max_memory_gib)]
         try:

@@ -8,6 +8,8 @@
 // dropout_backward_add) and the Triton kernels (tl.randint4x has this counter layout), so all
 // three backends draw the same mask, tested bit for bit. The mask of an element depends only
 // on its flat index, not on how a thread reaches it: the vector and the scalar paths agree.
+// The seed is an int argument, or (device_seed) an int64 tensor the kernel reads, which is what
+// a captured CUDA graph needs to draw a new mask at every replay.
 #include <torch/library.h>
 
 // cuRAND's counter-based Philox (one call, no per-thread state). A toolkit without cuRAND's
@@ -64,9 +66,12 @@ struct Vec {
 // by element.
 template <typename T, int kMode>
 __global__ void __launch_bounds__(kDropoutThreads)
-    dropout_kernel(const T* __restrict__ in, T* __restrict__ out, int64_t n, uint64_t seed,
-                   uint32_t threshold, float scale, bool vec) {
+    dropout_kernel(const T* __restrict__ in, T* __restrict__ out, int64_t n, uint64_t seed_value,
+                   const int64_t* __restrict__ device_seed, uint32_t threshold, float scale, bool vec) {
   using V = Vec<T>;
+  // A seed in device memory is read here, at run time, so that a CUDA graph replays with
+  // whatever the tensor holds then (a seed passed by value is frozen into the graph).
+  const uint64_t seed = device_seed != nullptr ? static_cast<uint64_t>(*device_seed) : seed_value;
   constexpr int kElems = V::kElems;
   const int64_t nvec = ceil_div(n, kElems);
   const int64_t nfull = n / kElems;
@@ -121,8 +126,21 @@ uint32_t threshold_of(double p) {
 
 float scale_of(double p) { return static_cast<float>(1.0 / (1.0 - p)); }
 
+// device_seed: None, or an int64 tensor of one element on the device of `like`.
+const int64_t* device_seed_ptr(const std::optional<at::Tensor>& device_seed, const at::Tensor& like,
+                               const char* like_name) {
+  if (!device_seed.has_value()) return nullptr;
+  const at::Tensor& s = *device_seed;
+  TORCH_CHECK(s.scalar_type() == at::kLong, "device_seed: expected an int64 tensor, got ", s.scalar_type());
+  TORCH_CHECK(s.numel() == 1, "device_seed: expected one element, got shape ", dims(s.sizes()));
+  TORCH_CHECK(s.device() == like.device(), "device_seed: expected a tensor on ", like.device(), " (the device of ",
+              like_name, "), got ", s.device());
+  return s.data_ptr<int64_t>();
+}
+
 template <int kMode>
-void launch(const at::Tensor& in, const char* in_name, const at::Tensor& out, int64_t seed, double p) {
+void launch(const at::Tensor& in, const char* in_name, const at::Tensor& out, int64_t seed,
+            const int64_t* device_seed, double p) {
   const int64_t n = in.numel();
   dispatch_float(in.scalar_type(), in_name, [&](auto tag) {
     if (n == 0) return;
@@ -134,22 +152,25 @@ void launch(const at::Tensor& in, const char* in_name, const at::Tensor& out, in
     const bool vec = is_aligned16(in.data_ptr()) && is_aligned16(out.data_ptr());
     kernel<<<grid, kDropoutThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         reinterpret_cast<const T*>(in.data_ptr()), reinterpret_cast<T*>(out.data_ptr()), n,
-        static_cast<uint64_t>(seed), threshold_of(p), scale_of(p), vec);
+        static_cast<uint64_t>(seed), device_seed, threshold_of(p), scale_of(p), vec);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
-at::Tensor dropout_forward(const at::Tensor& x, int64_t seed, double p) {
+at::Tensor dropout_forward(const at::Tensor& x, int64_t seed, double p,
+                           const std::optional<at::Tensor>& device_seed) {
   check_cuda(x, "x");
   check_contiguous(x, "x");
   check_p(p);
+  const int64_t* seed_ptr = device_seed_ptr(device_seed, x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
-  launch<0>(x, "x", out, seed, p);
+  launch<0>(x, "x", out, seed, seed_ptr, p);
   return out;
 }
 
-void dropout_backward_add(const at::Tensor& out, const at::Tensor& grad, int64_t seed, double p) {
+void dropout_backward_add(const at::Tensor& out, const at::Tensor& grad, int64_t seed, double p,
+                          const std::optional<at::Tensor>& device_seed) {
   check_cuda(out, "out");
   check_contiguous(out, "out");
   check_operand(grad, "grad", out, "out");
@@ -158,8 +179,9 @@ void dropout_backward_add(const at::Tensor& out, const at::Tensor& grad, int64_t
   TORCH_CHECK(grad.scalar_type() == out.scalar_type(), "grad: expected the dtype of out (",
               out.scalar_type(), "), got ", grad.scalar_type());
   check_p(p);
+  const int64_t* seed_ptr = device_seed_ptr(device_seed, out, "out");
   const c10::cuda::CUDAGuard guard(out.device());
-  launch<1>(grad, "grad", out, seed, p);
+  launch<1>(grad, "grad", out, seed, seed_ptr, p);
 }
 
 }  // namespace

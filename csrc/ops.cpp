@@ -23,8 +23,8 @@ TORCH_LIBRARY(qlora_kernels, m) {
       "matmul_4bit_grouped(Tensor x, Tensor[] packed, Tensor[] absmax, int blocksize, str quant_type, "
       "int[] N, Tensor[]? nested_absmax, Tensor? nested_code, Tensor[]? offset, int nested_blocksize, "
       "Tensor?[] bias) -> Tensor[]");
-  m.def("dropout_forward(Tensor x, int seed, float p) -> Tensor");
-  m.def("dropout_backward_add(Tensor(a!) out, Tensor grad, int seed, float p) -> ()");
+  m.def("dropout_forward(Tensor x, int seed, float p, Tensor? device_seed=None) -> Tensor");
+  m.def("dropout_backward_add(Tensor(a!) out, Tensor grad, int seed, float p, Tensor? device_seed=None) -> ()");
   m.def(
       "adamw_step(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
       "float lr, float beta1, float beta2, float eps, float weight_decay, "

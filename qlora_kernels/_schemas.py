@@ -26,8 +26,8 @@ SCHEMAS = {
         "int[] N, Tensor[]? nested_absmax, Tensor? nested_code, Tensor[]? offset, int nested_blocksize, "
         "Tensor?[] bias) -> Tensor[]"
     ),
-    "dropout_forward": "dropout_forward(Tensor x, int seed, float p) -> Tensor",
-    "dropout_backward_add": "dropout_backward_add(Tensor(a!) out, Tensor grad, int seed, float p) -> ()",
+    "dropout_forward": "dropout_forward(Tensor x, int seed, float p, Tensor? device_seed=None) -> Tensor",
+    "dropout_backward_add": "dropout_backward_add(Tensor(a!) out, Tensor grad, int seed, float p, Tensor? device_seed=None) -> ()",
     "adamw_step": (
         "adamw_step(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
         "float lr, float beta1, float beta2, float eps, float weight_decay, "

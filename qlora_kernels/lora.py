@@ -32,6 +32,10 @@ The seed is drawn per call from torch's default CPU generator (or ``generator``)
 ``torch.manual_seed`` makes runs reproducible, and ``torch.utils.checkpoint`` (which restores
 the CPU RNG state before recomputing) regenerates the same mask. It enters the ops as a tensor,
 so that under ``torch.compile`` it is a traced random draw, not a constant baked into the graph.
+A caller may pass its own seed instead (``seed=``): an int64 scalar on the CPU, or on x's device,
+where the kernels read it at run time. The latter is how a captured CUDA graph of a training
+step (``qlora_kernels.train.graphs``) draws new masks at each replay: it writes fresh seeds into
+a device tensor before replaying, and forward, recomputation and backward all read them there.
 """
 
 from __future__ import annotations
@@ -73,9 +77,17 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _dropout(t: Tensor, seed: Tensor, p: float) -> Tensor:
+    """The dropout op with ``seed``: a CPU scalar is passed by value; a seed on the device is
+    read by the kernel (under a CUDA graph, each replay then uses the value the tensor holds)."""
+    if seed.device.type == "cpu":
+        return ops.dropout_forward(t, int(seed), p)
+    return ops.dropout_forward(t, 0, p, seed)
+
+
 def _dropped(x2: Tensor, seed: Optional[Tensor], p: float) -> Tensor:
     # p == 0 is exactly the no-dropout path: no kernel, no copy
-    return x2 if p == 0.0 else ops.dropout_forward(x2.contiguous(), int(seed), p)
+    return x2 if p == 0.0 else _dropout(x2.contiguous(), seed, p)
 
 
 def _forward_impl(x: Tensor, packed: Tensor, absmax: Tensor, blocksize: int, quant_type: str, N: int,
@@ -160,7 +172,7 @@ def _backward_impl(dY: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, blocks
             # gradient) first, then dX += dY @ W with the big GEMM's beta = 1
             dX = torch.mm(g, A_)
             if p != 0.0:
-                dX = ops.dropout_forward(dX, int(seed), p)
+                dX = _dropout(dX, seed, p)
             W = _dequantize(packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code,
                             offset, nested_blocksize, dt)
             dX.addmm_(dY2, W)
@@ -265,17 +277,29 @@ def _check_weight(name: str, t, shape: tuple[int, int], device) -> None:
         raise ValueError(f"{name}: expected a tensor on {device} (the device of x), got {t.device}")
 
 
+def _check_seed(seed, device) -> None:
+    if not isinstance(seed, Tensor):
+        raise TypeError(f"seed: expected an int64 tensor of one element, got {type(seed).__name__}")
+    if seed.dtype != torch.int64 or seed.numel() != 1:
+        raise ValueError(f"seed: expected an int64 tensor of one element, got {seed.dtype} of shape {list(seed.shape)}")
+    if seed.device.type != "cpu" and seed.device != device:
+        raise ValueError(f"seed: expected a tensor on the CPU or on {device} (the device of x), got {seed.device}")
+
+
 def matmul_4bit_lora(x: Tensor, packed: Tensor, state: QuantState, A: Tensor, B: Tensor, scale: float,
                      dropout_p: float = 0.0, bias: Tensor | None = None, *,
-                     generator: torch.Generator | None = None) -> Tensor:
+                     generator: torch.Generator | None = None, seed: Tensor | None = None) -> Tensor:
     """``x @ W.T + scale * dropout(x) @ A.T @ B.T (+ bias)``, differentiable in x, A, B, bias.
 
     ``(packed, state)``: W ``[N, K]`` in 4 bits (frozen: no gradient). ``x``: ``[..., K]``,
     bfloat16 or float16 (training), float32, or float64 on CPU. ``A``: ``[r, K]``, ``B``:
     ``[N, r]``, any float dtype (fp32 master copies are cast to x's dtype inside; their
     gradients come back in their own dtype). ``bias``: ``[N]`` or None. ``dropout_p`` in
-    [0, 1): dropout on the LoRA branch's input (0 skips it entirely); its mask is drawn from
-    ``generator`` (default: torch's default CPU generator) and regenerated in backward.
+    [0, 1): dropout on the LoRA branch's input (0 skips it entirely); its mask comes from a seed
+    drawn from ``generator`` (default: torch's default CPU generator) and is regenerated in
+    backward. ``seed``, if given, is that seed instead: an int64 tensor of one element on the CPU
+    or on x's device (read by the kernels when they run, as a CUDA graph needs); the same seed
+    gives the same mask.
     Returns ``[..., N]`` in x's dtype (cuBLAS accumulates in float32).
     """
     N, K = check_x_and_weight(x, packed, state, X_DTYPES)
@@ -299,7 +323,11 @@ def matmul_4bit_lora(x: Tensor, packed: Tensor, state: QuantState, A: Tensor, B:
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p: expected a probability in [0, 1), got {dropout_p!r}")
     p = float(dropout_p)
-    seed = draw_seed(generator) if p > 0.0 else None
+    if seed is not None:
+        _check_seed(seed, x.device)
+        seed = seed.reshape(()) if p > 0.0 else None
+    elif p > 0.0:
+        seed = draw_seed(generator)
     nested_absmax, nested_code, offset, nested_blocksize = _nested_args(state)
     if not torch.compiler.is_compiling():
         return _EagerLoRA.apply(x, A, B, bias, packed.contiguous(), state.absmax.contiguous(), nested_absmax,

@@ -224,6 +224,10 @@ class LoRALinear4bit(Linear4bit):
         self.lora_alpha = lora_alpha
         self.scaling = lora_alpha / r
         self.lora_dropout = float(lora_dropout)
+        #: None: each call draws its dropout seed from torch's CPU generator. Or an int64
+        #: tensor of one element on the weight's device that the dropout kernels read (set by
+        #: ``qlora_kernels.train.graphs.GraphedStep``, which refreshes it before each replay).
+        self.dropout_seed: torch.Tensor | None = None
         self.lora_A = nn.Linear(self.in_features, self.r, bias=False, device=device, dtype=lora_dtype)
         self.lora_B = nn.Linear(self.r, self.out_features, bias=False, device=device, dtype=lora_dtype)
         if not self.lora_A.weight.is_meta:
@@ -266,7 +270,7 @@ class LoRALinear4bit(Linear4bit):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.lora_dropout if self.training else 0.0
         return matmul_4bit_lora(x, self.weight, self.quant_state, self.lora_A.weight, self.lora_B.weight,
-                                self.scaling, p, self.bias)
+                                self.scaling, p, self.bias, seed=self.dropout_seed)
 
     @torch.no_grad()
     def merge(self, dtype: torch.dtype = torch.bfloat16) -> nn.Linear:

@@ -104,12 +104,12 @@ def _(x, packed, absmax, blocksize, quant_type, N, nested_absmax, nested_code, o
 
 
 @torch.library.register_fake("qlora_kernels::dropout_forward")
-def _(x, seed, p):
+def _(x, seed, p, device_seed=None):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("qlora_kernels::dropout_backward_add")
-def _(out, grad, seed, p):
+def _(out, grad, seed, p, device_seed=None):
     return None
 
 

@@ -159,6 +159,80 @@ def test_dropout_opcheck(device, rng):
         torch.library.opcheck(ops.dropout_backward_add, (randn((7, 33), dtype, device, rng), x, seed_of(rng), 0.25))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_device_seed_is_the_seed(device, rng):
+    # a seed held in a tensor (read by the kernel at run time, as a CUDA graph needs) draws the
+    # mask of the same seed passed by value; the int argument is then ignored
+    impls = dropout_impls(device)
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and not HAS_CUDA:
+        from qlora_kernels.triton import dropout as T
+
+        impls.append(("triton-interpreter", T.dropout_forward, T.dropout_backward_add))
+    for name, forward, backward_add in impls:
+        for n in (5, 4160 + 3):
+            x = randn((n,), torch.bfloat16, device, rng)
+            seed = seed_of(rng)
+            held = torch.tensor([seed], dtype=torch.int64, device=device)
+            want = forward(x, seed, 0.3)
+            assert torch.equal(forward(x, seed + 12345, 0.3, held), want), name
+            out = randn((n,), torch.bfloat16, device, rng)
+            ref = out.clone()
+            backward_add(out, x, seed + 1, 0.3, held)
+            backward_add(ref, x, seed, 0.3)
+            assert torch.equal(out, ref), name
+            # a new value in the same tensor: a new mask
+            held.fill_(seed + 1)
+            assert torch.equal(forward(x, 0, 0.3, held), forward(x, seed + 1, 0.3)), name
+            assert not torch.equal(forward(x, 0, 0.3, held), want), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_device_seed_checks_name_it(device):
+    x = torch.randn(8, 8, device=device)
+    for bad, match in ((torch.tensor([1], dtype=torch.int32, device=device), "device_seed: expected an int64"),
+                       (torch.tensor([1, 2], device=device), "device_seed: expected .*one element")):
+        with pytest.raises((ValueError, RuntimeError), match=match):
+            ops.dropout_forward(x, 0, 0.5, bad)
+        with pytest.raises((ValueError, RuntimeError), match=match):
+            ops.dropout_backward_add(x, x.clone(), 0, 0.5, bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(qk.backend() != "cuda", reason="the CUDA extension is not loaded")
+def test_cuda_dropout_device_seed_on_another_device_raises():
+    x = torch.randn(8, 8, device="cuda")
+    with pytest.raises(RuntimeError, match="device_seed: expected a tensor on cuda:0 \\(the device of x\\)"):
+        ops.dropout_forward(x, 0, 0.5, torch.tensor([1]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_lora_seed_argument(device, rng):
+    # seed=: the caller's seed instead of a draw; on the CPU or on x's device the same mask
+    packed, state, x, A, B, b = lora_inputs(9, 130, 40, 8, torch.bfloat16, device, rng)
+    seed = seed_of(rng)
+
+    def run(s):
+        for t in (x, A, B, b):
+            t.grad = None
+        rng_state = torch.get_rng_state()
+        y = qk.matmul_4bit_lora(x, packed, state, A, B, 0.5, 0.3, b, seed=s)
+        y.float().square().sum().backward()
+        assert torch.equal(torch.get_rng_state(), rng_state)  # no seed drawn
+        return [y.detach()] + [t.grad.clone() for t in (x, A, B, b)]
+
+    on_cpu = run(torch.tensor(seed))
+    on_device = run(torch.tensor([seed], device=device))
+    for got, want in zip(on_device, on_cpu):
+        assert torch.equal(got, want)
+    # another seed, another mask
+    other = run(torch.tensor(seed + 1))
+    assert not torch.equal(other[0], on_cpu[0])
+    with pytest.raises(ValueError, match="seed: expected an int64 tensor of one element"):
+        qk.matmul_4bit_lora(x, packed, state, A, B, 0.5, 0.3, b, seed=torch.tensor([1.0]))
+    with pytest.raises(TypeError, match="seed: expected an int64 tensor"):
+        qk.matmul_4bit_lora(x, packed, state, A, B, 0.5, 0.3, b, seed=7)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(qk.backend() != "cuda", reason="the CUDA extension is not loaded")
 def test_cuda_dropout_host_checks_raise():

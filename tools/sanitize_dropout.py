@@ -7,7 +7,8 @@ compute-sanitizer:
 
 Checks nothing itself (tests/test_lora.py does); it only has to touch every code path: every
 dtype, sizes around the 4- and 8-element vectors, 16-byte aligned and unaligned views (the
-vector and the element-by-element paths), and one training step of matmul_4bit_lora.
+vector and the element-by-element paths), seeds by value and in device memory, and one
+training step of matmul_4bit_lora.
 """
 
 import sys
@@ -32,6 +33,9 @@ for n in (1, 3, 4, 5, 7, 8, 9, 15, 17, 1000, 4099, 65543):
                 out = torch.randn(n + 1, device="cuda", generator=g).to(dtype)
                 ops.dropout_backward_add(out[1:], y, 12345 + n, p)  # unaligned out
                 ops.dropout_backward_add(out[:n], x, -7, p)
+                # the seed read from device memory (CUDA graphs)
+                held = torch.tensor([n - 5], dtype=torch.int64, device="cuda")
+                ops.dropout_backward_add(out[1:], ops.dropout_forward(x, 0, p, held), 0, p, held)
 if sys.argv[1:] != ["triton"]:
     W = torch.randn(257, 4160, device="cuda") * 0.02
     packed, state = qk.quantize_4bit(W)

@@ -67,7 +67,10 @@ def lm_loss_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
     for start in range(0, hidden.shape[0], chunk_tokens):
         h, y = hidden[start:start + chunk_tokens], targets[start:start + chunk_tokens]
         if recompute:
-            total = total + checkpoint(_chunk_loss_sum, h, head.weight, y, ignore_index, use_reentrant=False)
+            # no RNG in a chunk's loss: no RNG state to save (which a CUDA graph
+            # capture, train.graphs, would not allow)
+            total = total + checkpoint(_chunk_loss_sum, h, head.weight, y, ignore_index, use_reentrant=False,
+                                       preserve_rng_state=False)
         else:
             total = total + _chunk_loss_sum(h, head.weight, y, ignore_index)
     return total

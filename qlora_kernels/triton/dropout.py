@@ -36,7 +36,17 @@ def _keep_mask(seed, pid, threshold, GROUPS: tl.constexpr):
 
 
 @triton.jit
-def _dropout_forward_kernel(x_ptr, out_ptr, n, seed, threshold, scale, GROUPS: tl.constexpr):
+def _seed_value(seed, SEED_IN_MEMORY: tl.constexpr):
+    # a seed in device memory is loaded at run time (a CUDA graph replays with its new value)
+    if SEED_IN_MEMORY:
+        return tl.load(seed)
+    return seed
+
+
+@triton.jit
+def _dropout_forward_kernel(x_ptr, out_ptr, n, seed, threshold, scale, GROUPS: tl.constexpr,
+                            SEED_IN_MEMORY: tl.constexpr):
+    seed = _seed_value(seed, SEED_IN_MEMORY)
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * (4 * GROUPS) + tl.arange(0, 4 * GROUPS)
     in_range = offs < n
@@ -47,7 +57,9 @@ def _dropout_forward_kernel(x_ptr, out_ptr, n, seed, threshold, scale, GROUPS: t
 
 
 @triton.jit
-def _dropout_backward_add_kernel(out_ptr, grad_ptr, n, seed, threshold, scale, GROUPS: tl.constexpr):
+def _dropout_backward_add_kernel(out_ptr, grad_ptr, n, seed, threshold, scale, GROUPS: tl.constexpr,
+                                 SEED_IN_MEMORY: tl.constexpr):
+    seed = _seed_value(seed, SEED_IN_MEMORY)
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * (4 * GROUPS) + tl.arange(0, 4 * GROUPS)
     in_range = offs < n
@@ -58,28 +70,44 @@ def _dropout_backward_add_kernel(out_ptr, grad_ptr, n, seed, threshold, scale, G
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=in_range)
 
 
-def _launch(kernel, first: torch.Tensor, second: torch.Tensor, n: int, seed: int, p: float) -> None:
+def _check_device_seed(device_seed, like: torch.Tensor, like_name: str) -> None:
+    if device_seed is None:
+        return
+    if device_seed.dtype != torch.int64 or device_seed.numel() != 1:
+        raise ValueError(f"device_seed: expected an int64 tensor of one element, got {device_seed.dtype} "
+                         f"of shape {list(device_seed.shape)}")
+    if device_seed.device != like.device:
+        raise ValueError(f"device_seed: expected a tensor on {like.device} (the device of {like_name}), "
+                         f"got {device_seed.device}")
+
+
+def _launch(kernel, first: torch.Tensor, second: torch.Tensor, n: int, seed: int, p: float,
+            device_seed: torch.Tensor | None) -> None:
     with _on_device(first):
         kernel[(triton.cdiv(n, 4 * _GROUPS),)](
-            first, second, n, seed, reference.dropout_threshold(p), reference.dropout_scale(p),
-            GROUPS=_GROUPS, num_warps=_WARPS, enable_fp_fusion=False,
+            first, second, n, seed if device_seed is None else device_seed, reference.dropout_threshold(p),
+            reference.dropout_scale(p), GROUPS=_GROUPS, SEED_IN_MEMORY=device_seed is not None,
+            num_warps=_WARPS, enable_fp_fusion=False,
         )
 
 
-def dropout_forward(x: torch.Tensor, seed: int, p: float) -> torch.Tensor:
+def dropout_forward(x: torch.Tensor, seed: int, p: float, device_seed: torch.Tensor | None = None) -> torch.Tensor:
     """``x * keep / (1 - p)`` (see ``reference.dropout_forward``)."""
+    _check_device_seed(device_seed, x, "x")
     xc = x.contiguous()
     out = torch.empty_like(xc)
     if xc.numel():
-        _launch(_dropout_forward_kernel, xc, out, xc.numel(), seed, p)
+        _launch(_dropout_forward_kernel, xc, out, xc.numel(), seed, p, device_seed)
     return out
 
 
-def dropout_backward_add(out: torch.Tensor, grad: torch.Tensor, seed: int, p: float) -> None:
+def dropout_backward_add(out: torch.Tensor, grad: torch.Tensor, seed: int, p: float,
+                         device_seed: torch.Tensor | None = None) -> None:
     """``out += grad * keep / (1 - p)`` in place (see ``reference.dropout_backward_add``)."""
+    _check_device_seed(device_seed, out, "out")
     if not out.numel():
         return
     target = out if out.is_contiguous() else out.contiguous()
-    _launch(_dropout_backward_add_kernel, target, grad.contiguous(), out.numel(), seed, p)
+    _launch(_dropout_backward_add_kernel, target, grad.contiguous(), out.numel(), seed, p, device_seed)
     if target is not out:
         out.copy_(target)

@@ -1,0 +1,177 @@
+"""A training step's forward and backward as CUDA graphs, replayed per micro-batch.
+
+On a fast GPU a QLoRA step is bound by the CPU that launches its kernels: a 7B model at 4 x 512
+tokens launches thousands of kernels per step (LoRA products, norms, rotary, checkpoint
+recomputation), and on an H100 host the step took ~370 ms of wall time for ~190 ms of GPU work.
+A CUDA graph records those launches once and replays them with a single call.
+
+:class:`GraphedStep` captures ``loss_fn(model, *inputs)`` and its ``backward()`` once per input
+shape and replays it on each new micro-batch:
+
+* The inputs are copied into static buffers the graph reads. The gradients accumulate into the
+  parameters' existing ``.grad`` tensors, in place, exactly as an eager backward does, so the
+  optimizer step, gradient clipping and accumulation over micro-batches stay as they are.
+  Those tensors must stay put: zero them with ``zero_grad(set_to_none=False)``
+  (:class:`~qlora_kernels.optim.PagedAdamW` keeps them as views of its flat buffer); a replay
+  after they moved raises instead of writing into tensors nobody reads.
+* LoRA dropout: a seed passed by value would be frozen into the graph, one mask forever. So
+  every :class:`~qlora_kernels.nn.LoRALinear4bit` with dropout reads its seed from a slot of one
+  device tensor (``dropout_seed``), refreshed from torch's CPU generator before each replay;
+  the forward, the checkpoint recomputation and the backward all read the same slot, so they
+  agree on the mask. The masks are as random as in eager mode, not the same ones.
+* Gradient checkpointing is switched to ``preserve_rng_state=False``: the recomputation needs no
+  RNG state any more (the seeds sit in the table), and reading the CUDA generator's state is
+  not allowed during a capture.
+* Each new shape is first run eagerly (``warmup`` times, on a side stream, with the gradients
+  set aside and put back), so that compilation, cuBLAS workspaces and lazy initialization happen
+  outside the capture. All graphs share one memory pool: only one runs at a time, and the loss a
+  replay returns is copied out at once.
+
+The memory the graphs hold (their pool) is about one step's activations, which an eager step
+also needs at its peak; it stays reserved between steps.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..nn import LoRALinear4bit
+
+_SEED_HIGH = 2**63 - 1
+
+
+class GraphedStep:
+    """``loss = loss_fn(model, *inputs); loss.backward()`` as a CUDA graph per input shape.
+
+    ``params``: the trainable parameters (their ``.grad`` receive the gradients).
+    ``loss_fn(model, *inputs)`` returns the scalar to differentiate; it must not synchronize
+    with the host (no ``.item()``, no data-dependent Python branches) and must take every value
+    that changes between calls as one of the tensor ``inputs`` (a Python number is frozen into
+    the graph). Calling the object with CUDA tensors of the same shapes and dtypes as a previous
+    call replays that call's graph; a new shape is captured first (``warmup`` eager runs, then
+    the capture), at most ``max_graphs`` of them. Returns the loss, detached.
+    """
+
+    def __init__(self, model: nn.Module, params, loss_fn: Callable[..., torch.Tensor], *, warmup: int = 2,
+                 max_graphs: int = 16, generator: torch.Generator | None = None):
+        if not torch.cuda.is_available():
+            raise RuntimeError("GraphedStep: CUDA graphs need a CUDA GPU")
+        self.params = [p for p in params]
+        if not self.params:
+            raise ValueError("params: expected the trainable parameters, got none")
+        devices = {p.device for p in self.params}
+        if len(devices) != 1 or next(iter(devices)).type != "cuda":
+            raise ValueError(f"params: expected parameters on one CUDA device, got {sorted(map(str, devices))}")
+        if not isinstance(warmup, int) or warmup < 1:
+            raise ValueError(f"warmup: expected a positive int (the eager runs before a capture), got {warmup!r}")
+        if not isinstance(max_graphs, int) or max_graphs < 1:
+            raise ValueError(f"max_graphs: expected a positive int, got {max_graphs!r}")
+        self.model, self.loss_fn = model, loss_fn
+        self.warmup, self.max_graphs, self.generator = warmup, max_graphs, generator
+        self.device = next(iter(devices))
+        self._graphs: dict = {}
+        self._pool = None
+        self._addresses: list[int] | None = None  # params' and grads' data_ptrs the graphs use
+        # one device seed per LoRA layer with dropout, read by its kernels at replay time
+        self._lora = [m for m in model.modules() if isinstance(m, LoRALinear4bit) and m.lora_dropout > 0]
+        self._seeds = torch.zeros(len(self._lora), dtype=torch.int64, device=self.device)
+        for i, m in enumerate(self._lora):
+            m.dropout_seed = self._seeds[i]
+        # seeds of the warmup runs: a generator of their own, so that when a shape gets captured
+        # does not change the seeds (and the masks) of the steps that follow
+        self._warmup_generator = torch.Generator().manual_seed(0x9E3779B9)
+        if getattr(model, "is_gradient_checkpointing", False):
+            from ..hf import enable_checkpointing
+
+            enable_checkpointing(model, preserve_rng_state=False)
+
+    @property
+    def num_graphs(self) -> int:
+        """How many shapes have been captured."""
+        return len(self._graphs)
+
+    def _refresh_seeds(self, generator) -> None:
+        if self._lora:
+            fresh = torch.randint(0, _SEED_HIGH, (len(self._lora),), dtype=torch.int64, generator=generator)
+            self._seeds.copy_(fresh)
+
+    def _current_addresses(self) -> list[int]:
+        return [p.data_ptr() for p in self.params] + [0 if p.grad is None else p.grad.data_ptr() for p in self.params]
+
+    def _check_addresses(self) -> None:
+        if self._current_addresses() != self._addresses:
+            raise RuntimeError(
+                "GraphedStep: a parameter or its .grad is not the tensor the captured graphs write to "
+                "(set to None by zero_grad(set_to_none=True), or replaced by an optimizer that flattens "
+                "parameters); zero gradients with zero_grad(set_to_none=False), and create the GraphedStep "
+                "after the optimizer's first step")
+
+    def _check_inputs(self, inputs) -> tuple:
+        for i, t in enumerate(inputs):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"inputs[{i}]: expected a tensor (a Python value would be frozen into the graph), "
+                                f"got {type(t).__name__}")
+        return tuple((tuple(t.shape), t.dtype) for t in inputs)
+
+    def _capture(self, key, inputs):
+        if len(self._graphs) >= self.max_graphs:
+            raise RuntimeError(f"GraphedStep: already {len(self._graphs)} graphs (max_graphs) and a new input "
+                               f"shape {[list(s) for s, _ in key]}: pad the inputs to fewer distinct shapes")
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        if self._addresses is None:
+            self._addresses = self._current_addresses()
+        self._check_addresses()
+        static = [torch.empty_like(t, device=self.device) for t in inputs]
+        for s, t in zip(static, inputs):
+            s.copy_(t)
+        # eager runs first, on a side stream (as torch.cuda.graph asks), with the real gradients
+        # set aside: whatever compiles or initializes lazily does so here, not in the capture
+        kept = [p.grad for p in self.params]
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                for p in self.params:
+                    p.grad = None
+                self._refresh_seeds(self._warmup_generator)
+                self.loss_fn(self.model, *static).backward()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        for p, g in zip(self.params, kept):
+            p.grad = g
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()  # the warmup's blocks go back, for the graph's pool to take
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                loss = self.loss_fn(self.model, *static)
+                loss.backward()
+        except Exception as err:
+            raise RuntimeError(f"GraphedStep: capturing the step for input shapes {[list(s) for s, _ in key]} "
+                               f"failed ({type(err).__name__}: {err}); the loss function must not synchronize "
+                               "with the host (.item(), printing a tensor, data-dependent branches). Train "
+                               "without CUDA graphs instead.") from err
+        self._check_addresses()  # the capture accumulated into the same .grad tensors
+        self._pool = graph.pool()
+        entry = (graph, static, loss)
+        self._graphs[key] = entry
+        return entry
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        key = self._check_inputs(inputs)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._capture(key, inputs)
+        else:
+            self._check_addresses()
+        graph, static, loss = entry
+        for s, t in zip(static, inputs):
+            s.copy_(t, non_blocking=True)
+        self._refresh_seeds(self.generator)
+        graph.replay()
+        # the graphs share one pool: another shape's replay may reuse this loss's memory
+        return loss.detach().clone()

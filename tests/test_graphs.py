@@ -1,0 +1,133 @@
+"""CUDA graphs of a training step (qlora_kernels.train.graphs.GraphedStep) and the device-held
+dropout seeds they rely on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qlora_kernels as qk
+from qlora_kernels.nn import LoRALinear4bit
+from qlora_kernels.train import model as model_mod
+from qlora_kernels.train.loss import lm_loss_sum
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def test_lora_layer_reads_its_dropout_seed(rng):
+    # LoRALinear4bit.dropout_seed, when set, is the seed of its dropout mask (no draw)
+    layer = LoRALinear4bit.from_linear(torch.nn.Linear(130, 70), r=8, alpha=16, dropout=0.3)
+    torch.nn.init.normal_(layer.lora_B.weight, std=0.1, generator=rng)
+    x = torch.randn(5, 130, generator=rng)
+    seed = int(torch.randint(0, 2**62, (), generator=rng))
+    layer.dropout_seed = torch.tensor([seed])
+    state = torch.get_rng_state()
+    got = layer(x)
+    assert torch.equal(torch.get_rng_state(), state)
+    want = qk.matmul_4bit_lora(x, layer.weight, layer.quant_state, layer.lora_A.weight, layer.lora_B.weight,
+                               layer.scaling, 0.3, layer.bias, seed=torch.tensor(seed))
+    assert torch.equal(got, want)
+    layer.dropout_seed.fill_(seed + 1)
+    assert not torch.equal(layer(x), want)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the error without a GPU")
+def test_graphed_step_needs_a_gpu():
+    from qlora_kernels.train.graphs import GraphedStep
+
+    with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA GPU"):
+        GraphedStep(torch.nn.Linear(2, 2), [torch.nn.Parameter(torch.ones(2))], lambda m: None)
+
+
+def tiny_lora_model(seed: int, dropout: float = 0.1):
+    model = model_mod.random_model("tiny", "cuda", torch.bfloat16, seed=seed)
+    qk.add_lora(model, r=8, alpha=16, dropout=dropout, lora_dtype=torch.bfloat16)
+    for m in model.modules():  # B = 0 at init would hide the LoRA branch from dX
+        if isinstance(m, LoRALinear4bit):
+            torch.nn.init.normal_(m.lora_B.weight, std=0.02)
+    model_mod.enable_checkpointing(model)
+    model.train()
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
+def mean_loss(model, ids, scale):
+    return lm_loss_sum(model, ids, ids, chunk_tokens=100) * scale
+
+
+def rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.gpu
+def test_graphed_step_matches_eager_with_the_same_seeds(rng):
+    from qlora_kernels.train.graphs import GraphedStep
+
+    model, params = tiny_lora_model(int(torch.randint(0, 1000, (), generator=rng)))
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    step = GraphedStep(model, params, mean_loss, generator=torch.Generator().manual_seed(7))
+    seeds = torch.Generator().manual_seed(7)  # the same stream of seeds, for the eager runs
+    assert step._seeds.numel() == 4 * 7  # every LoRA layer of the tiny model has dropout
+
+    def batch(n, s):
+        return torch.randint(3, 320, (n, s), generator=rng).cuda(), torch.tensor(1.0 / (n * (s - 1)), device="cuda")
+
+    def eager(ids, scale):
+        step._seeds.copy_(torch.randint(0, 2**63 - 1, (step._seeds.numel(),), generator=seeds))
+        for p in params:
+            p.grad.zero_()
+        loss = mean_loss(model, ids, scale)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in params]
+
+    for n, s in ((3, 77), (3, 77), (2, 130)):  # a replay of a captured shape, then a new shape
+        ids, scale = batch(n, s)
+        want_loss, want_grads = eager(ids, scale)
+        for p in params:
+            p.grad.zero_()
+        got_loss = step(ids, scale)
+        assert rel(got_loss, want_loss) < 1e-3
+        errors = [rel(p.grad, g) for p, g in zip(params, want_grads)]
+        assert max(errors) < 2e-2, max(errors)
+    assert step.num_graphs == 2
+    # each replay draws new masks: the same batch twice gives other gradients
+    for p in params:
+        p.grad.zero_()
+    step(ids, scale)
+    first = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad.zero_()
+    step(ids, scale)
+    assert min(rel(p.grad, g) for p, g in zip(params, first)) > 0.05
+    # replays accumulate into the gradients, as backward does: two replays give the sum of the
+    # two eager steps with the same seeds
+    step.generator = torch.Generator().manual_seed(11)
+    seeds = torch.Generator().manual_seed(11)
+    g1 = eager(ids, scale)[1]
+    g2 = eager(ids, scale)[1]
+    for p in params:
+        p.grad.zero_()
+    step(ids, scale)
+    step(ids, scale)
+    errors = [rel(p.grad, a + b) for p, a, b in zip(params, g1, g2)]
+    assert max(errors) < 2e-2, max(errors)
+
+
+@pytest.mark.gpu
+def test_graphed_step_refuses_moved_gradients_and_python_values(rng):
+    from qlora_kernels.train.graphs import GraphedStep
+
+    model, params = tiny_lora_model(3)
+    step = GraphedStep(model, params, lambda m, ids: lm_loss_sum(m, ids, ids) / ids.numel())
+    ids = torch.randint(3, 320, (2, 40), generator=rng).cuda()
+    loss = step(ids)
+    assert torch.isfinite(loss) and loss.item() > 0
+    with pytest.raises(TypeError, match=r"inputs\[0\]: expected a tensor"):
+        step(5)
+    params[0].grad = None  # zero_grad(set_to_none=True)
+    with pytest.raises(RuntimeError, match="zero_grad\\(set_to_none=False\\)"):
+        step(ids)
+    with pytest.raises(ValueError, match="warmup: expected a positive int"):
+        GraphedStep(model, params, lambda m, ids: None, warmup=0)
+    with pytest.raises(ValueError, match="params: expected the trainable parameters"):
+        GraphedStep(model, [], lambda m, ids: None)
