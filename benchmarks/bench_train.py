@@ -187,6 +187,7 @@ def worker(args) -> dict:
         opt.zero_grad(set_to_none=args.impl != "ours")
         device_peak = max(device_peak, _device_used())
         losses.append(loss.item())
+        del loss  # its autograd graph too (a CUDA graph capture must not find it alive)
         torch.cuda.synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - t)

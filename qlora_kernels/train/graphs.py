@@ -53,6 +53,10 @@ class GraphedStep:
     the graph). Calling the object with CUDA tensors of the same shapes and dtypes as a previous
     call replays that call's graph; a new shape is captured first (``warmup`` eager runs, then
     the capture), at most ``max_graphs`` of them. Returns the loss, detached.
+
+    Before the first call, drop every reference to an earlier step's loss (``del loss``): a
+    live autograd graph keeps the parameters' gradient accumulators bound to the stream it ran
+    on, and the capture, which runs on a stream of its own, would then wait on that one.
     """
 
     def __init__(self, model: nn.Module, params, loss_fn: Callable[..., torch.Tensor], *, warmup: int = 2,
@@ -150,11 +154,15 @@ class GraphedStep:
             with torch.cuda.graph(graph, pool=self._pool):
                 loss = self.loss_fn(self.model, *static)
                 loss.backward()
+                # only the value is kept: holding the autograd graph would keep its gradient
+                # accumulators, bound to the capture's stream, alive past the capture
+                loss = loss.detach()
         except Exception as err:
             raise RuntimeError(f"GraphedStep: capturing the step for input shapes {[list(s) for s, _ in key]} "
-                               f"failed ({type(err).__name__}: {err}); the loss function must not synchronize "
-                               "with the host (.item(), printing a tensor, data-dependent branches). Train "
-                               "without CUDA graphs instead.") from err
+                               f"failed ({type(err).__name__}: {err}). The loss function must not synchronize "
+                               "with the host (.item(), printing a tensor, data-dependent branches), and no "
+                               "earlier loss may still hold its autograd graph (del it after backward). Or train "
+                               "without CUDA graphs.") from err
         self._check_addresses()  # the capture accumulated into the same .grad tensors
         self._pool = graph.pool()
         entry = (graph, static, loss)

@@ -36,21 +36,17 @@ def _keep_mask(seed, pid, threshold, GROUPS: tl.constexpr):
 
 
 @triton.jit
-def _seed_value(seed, SEED_IN_MEMORY: tl.constexpr):
-    # a seed in device memory is loaded at run time (a CUDA graph replays with its new value)
-    if SEED_IN_MEMORY:
-        return tl.load(seed)
-    return seed
-
-
-@triton.jit
 def _dropout_forward_kernel(x_ptr, out_ptr, n, seed, threshold, scale, GROUPS: tl.constexpr,
                             SEED_IN_MEMORY: tl.constexpr):
-    seed = _seed_value(seed, SEED_IN_MEMORY)
+    # a seed in device memory is loaded at run time (a CUDA graph replays with its new value)
+    if SEED_IN_MEMORY:
+        key = tl.load(seed)
+    else:
+        key = seed
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * (4 * GROUPS) + tl.arange(0, 4 * GROUPS)
     in_range = offs < n
-    keep = _keep_mask(seed, pid, threshold, GROUPS)
+    keep = _keep_mask(key, pid, threshold, GROUPS)
     x = tl.load(x_ptr + offs, mask=in_range, other=0.0).to(tl.float32)
     y = tl.where(keep, x * scale, 0.0)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=in_range)
@@ -59,11 +55,15 @@ def _dropout_forward_kernel(x_ptr, out_ptr, n, seed, threshold, scale, GROUPS: t
 @triton.jit
 def _dropout_backward_add_kernel(out_ptr, grad_ptr, n, seed, threshold, scale, GROUPS: tl.constexpr,
                                  SEED_IN_MEMORY: tl.constexpr):
-    seed = _seed_value(seed, SEED_IN_MEMORY)
+    # a seed in device memory is loaded at run time (a CUDA graph replays with its new value)
+    if SEED_IN_MEMORY:
+        key = tl.load(seed)
+    else:
+        key = seed
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * (4 * GROUPS) + tl.arange(0, 4 * GROUPS)
     in_range = offs < n
-    keep = _keep_mask(seed, pid, threshold, GROUPS)
+    keep = _keep_mask(key, pid, threshold, GROUPS)
     g = tl.load(grad_ptr + offs, mask=in_range, other=0.0).to(tl.float32)
     o = tl.load(out_ptr + offs, mask=in_range, other=0.0).to(tl.float32)
     y = o + tl.where(keep, g * scale, 0.0)
