@@ -33,6 +33,7 @@ also needs at its peak; it stays reserved between steps.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -41,6 +42,31 @@ from torch import nn
 from ..nn import LoRALinear4bit
 
 _SEED_HIGH = 2**63 - 1
+
+
+@contextlib.contextmanager
+def _no_packed_sequence_detection():
+    """transformers' causal-mask builder looks for packed sequences (position ids restarting
+    inside a row) when no attention mask is given. Eagerly it reads the answer back to the host
+    (none found: no mask tensor, SDPA's causal flag instead); during a capture it cannot, so
+    it builds a full mask tensor, which reaches the (compiled) layers as an input the warmup
+    did not have: a recompilation inside the capture, which fails, and a slower attention
+    kernel. The warmup and the capture therefore run with that detection off, i.e. with what
+    eager mode finds for batches that are not packed. (Packed batches are not supported here.)"""
+    try:
+        from transformers import masking_utils
+    except ImportError:
+        yield
+        return
+    original = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if original is None:
+        yield
+        return
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = original
 
 
 class GraphedStep:
@@ -138,7 +164,7 @@ class GraphedStep:
         kept = [p.grad for p in self.params]
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
+        with _no_packed_sequence_detection(), torch.cuda.stream(side):
             for _ in range(self.warmup):
                 for p in self.params:
                     p.grad = None
@@ -151,7 +177,7 @@ class GraphedStep:
         torch.cuda.empty_cache()  # the warmup's blocks go back, for the graph's pool to take
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self._pool):
+            with _no_packed_sequence_detection(), torch.cuda.graph(graph, pool=self._pool):
                 loss = self.loss_fn(self.model, *static)
                 loss.backward()
                 # only the value is kept: holding the autograd graph would keep its gradient
