@@ -44,29 +44,43 @@ from ..nn import LoRALinear4bit
 _SEED_HIGH = 2**63 - 1
 
 
+def _tracing_but_not_capturing(tensor=None) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or isinstance(tensor, (torch.fx.Proxy, FakeTensor)))
+
+
 @contextlib.contextmanager
-def _no_packed_sequence_detection():
-    """transformers' causal-mask builder looks for packed sequences (position ids restarting
-    inside a row) when no attention mask is given. Eagerly it reads the answer back to the host
-    (none found: no mask tensor, SDPA's causal flag instead); during a capture it cannot, so
-    it builds a full mask tensor, which reaches the (compiled) layers as an input the warmup
-    did not have: a recompilation inside the capture, which fails, and a slower attention
-    kernel. The warmup and the capture therefore run with that detection off, i.e. with what
-    eager mode finds for batches that are not packed. (Packed batches are not supported here.)"""
+def _eager_causal_masks():
+    """transformers' causal-mask builder takes a CUDA graph capture for tracing (its
+    ``is_tracing`` checks ``torch.cuda.is_current_stream_capturing()``): it then builds a full
+    ``[batch, 1, seq, seq]`` mask tensor where eager mode passes no mask and SDPA's causal flag.
+    The compiled decoder layers then see a mask input the warmup did not have, and recompile
+    inside the capture, which fails; and attention with a mask tensor is slower. So the warmup
+    and the capture run with the eager decisions:
+
+    * ``is_tracing`` without the capture test (compiling and jit tracing still count);
+    * no packed-sequence detection: eagerly it reads position ids back to the host (a sync the
+      capture forbids) and finds, for batches that are not packed, nothing.
+
+    An attention mask with padding still works (the mask tensor is built in both runs); its
+    ``all ones`` shortcut reads the mask on the host and fails the capture with a message.
+    Packed sequences (position ids restarting inside a row) are not supported."""
     try:
         from transformers import masking_utils
     except ImportError:
         yield
         return
-    original = getattr(masking_utils, "find_packed_sequence_indices", None)
-    if original is None:
-        yield
-        return
-    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    patches = {"is_tracing": _tracing_but_not_capturing, "find_packed_sequence_indices": lambda position_ids: None}
+    originals = {name: getattr(masking_utils, name) for name in patches if hasattr(masking_utils, name)}
+    for name in originals:
+        setattr(masking_utils, name, patches[name])
     try:
         yield
     finally:
-        masking_utils.find_packed_sequence_indices = original
+        for name, fn in originals.items():
+            setattr(masking_utils, name, fn)
 
 
 class GraphedStep:
@@ -164,7 +178,7 @@ class GraphedStep:
         kept = [p.grad for p in self.params]
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        with _no_packed_sequence_detection(), torch.cuda.stream(side):
+        with _eager_causal_masks(), torch.cuda.stream(side):
             for _ in range(self.warmup):
                 for p in self.params:
                     p.grad = None
@@ -177,7 +191,7 @@ class GraphedStep:
         torch.cuda.empty_cache()  # the warmup's blocks go back, for the graph's pool to take
         graph = torch.cuda.CUDAGraph()
         try:
-            with _no_packed_sequence_detection(), torch.cuda.graph(graph, pool=self._pool):
+            with _eager_causal_masks(), torch.cuda.graph(graph, pool=self._pool):
                 loss = self.loss_fn(self.model, *static)
                 loss.backward()
                 # only the value is kept: holding the autograd graph would keep its gradient
