@@ -444,3 +444,46 @@ def test_quantize_linears_frees_each_16bit_linear_before_the_next():
     assert alive_at_init == [3, 2, 1]
     assert all(r() is None for r in refs)
     assert all(isinstance(m, Linear4bit) for m in (block[0], block[2], block[3]))
+
+
+# --------------------------------------------------------------------------------------------
+# --cuda-graphs
+def test_graph_batch_pads_to_few_shapes():
+    batch = data.collate([data.Example([5, 6, 7], [-100, 6, 7]), data.Example([8] * 70, [-100] * 2 + [8] * 68)],
+                         pad_token_id=0)
+    ids, labels, inv = loop.graph_batch(batch, rows=3, pad_id=0, n_target=9)
+    assert ids.shape == labels.shape == (3, 128)
+    assert torch.equal(ids[:2, :70], batch["input_ids"]) and torch.equal(labels[:2, :70], batch["labels"])
+    assert (ids[:, 70:] == 0).all() and (ids[2] == 0).all()
+    assert (labels[:, 70:] == data.IGNORE_INDEX).all() and (labels[2] == data.IGNORE_INDEX).all()
+    assert inv.dtype == torch.float32 and inv.dim() == 0 and float(inv) == pytest.approx(1 / 9)
+
+
+def test_cuda_graphs_is_ignored_on_the_cpu(tmp_path, capsys):
+    result = train(small_config(tmp_path, max_steps=2, cuda_graphs=True, device="cpu"))
+    assert len(result.losses) == 2
+    assert "cuda_graphs: ignored on the CPU" in capsys.readouterr().out
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_train_and_resume_like_an_uninterrupted_run(tmp_path):
+    # the graphed trainer learns, captures one graph per padded shape, and a resumed run (whose
+    # first step runs eagerly) draws the same dropout masks as the uninterrupted one
+    base = dict(max_steps=8, save_steps=4, lora_dropout=0.1, cuda_graphs=True, device="cuda")
+    full = train(small_config(tmp_path / "a", **base))
+    assert all(math.isfinite(loss) for _, loss in full.losses)
+
+    def kill(step, _):
+        if step == 6:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(small_config(tmp_path / "b", **base), on_step=kill)
+    resumed = train(small_config(tmp_path / "b", resume=True, **base))
+    # GPU kernels (atomics in attention's backward) are not bitwise repeatable: close, not equal
+    for (s1, a), (s2, b) in zip(resumed.losses, full.losses[4:]):
+        assert s1 == s2 and abs(a - b) < 2e-3 * abs(b), (s1, a, b)
+    learned = train(small_config(tmp_path / "c", max_steps=16, grad_accum=1, batch_size=8, cuda_graphs=True,
+                                 device="cuda"))
+    losses = [loss for _, loss in learned.losses]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3

@@ -26,6 +26,9 @@ HELP = {
     "gradient_checkpointing": "recompute activations in the backward pass (saves memory)",
     "compile": "torch.compile each decoder layer: fused elementwise kernels and far less Python per step "
                "(the first steps compile, ~1 min); CUDA only",
+    "cuda_graphs": "capture each micro-batch's forward and backward as a CUDA graph (one per padded batch "
+                   "shape, lengths rounded up to a multiple of 64) and replay it: the CPU no longer launches "
+                   "every kernel, which is what bounds a step on a fast GPU; best with --compile; CUDA only",
     "lora_r": "LoRA rank",
     "lora_alpha": "LoRA alpha (the update is scaled by alpha / r)",
     "lora_dropout": "dropout on the LoRA input; default: Table 8 (0.1, 0.05 from 33B up)",

@@ -72,6 +72,7 @@ class TrainConfig:
     device: str | None = None           # None: cuda when available, else cpu
     gradient_checkpointing: bool = True
     compile: bool = False               # torch.compile each decoder layer (CUDA)
+    cuda_graphs: bool = False           # forward + backward as CUDA graph replays (CUDA)
     max_memory_gib: float | None = None  # keep the card under this: the optimizer state pages the rest
     # LoRA
     lora_r: int = 64

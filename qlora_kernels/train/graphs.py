@@ -209,6 +209,18 @@ class GraphedStep:
         self._graphs[key] = entry
         return entry
 
+    def eager(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """The same step without a graph: the dropout seeds are drawn as a replay draws them,
+        so a run that captures later (or, after a resume, earlier) gets the same masks. For
+        the steps before the gradients settle (e.g. the optimizer's first step, after which
+        :class:`~qlora_kernels.optim.PagedAdamW` keeps them in its flat buffer)."""
+        self._check_inputs(inputs)
+        on_device = [t.to(self.device, non_blocking=True) for t in inputs]
+        self._refresh_seeds(self.generator)
+        loss = self.loss_fn(self.model, *on_device)
+        loss.backward()
+        return loss.detach()
+
     def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
         key = self._check_inputs(inputs)
         entry = self._graphs.get(key)

@@ -116,6 +116,30 @@ def token_loss_sum(model, batch, device) -> tuple[torch.Tensor, int]:
     return loss, count
 
 
+GRAPH_LENGTH_MULTIPLE = 64  # --cuda-graphs: sequence lengths round up to this (one graph per length)
+
+
+def graph_batch(batch, rows: int, pad_id: int, n_target: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, labels, 1 / n_target) of a collated batch for a CUDA graph replay: padded
+    to ``rows`` sequences and a length that is a multiple of GRAPH_LENGTH_MULTIPLE, so that few
+    shapes (graphs) occur. The padding is on the right and its labels are ignored; with causal
+    attention no real token sees it, so no attention mask is passed (building one would read
+    it back to the host, which a capture forbids). The normalizer is a tensor, not a Python
+    number, which the graph would freeze."""
+    ids, labels = batch["input_ids"], batch["labels"]
+    width = -(-ids.shape[1] // GRAPH_LENGTH_MULTIPLE) * GRAPH_LENGTH_MULTIPLE
+    padded_ids = torch.full((rows, width), pad_id, dtype=ids.dtype)
+    padded_labels = torch.full((rows, width), data_mod.IGNORE_INDEX, dtype=labels.dtype)
+    padded_ids[:ids.shape[0], :ids.shape[1]] = ids
+    padded_labels[:labels.shape[0], :labels.shape[1]] = labels
+    return padded_ids, padded_labels, torch.tensor(1.0 / max(n_target, 1), dtype=torch.float32)
+
+
+def graph_loss(model, input_ids, labels, inv_n_target):
+    """What a --cuda-graphs replay differentiates: the batch's summed loss / the step's target count."""
+    return lm_loss_sum(model, input_ids, labels, None, ignore_index=data_mod.IGNORE_INDEX) * inv_n_target
+
+
 def learning_rate(config: TrainConfig, step: int, total: int) -> float:
     """The learning rate of optimizer step ``step`` (1-based)."""
     lr = config.learning_rate
@@ -320,6 +344,16 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"lora_target: {config.lora_target!r} matched no linear layer of the model")
+    graphed = None
+    if config.cuda_graphs and device.type == "cuda":
+        from .graphs import GraphedStep
+
+        # created before the first step: from then on every LoRA dropout seed comes from its
+        # table, eager (first optimizer step of this process) or replayed, so the masks do not
+        # depend on when a shape is captured, and a resumed run draws what the full run drew
+        graphed = GraphedStep(model, params, graph_loss, max_graphs=64)
+    elif config.cuda_graphs:
+        print("cuda_graphs: ignored on the CPU")
     limit = int(config.max_memory_gib * 2**30) if config.max_memory_gib and device.type == "cuda" else None
     optimizer = PagedAdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
                            eps=config.adam_eps, weight_decay=config.weight_decay, device_limit_bytes=limit)
@@ -365,6 +399,7 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
     result = TrainResult(output_dir=config.output_dir, adapter_dir=os.path.join(config.output_dir, "adapter"),
                          steps=total_steps, metrics_path=metrics_path)
     cached_epoch, epoch_order = -1, []
+    stepped_here = False  # whether the optimizer has stepped in this process (see graphed)
     bar = tqdm(total=total_steps, initial=step, disable=not config.progress, desc="qlora", dynamic_ncols=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -397,6 +432,13 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
                 loss_sum = torch.zeros((), device=device)
                 try:
                     for batch in micro:
+                        if graphed is not None:
+                            inputs = graph_batch(batch, config.batch_size, tokenizer.pad_token_id, n_target)
+                            # the first optimizer step of this process runs eagerly: PagedAdamW
+                            # then moves the gradients into its flat buffer, where they stay
+                            run = graphed if stepped_here else graphed.eager
+                            loss_sum += run(*inputs) * n_target
+                            continue
                         loss, _ = token_loss_sum(model, batch, device)
                         (loss / n_target).backward()
                         loss_sum += loss.detach()
@@ -415,6 +457,7 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
                     # gradient buffer, into which the next backward accumulates (no copy, no
                     # second set of gradients in memory)
                     optimizer.zero_grad(set_to_none=False)
+                    stepped_here = True
                 except torch.OutOfMemoryError:
                     raise _oom_error(config, device, f"at step {step}") from None
                 dt = time.perf_counter() - t0
