@@ -7,7 +7,8 @@ token, max grad norm 0.3 - each in a fresh subprocess so that its memory peaks a
 * ``ours``: qlora_kernels' NF4 + double-quant model built layer by layer
   (``qlora_kernels.train.model.random_model``), bf16 ``LoRALinear4bit`` adapters, ``PagedAdamW``
   (gradients accumulated in its flat buffer), the trainer's loss (the LM head in chunks,
-  ``qlora_kernels.train.loss``); ``--compile`` compiles its decoder layers;
+  ``qlora_kernels.train.loss``); ``--compile`` compiles its decoder layers, ``--cuda-graphs`` replays each step's forward and
+  backward as a CUDA graph (``qlora_kernels.train.graphs``);
 * ``bnb``: transformers + peft + bitsandbytes (NF4 + double quant ``bnb.nn.Linear4bit``,
   ``prepare_model_for_kbit_training``, ``bnb.optim.PagedAdamW32bit``), when importable;
 * ``bf16``: peft LoRA on the bf16 model (``torch.optim.AdamW``), when the model fits.
