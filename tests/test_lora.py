@@ -183,7 +183,8 @@ def test_dropout_device_seed_is_the_seed(device, rng):
             # a new value in the same tensor: a new mask
             held.fill_(seed + 1)
             assert torch.equal(forward(x, 0, 0.3, held), forward(x, seed + 1, 0.3)), name
-            assert not torch.equal(forward(x, 0, 0.3, held), want), name
+            if n > 100:  # 5 elements keep the same mask under two seeds with probability 0.58^5
+                assert not torch.equal(forward(x, 0, 0.3, held), want), name
 
 
 @pytest.mark.parametrize("device", DEVICES)
