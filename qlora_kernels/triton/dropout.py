@@ -24,10 +24,16 @@ _WARPS = 4
 
 
 @triton.jit
-def _keep_mask(seed, pid, threshold, GROUPS: tl.constexpr):
-    """The keep flags of the program's 4 * GROUPS elements, in element order."""
+def _keep_mask(seed, pid, threshold, GROUPS: tl.constexpr, SEED_IN_MEMORY: tl.constexpr):
+    """The keep flags of the program's 4 * GROUPS elements, in element order. ``seed`` is the
+    seed, or (SEED_IN_MEMORY) a pointer to it: loaded when the kernel runs, so a CUDA graph
+    replays with the value the tensor holds then."""
+    if SEED_IN_MEMORY:
+        key = tl.load(seed)
+    else:
+        key = seed
     g = pid * GROUPS + tl.arange(0, GROUPS).to(tl.int64)
-    r0, r1, r2, r3 = tl.randint4x(seed, g)
+    r0, r1, r2, r3 = tl.randint4x(key, g)
     # [GROUPS, 2, 2] with [g, a, b] = r_{2a + b}: flattened, element 4g + j gets output j.
     r = tl.join(tl.join(r0, r2), tl.join(r1, r3))
     r = tl.reshape(r, (4 * GROUPS,), can_reorder=False)
@@ -38,15 +44,10 @@ def _keep_mask(seed, pid, threshold, GROUPS: tl.constexpr):
 @triton.jit
 def _dropout_forward_kernel(x_ptr, out_ptr, n, seed, threshold, scale, GROUPS: tl.constexpr,
                             SEED_IN_MEMORY: tl.constexpr):
-    # a seed in device memory is loaded at run time (a CUDA graph replays with its new value)
-    if SEED_IN_MEMORY:
-        key = tl.load(seed)
-    else:
-        key = seed
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * (4 * GROUPS) + tl.arange(0, 4 * GROUPS)
     in_range = offs < n
-    keep = _keep_mask(key, pid, threshold, GROUPS)
+    keep = _keep_mask(seed, pid, threshold, GROUPS, SEED_IN_MEMORY)
     x = tl.load(x_ptr + offs, mask=in_range, other=0.0).to(tl.float32)
     y = tl.where(keep, x * scale, 0.0)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=in_range)
@@ -55,15 +56,10 @@ def _dropout_forward_kernel(x_ptr, out_ptr, n, seed, threshold, scale, GROUPS: t
 @triton.jit
 def _dropout_backward_add_kernel(out_ptr, grad_ptr, n, seed, threshold, scale, GROUPS: tl.constexpr,
                                  SEED_IN_MEMORY: tl.constexpr):
-    # a seed in device memory is loaded at run time (a CUDA graph replays with its new value)
-    if SEED_IN_MEMORY:
-        key = tl.load(seed)
-    else:
-        key = seed
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * (4 * GROUPS) + tl.arange(0, 4 * GROUPS)
     in_range = offs < n
-    keep = _keep_mask(key, pid, threshold, GROUPS)
+    keep = _keep_mask(seed, pid, threshold, GROUPS, SEED_IN_MEMORY)
     g = tl.load(grad_ptr + offs, mask=in_range, other=0.0).to(tl.float32)
     o = tl.load(out_ptr + offs, mask=in_range, other=0.0).to(tl.float32)
     y = o + tl.where(keep, g * scale, 0.0)
