@@ -131,3 +131,26 @@ def test_graphed_step_refuses_moved_gradients_and_python_values(rng):
         GraphedStep(model, params, lambda m, ids: None, warmup=0)
     with pytest.raises(ValueError, match="params: expected the trainable parameters"):
         GraphedStep(model, [], lambda m, ids: None)
+
+
+@pytest.mark.gpu
+def test_a_failed_capture_raises_graph_capture_error(rng):
+    from qlora_kernels.train.graphs import GraphCaptureError, GraphedStep
+
+    model, params = tiny_lora_model(4)
+
+    def syncing_loss(m, ids):
+        loss = lm_loss_sum(m, ids, ids) / ids.numel()
+        if loss.item() > 1e9:  # a host sync: fine eagerly, not allowed in a capture
+            raise AssertionError
+        return loss
+
+    step = GraphedStep(model, params, syncing_loss)
+    ids = torch.randint(3, 320, (2, 40), generator=rng).cuda()
+    with pytest.raises(GraphCaptureError, match=r"capturing the step for input shapes \[\[2, 40\]\] failed"):
+        step(ids)
+    # the process goes on: the same step eagerly, with fresh seeds
+    before = [p.grad.clone() for p in params]
+    loss = step.eager(ids)
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(p.grad, b) for p, b in zip(params, before))

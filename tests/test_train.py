@@ -487,3 +487,17 @@ def test_cuda_graphs_train_and_resume_like_an_uninterrupted_run(tmp_path):
                                  device="cuda"))
     losses = [loss for _, loss in learned.losses]
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_capture_failure_goes_on_eagerly(tmp_path, monkeypatch, capsys):
+    from qlora_kernels.train import graphs
+
+    def fail(self, key, inputs):
+        raise graphs.GraphCaptureError("GraphedStep: capturing the step failed (injected)")
+
+    monkeypatch.setattr(graphs.GraphedStep, "_capture", fail)
+    result = train(small_config(tmp_path, max_steps=4, cuda_graphs=True, device="cuda", lora_dropout=0.1))
+    assert len(result.losses) == 4 and all(math.isfinite(loss) for _, loss in result.losses)
+    out = capsys.readouterr().out
+    assert out.count("continuing without CUDA graphs") == 1

@@ -83,6 +83,11 @@ def _eager_causal_masks():
             setattr(masking_utils, name, fn)
 
 
+class GraphCaptureError(RuntimeError):
+    """Capturing a step failed; nothing was replayed, so the micro-batch can be run eagerly
+    (:meth:`GraphedStep.eager`) instead."""
+
+
 class GraphedStep:
     """``loss = loss_fn(model, *inputs); loss.backward()`` as a CUDA graph per input shape.
 
@@ -198,7 +203,7 @@ class GraphedStep:
                 # accumulators, bound to the capture's stream, alive past the capture
                 loss = loss.detach()
         except Exception as err:
-            raise RuntimeError(f"GraphedStep: capturing the step for input shapes {[list(s) for s, _ in key]} "
+            raise GraphCaptureError(f"GraphedStep: capturing the step for input shapes {[list(s) for s, _ in key]} "
                                f"failed ({type(err).__name__}: {err}). The loss function must not synchronize "
                                "with the host (.item(), printing a tensor, data-dependent branches), and no "
                                "earlier loss may still hold its autograd graph (del it after backward). Or train "

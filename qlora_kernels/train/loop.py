@@ -26,6 +26,7 @@ from .. import peft_format
 from . import data as data_mod
 from . import model as model_mod
 from .config import TrainConfig, preset_for_parameters
+from .graphs import GraphCaptureError, GraphedStep
 from .loss import lm_loss_sum
 
 STATE_FILE = "trainer_state.pt"
@@ -346,7 +347,6 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
         raise ValueError(f"lora_target: {config.lora_target!r} matched no linear layer of the model")
     graphed = None
     if config.cuda_graphs and device.type == "cuda":
-        from .graphs import GraphedStep
 
         # created before the first step: from then on every LoRA dropout seed comes from its
         # table, eager (first optimizer step of this process) or replayed, so the masks do not
@@ -400,6 +400,7 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
                          steps=total_steps, metrics_path=metrics_path)
     cached_epoch, epoch_order = -1, []
     stepped_here = False  # whether the optimizer has stepped in this process (see graphed)
+    graphs_failed = False  # a capture failed: graphed.eager from then on
     bar = tqdm(total=total_steps, initial=step, disable=not config.progress, desc="qlora", dynamic_ncols=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -436,8 +437,15 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
                             inputs = graph_batch(batch, config.batch_size, tokenizer.pad_token_id, n_target)
                             # the first optimizer step of this process runs eagerly: PagedAdamW
                             # then moves the gradients into its flat buffer, where they stay
-                            run = graphed if stepped_here else graphed.eager
-                            loss_sum += run(*inputs) * n_target
+                            run = graphed if stepped_here and not graphs_failed else graphed.eager
+                            try:
+                                loss_sum += run(*inputs) * n_target
+                            except GraphCaptureError as err:
+                                # nothing ran: this micro-batch and the rest go eagerly, with the
+                                # same seed table (the run goes on, just without graphs)
+                                print(f"cuda_graphs: {err}\ncuda_graphs: continuing without CUDA graphs")
+                                graphs_failed = True
+                                loss_sum += graphed.eager(*inputs) * n_target
                             continue
                         loss, _ = token_loss_sum(model, batch, device)
                         (loss / n_target).backward()
