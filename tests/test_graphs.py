@@ -149,7 +149,10 @@ def test_a_failed_capture_raises_graph_capture_error(rng):
     ids = torch.randint(3, 320, (2, 40), generator=rng).cuda()
     with pytest.raises(GraphCaptureError, match=r"capturing the step for input shapes \[\[2, 40\]\] failed"):
         step(ids)
-    # the process goes on: the same step eagerly, with fresh seeds
+    # the process goes on: the same step eagerly, with fresh seeds, on the stream it was on,
+    # and the CUDA generator (left marked as capturing by torch) draws again
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    torch.rand(3, device="cuda")
     before = [p.grad.clone() for p in params]
     loss = step.eager(ids)
     assert torch.isfinite(loss)

@@ -83,6 +83,18 @@ def _eager_causal_masks():
             setattr(masking_utils, name, fn)
 
 
+def _recover_from_failed_capture(device: torch.device, stream) -> None:
+    """What a capture that raised leaves behind in torch (2.11-2.14), undone so that eager
+    work can go on: ``torch.cuda.graph`` does not leave its capture stream when ending the
+    capture raises, and the CUDA generators registered at the capture's start stay marked as
+    capturing, so the next random draw on the device fails ("Offset increment outside graph
+    capture"). A fresh copy of a generator's state (same seed and offset) is not marked."""
+    torch.cuda.set_stream(stream)
+    generator = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    if hasattr(generator, "graphsafe_set_state") and hasattr(generator, "clone_state"):
+        generator.graphsafe_set_state(generator.clone_state())
+
+
 class GraphCaptureError(RuntimeError):
     """Capturing a step failed; nothing was replayed, so the micro-batch can be run eagerly
     (:meth:`GraphedStep.eager`) instead."""
@@ -195,6 +207,7 @@ class GraphedStep:
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()  # the warmup's blocks go back, for the graph's pool to take
         graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.current_stream(self.device)
         try:
             with _eager_causal_masks(), torch.cuda.graph(graph, pool=self._pool):
                 loss = self.loss_fn(self.model, *static)
@@ -203,6 +216,7 @@ class GraphedStep:
                 # accumulators, bound to the capture's stream, alive past the capture
                 loss = loss.detach()
         except Exception as err:
+            _recover_from_failed_capture(self.device, stream)
             raise GraphCaptureError(f"GraphedStep: capturing the step for input shapes {[list(s) for s, _ in key]} "
                                f"failed ({type(err).__name__}: {err}). The loss function must not synchronize "
                                "with the host (.item(), printing a tensor, data-dependent branches), and no "
