@@ -111,6 +111,10 @@ def test_graphed_step_matches_eager_with_the_same_seeds(rng):
     step(ids, scale)
     errors = [rel(p.grad, a + b) for p, a, b in zip(params, g1, g2)]
     assert max(errors) < 2e-2, max(errors)
+    # close(): the graphs go, and the layers draw their own seeds again
+    step.close()
+    assert step.num_graphs == 0
+    assert all(m.dropout_seed is None for m in model.modules() if isinstance(m, LoRALinear4bit))
 
 
 @pytest.mark.gpu

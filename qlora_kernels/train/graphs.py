@@ -111,9 +111,11 @@ class GraphedStep:
     call replays that call's graph; a new shape is captured first (``warmup`` eager runs, then
     the capture), at most ``max_graphs`` of them. Returns the loss, detached.
 
-    Before the first call, drop every reference to an earlier step's loss (``del loss``): a
-    live autograd graph keeps the parameters' gradient accumulators bound to the stream it ran
-    on, and the capture, which runs on a stream of its own, would then wait on that one.
+    From construction on, the model's LoRA layers read their dropout seeds from this object's
+    table (see :meth:`close`). Before the first call, drop every reference to an earlier step's
+    loss (``del loss``): a live autograd graph keeps the parameters' gradient accumulators bound
+    to the stream it ran on, and the capture, which runs on a stream of its own, would then wait
+    on that one.
     """
 
     def __init__(self, model: nn.Module, params, loss_fn: Callable[..., torch.Tensor], *, warmup: int = 2,
@@ -148,6 +150,16 @@ class GraphedStep:
             from ..hf import enable_checkpointing
 
             enable_checkpointing(model, preserve_rng_state=False)
+
+    def close(self) -> None:
+        """Frees the graphs (and their memory pool) and gives the LoRA layers back their
+        per-call seeds (``dropout_seed = None``). Until then they read this object's table,
+        which only its calls refresh: train through them, not by calling the model directly."""
+        self._graphs.clear()
+        self._pool = None
+        for m in self._lora:
+            m.dropout_seed = None
+        self._lora = []
 
     @property
     def num_graphs(self) -> int:
