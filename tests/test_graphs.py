@@ -119,7 +119,7 @@ def test_graphed_step_matches_eager_with_the_same_seeds(rng):
 
 @pytest.mark.gpu
 def test_graphed_step_refuses_moved_gradients_and_python_values(rng):
-    from qlora_kernels.train.graphs import GraphedStep
+    from qlora_kernels.train.graphs import GraphCaptureError, GraphedStep
 
     model, params = tiny_lora_model(3)
     step = GraphedStep(model, params, lambda m, ids: lm_loss_sum(m, ids, ids) / ids.numel())
@@ -128,6 +128,12 @@ def test_graphed_step_refuses_moved_gradients_and_python_values(rng):
     assert torch.isfinite(loss) and loss.item() > 0
     with pytest.raises(TypeError, match=r"inputs\[0\]: expected a tensor"):
         step(5)
+    # max_graphs: a new shape beyond it is refused (nothing runs), the old one still replays
+    one = GraphedStep(model, params, lambda m, ids: lm_loss_sum(m, ids, ids) / ids.numel(), max_graphs=1)
+    assert torch.isfinite(one(ids))
+    with pytest.raises(GraphCaptureError, match=r"already 1 graphs \(max_graphs\) and a new input shape \[\[2, 41\]\]"):
+        one(torch.randint(3, 320, (2, 41), generator=rng).cuda())
+    assert torch.isfinite(one(ids)) and one.num_graphs == 1
     params[0].grad = None  # zero_grad(set_to_none=True)
     with pytest.raises(RuntimeError, match="zero_grad\\(set_to_none=False\\)"):
         step(ids)

@@ -96,8 +96,8 @@ def _recover_from_failed_capture(device: torch.device, stream) -> None:
 
 
 class GraphCaptureError(RuntimeError):
-    """Capturing a step failed; nothing was replayed, so the micro-batch can be run eagerly
-    (:meth:`GraphedStep.eager`) instead."""
+    """A step could not be captured (it failed, or ``max_graphs`` shapes exist already);
+    nothing ran, so the micro-batch can be run eagerly (:meth:`GraphedStep.eager`) instead."""
 
 
 class GraphedStep:
@@ -191,8 +191,9 @@ class GraphedStep:
 
     def _capture(self, key, inputs):
         if len(self._graphs) >= self.max_graphs:
-            raise RuntimeError(f"GraphedStep: already {len(self._graphs)} graphs (max_graphs) and a new input "
-                               f"shape {[list(s) for s, _ in key]}: pad the inputs to fewer distinct shapes")
+            raise GraphCaptureError(f"GraphedStep: already {len(self._graphs)} graphs (max_graphs) and a new "
+                                    f"input shape {[list(s) for s, _ in key]}: pad the inputs to fewer distinct "
+                                    "shapes, or run this one eagerly (GraphedStep.eager)")
         for p in self.params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -229,11 +230,11 @@ class GraphedStep:
                 loss = loss.detach()
         except Exception as err:
             _recover_from_failed_capture(self.device, stream)
-            raise GraphCaptureError(f"GraphedStep: capturing the step for input shapes {[list(s) for s, _ in key]} "
-                               f"failed ({type(err).__name__}: {err}). The loss function must not synchronize "
-                               "with the host (.item(), printing a tensor, data-dependent branches), and no "
-                               "earlier loss may still hold its autograd graph (del it after backward). Or train "
-                               "without CUDA graphs.") from err
+            raise GraphCaptureError(
+                f"GraphedStep: capturing the step for input shapes {[list(s) for s, _ in key]} failed "
+                f"({type(err).__name__}: {err}). The loss function must not synchronize with the host (.item(), "
+                "printing a tensor, data-dependent branches), and no earlier loss may still hold its autograd "
+                "graph (del it after backward). Or train without CUDA graphs.") from err
         self._check_addresses()  # the capture accumulated into the same .grad tensors
         self._pool = graph.pool()
         entry = (graph, static, loss)
