@@ -56,10 +56,11 @@ X_DTYPES = FLOAT_DTYPES + (torch.float64,)
 _SEED_HIGH = 2**63 - 1
 
 
-def draw_seed(generator: torch.Generator | None = None) -> Tensor:
+def draw_seed(generator: torch.Generator | None = None, count: int | None = None) -> Tensor:
     """A dropout seed: a CPU int64 scalar tensor drawn from ``generator`` (default: torch's
-    default CPU generator)."""
-    return torch.randint(0, _SEED_HIGH, (), generator=generator, dtype=torch.int64)
+    default CPU generator); or, with ``count``, that many seeds in a vector."""
+    shape = () if count is None else (count,)
+    return torch.randint(0, _SEED_HIGH, shape, generator=generator, dtype=torch.int64)
 
 
 def _dequantize(packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code, offset,

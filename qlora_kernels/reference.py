@@ -201,20 +201,29 @@ def _dropout_compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _seed_of(seed: int, device_seed: torch.Tensor | None) -> int:
-    """The seed in force: ``device_seed``'s value when given (an int64 tensor of one element,
-    which the kernels read at run time), else ``seed``."""
+def check_device_seed(device_seed: torch.Tensor | None, like: torch.Tensor, like_name: str) -> None:
+    """``device_seed`` of the dropout ops: None, or an int64 tensor of one element on the
+    device of ``like`` (the reference and the Triton kernels check it alike)."""
     if device_seed is None:
-        return seed
+        return
     if device_seed.dtype != torch.int64 or device_seed.numel() != 1:
         raise ValueError(f"device_seed: expected an int64 tensor of one element, got {device_seed.dtype} "
                          f"of shape {list(device_seed.shape)}")
-    return int(device_seed.reshape(()))
+    if device_seed.device != like.device:
+        raise ValueError(f"device_seed: expected a tensor on {like.device} (the device of {like_name}), "
+                         f"got {device_seed.device}")
+
+
+def _seed_of(seed: int, device_seed: torch.Tensor | None) -> int:
+    """The seed in force: ``device_seed``'s value when given (the kernels read it at run
+    time), else ``seed``."""
+    return seed if device_seed is None else int(device_seed.reshape(()))
 
 
 def dropout_forward(x: torch.Tensor, seed: int, p: float, device_seed: torch.Tensor | None = None) -> torch.Tensor:
     """``x * keep / (1 - p)``: kept elements ``x * dropout_scale(p)`` (in float32), dropped +0.
     The seed is ``device_seed``'s value when given, else ``seed``."""
+    check_device_seed(device_seed, x, "x")
     seed = _seed_of(seed, device_seed)
     keep = dropout_keep(x.numel(), seed, p, x.device).view(x.shape)
     xc = x.to(_dropout_compute_dtype(x.dtype))
@@ -225,6 +234,7 @@ def dropout_backward_add(out: torch.Tensor, grad: torch.Tensor, seed: int, p: fl
                          device_seed: torch.Tensor | None = None) -> None:
     """``out += grad * keep / (1 - p)`` in place, with the mask ``dropout_forward`` drew for
     ``seed``: a multiply, then an add (two roundings, no FMA), then one rounding to out's dtype."""
+    check_device_seed(device_seed, out, "out")
     seed = _seed_of(seed, device_seed)
     keep = dropout_keep(grad.numel(), seed, p, grad.device).view(grad.shape)
     cdt = _dropout_compute_dtype(out.dtype)

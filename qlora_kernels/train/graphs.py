@@ -39,9 +39,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..lora import draw_seed
 from ..nn import LoRALinear4bit
-
-_SEED_HIGH = 2**63 - 1
 
 
 def _tracing_but_not_capturing(tensor=None) -> bool:
@@ -168,8 +167,7 @@ class GraphedStep:
 
     def _refresh_seeds(self, generator) -> None:
         if self._lora:
-            fresh = torch.randint(0, _SEED_HIGH, (len(self._lora),), dtype=torch.int64, generator=generator)
-            self._seeds.copy_(fresh)
+            self._seeds.copy_(draw_seed(generator, count=len(self._lora)))
 
     def _current_addresses(self) -> list[int]:
         return [p.data_ptr() for p in self.params] + [0 if p.grad is None else p.grad.data_ptr() for p in self.params]

@@ -347,7 +347,6 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
         raise ValueError(f"lora_target: {config.lora_target!r} matched no linear layer of the model")
     graphed = None
     if config.cuda_graphs and device.type == "cuda":
-
         # created before the first step: from then on every LoRA dropout seed comes from its
         # table, eager (first optimizer step of this process) or replayed, so the masks do not
         # depend on when a shape is captured, and a resumed run draws what the full run drew

@@ -66,17 +66,6 @@ def _dropout_backward_add_kernel(out_ptr, grad_ptr, n, seed, threshold, scale, G
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=in_range)
 
 
-def _check_device_seed(device_seed, like: torch.Tensor, like_name: str) -> None:
-    if device_seed is None:
-        return
-    if device_seed.dtype != torch.int64 or device_seed.numel() != 1:
-        raise ValueError(f"device_seed: expected an int64 tensor of one element, got {device_seed.dtype} "
-                         f"of shape {list(device_seed.shape)}")
-    if device_seed.device != like.device:
-        raise ValueError(f"device_seed: expected a tensor on {like.device} (the device of {like_name}), "
-                         f"got {device_seed.device}")
-
-
 def _launch(kernel, first: torch.Tensor, second: torch.Tensor, n: int, seed: int, p: float,
             device_seed: torch.Tensor | None) -> None:
     with _on_device(first):
@@ -89,7 +78,7 @@ def _launch(kernel, first: torch.Tensor, second: torch.Tensor, n: int, seed: int
 
 def dropout_forward(x: torch.Tensor, seed: int, p: float, device_seed: torch.Tensor | None = None) -> torch.Tensor:
     """``x * keep / (1 - p)`` (see ``reference.dropout_forward``)."""
-    _check_device_seed(device_seed, x, "x")
+    reference.check_device_seed(device_seed, x, "x")
     xc = x.contiguous()
     out = torch.empty_like(xc)
     if xc.numel():
@@ -100,7 +89,7 @@ def dropout_forward(x: torch.Tensor, seed: int, p: float, device_seed: torch.Ten
 def dropout_backward_add(out: torch.Tensor, grad: torch.Tensor, seed: int, p: float,
                          device_seed: torch.Tensor | None = None) -> None:
     """``out += grad * keep / (1 - p)`` in place (see ``reference.dropout_backward_add``)."""
-    _check_device_seed(device_seed, out, "out")
+    reference.check_device_seed(device_seed, out, "out")
     if not out.numel():
         return
     target = out if out.is_contiguous() else out.contiguous()
