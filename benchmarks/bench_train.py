@@ -172,7 +172,9 @@ def worker(args) -> dict:
             from qlora_kernels.train.graphs import GraphedStep
 
             chunked = _chunked_loss(args)
-            graphed = GraphedStep(model, params, lambda m, x: _mean_loss(m, x, chunked))
+            # ours: the graphs wait for PagedAdamW's deferred host pages layer by layer
+            graphed = GraphedStep(model, params, lambda m, x: _mean_loss(m, x, chunked),
+                                  optimizer=opt if args.impl == "ours" and not args.no_defer else None)
         torch.cuda.synchronize()
         t = time.perf_counter()
         if graphed is not None:
@@ -184,7 +186,7 @@ def worker(args) -> dict:
             loss.backward()
         device_peak = max(device_peak, _device_used())
         torch.nn.utils.clip_grad_norm_(params, 0.3)
-        opt.step()
+        _optimizer_step(opt, graphed)
         opt.zero_grad(set_to_none=args.impl != "ours")
         device_peak = max(device_peak, _device_used())
         losses.append(loss.item())
@@ -199,6 +201,9 @@ def worker(args) -> dict:
         "impl": args.impl, "chunked_loss": _chunked_loss(args),
         "compiled": bool(args.compile and args.impl == "ours"),
         "cuda_graphs": bool(graphed is not None),
+        "deferred_host_pages": bool(graphed is not None and graphed.optimizer is opt),
+        "optimizer_state_gib": ({k: round(v / 2**30, 3) for k, v in opt.state_bytes().items()}
+                                if hasattr(opt, "state_bytes") else None),
         "max_memory_gib": args.max_memory_gib if args.impl == "ours" else None,
         "model_config": args.model_config, "batch": args.batch, "seq": args.seq,
         "steps": args.steps, "build_s": round(build_s, 2),
@@ -212,6 +217,15 @@ def worker(args) -> dict:
     }
 
 
+def _optimizer_step(opt, graphed) -> None:
+    """opt.step(); PagedAdamW's host pages deferred into the next replay when the graphs wait
+    for them (GraphedStep made with the optimizer)."""
+    if graphed is not None and graphed.optimizer is opt:
+        opt.step(defer_host_pages=True)
+    else:
+        opt.step()
+
+
 def _one_step(model, opt, params, ids, args, graphed=None) -> None:
     """One training step, synchronized at the end (the timed loop does the same with memory
     samples in between)."""
@@ -220,7 +234,7 @@ def _one_step(model, opt, params, ids, args, graphed=None) -> None:
     else:
         _mean_loss(model, ids, _chunked_loss(args)).backward()
     torch.nn.utils.clip_grad_norm_(params, 0.3)
-    opt.step()
+    _optimizer_step(opt, graphed)
     opt.zero_grad(set_to_none=args.impl != "ours")
     torch.cuda.synchronize()
 
@@ -299,6 +313,9 @@ def main(argv=None) -> int:
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="ours: forward + backward as one CUDA graph replay per step "
                          "(qlora_kernels.train.graphs.GraphedStep), captured in the second warmup step")
+    ap.add_argument("--no-defer", action="store_true",
+                    help="ours with --cuda-graphs: step PagedAdamW's host pages before the next replay instead of "
+                         "deferring them into it (step(defer_host_pages=True)); for comparison")
     ap.add_argument("--max-memory-gib", type=float, default=None,
                     help="ours: keep the card's use under this; PagedAdamW pages what does not fit "
                          "(PagedAdamW(device_limit_bytes=...))")
@@ -338,6 +355,8 @@ def main(argv=None) -> int:
             cmd.append("--compile")
         if args.cuda_graphs and impl == "ours":
             cmd.append("--cuda-graphs")
+            if args.no_defer:
+                cmd.append("--no-defer")
         if args.max_memory_gib:
             cmd += ["--max-memory-gib", str(args.max_memory_gib)]
         try:

@@ -14,10 +14,20 @@ order the three streams, so the update of page i overlaps the fetch of page i+1 
 back of page i-1, and no step waits on the host. Memory is never managed (unified): only
 pinned host memory and explicit copies. On CPU tensors the same code runs with plain
 synchronous copies, which is how the tests cover it without a GPU.
+
+Deferred host pages. Paging is bound by PCIe (a 65B model in 40 GiB pages ~5 GiB of state each
+way per step, ~125 ms), and in a plain step the GPU idles meanwhile. ``step(defer_host_pages=True)``
+returns with the host pages' updates still running on a side stream, page by page, each page
+recording an event once its params are updated. The next forward can then start at once and
+wait, layer by layer, only for the pages that hold that layer's params
+(:class:`~qlora_kernels.train.graphs.GraphedStep` puts those waits into its CUDA graphs): the
+copies hide under the forward's compute. Everything else must wait first: see
+:meth:`PagedAdamW.wait_host_pages`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -55,6 +65,8 @@ class _Chunk:
     exp_avg_sq: torch.Tensor
     # (param index, lo, hi): the bucket-element ranges of the params overlapping this chunk
     segments: list = field(default_factory=list)
+    # host page on a GPU: recorded on the update stream once a deferred step has updated it
+    updated: torch.cuda.Event | None = None
 
 
 @dataclass
@@ -91,8 +103,14 @@ class _Pager:
         if self.cuda:
             self.h2d = torch.cuda.Stream(device)
             self.d2h = torch.cuda.Stream(device)
+            # deferred steps update the host pages here; ``done`` follows its last update.
+            # External events: a CUDA graph that waits on one waits for the record made before
+            # each replay, instead of joining this stream into the capture
+            self.update = torch.cuda.Stream(device)
+            self.done = _external_event(device)
         self.slot_free = [None, None]  # event: the slot's last write back has finished
         self.last_write_back = None
+        self.pending = False  # a deferred step's updates may still run on ``update``
 
     def begin_step(self) -> None:
         # A host page read this step may have been written back late in the previous one:
@@ -142,11 +160,27 @@ class _Pager:
         self.slot_free[slot] = done
         self.last_write_back = done
 
+    def wait_pending(self) -> None:
+        """Makes the current stream wait for a deferred step's updates."""
+        if self.pending:
+            torch.cuda.current_stream(self.device).wait_event(self.done)
+            self.pending = False
+
     def synchronize(self) -> None:
         """Waits for every copy in flight, before the host reads or writes its pages."""
+        self.wait_pending()
         if self.cuda:
             self.h2d.synchronize()
             self.d2h.synchronize()
+            self.update.synchronize()
+
+
+def _external_event(device: torch.device) -> torch.cuda.Event:
+    """An external event, recorded once so that it exists: torch creates events lazily at their
+    first record, and a wait on an event not created yet is dropped, from a graph capture too."""
+    event = torch.cuda.Event(external=True)
+    event.record(torch.cuda.current_stream(device))
+    return event
 
 
 class PagedAdamW(torch.optim.Optimizer):
@@ -315,7 +349,8 @@ class PagedAdamW(torch.optim.Optimizer):
             end = min(n, start + self.page_elems)
             m = torch.zeros(end - start, dtype=torch.float32, pin_memory=pin)
             v = torch.zeros(end - start, dtype=torch.float32, pin_memory=pin)
-            chunks.append(_Chunk(start, end, False, m, v))
+            chunks.append(_Chunk(start, end, False, m, v,
+                                 updated=_external_event(b.device) if b.device.type == "cuda" else None))
             if b.device not in self._pagers:
                 self._pagers[b.device] = _Pager(b.device, self.page_elems)
         for c in chunks:
@@ -378,7 +413,16 @@ class PagedAdamW(torch.optim.Optimizer):
                     p.data = view.view_as(p)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, *, defer_host_pages: bool = False):
+        """One AdamW step of every param with a gradient.
+
+        ``defer_host_pages``: return once the device-resident state is updated and leave the
+        host pages' updates running on a side stream (see the module doc). The params whose
+        state is paged are then not updated yet when this returns: the next forward must wait
+        for them, as a :class:`~qlora_kernels.train.graphs.GraphedStep` given this optimizer
+        does, or call :meth:`wait_host_pages` first. Without host pages, or on the CPU, or
+        when a host page's gradients are not in the flat buffer, the step is not deferred.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -389,6 +433,7 @@ class PagedAdamW(torch.optim.Optimizer):
                 self._place_state(self._pending_state)
                 self._pending_state = None
         for pager in self._pagers.values():
+            pager.wait_pending()  # a deferred step's updates come before this one's
             pager.begin_step()
         # per device: the host chunks in update order, for the one-ahead prefetch
         work = []
@@ -418,6 +463,17 @@ class PagedAdamW(torch.optim.Optimizer):
             if k < len(ids) and (device, k) not in fetched:
                 fetched[(device, k)] = self._pagers[device].fetch(k % 2, by_id[ids[k]])
 
+        # devices whose host pages are updated on their pager's update stream (deferred): the
+        # zeroing that zero_grad then queues behind those updates needs the flat gradient
+        deferred = set()
+        if defer_host_pages:
+            deferred = {device for device in host if device.type == "cuda"}
+            for g, b, c, grads, flat_grad in work:
+                if not c.resident and flat_grad is None:
+                    deferred.discard(b.device)
+            for device in deferred:
+                # the update stream starts behind what the caller queued (backward, clipping)
+                self._pagers[device].update.wait_stream(torch.cuda.current_stream(device))
         for device in host:
             prefetch(device, 0)
         for g, b, c, grads, flat_grad in work:
@@ -428,10 +484,81 @@ class PagedAdamW(torch.optim.Optimizer):
             prefetch(b.device, k)
             prefetch(b.device, k + 1)
             pager = self._pagers[b.device]
-            m, v = pager.slot_views(k % 2, c, fetched[(b.device, k)])
-            self._update(g, b, c, grads, flat_grad, m, v)
-            pager.write_back(k % 2, c)
+            with torch.cuda.stream(pager.update) if b.device in deferred else contextlib.nullcontext():
+                m, v = pager.slot_views(k % 2, c, fetched[(b.device, k)])
+                self._update(g, b, c, grads, flat_grad, m, v)
+                if b.device in deferred:
+                    c.updated.record(pager.update)
+                pager.write_back(k % 2, c)
+        for device in deferred:
+            pager = self._pagers[device]
+            pager.done.record(pager.update)
+            pager.pending = True
         return loss
+
+    def wait_host_pages(self) -> None:
+        """After ``step(defer_host_pages=True)``: makes the current stream wait until every
+        param is updated (the host does not wait). Call it before anything other than a replay
+        of a :class:`~qlora_kernels.train.graphs.GraphedStep` made with this optimizer reads
+        the params: an evaluation, saving the adapter, a forward of your own. ``step``,
+        ``state_dict``, ``load_state_dict`` and ``zero_grad(set_to_none=True)`` call it
+        themselves. A no-op when no step is pending."""
+        for pager in self._pagers.values():
+            pager.wait_pending()
+
+    def update_event(self, params) -> torch.cuda.Event | None:
+        """The event a deferred step records once every one of ``params`` is updated, or None
+        when all of their state lives on the device (``step`` updates those before it returns).
+        Host pages are updated in order on one stream, so waiting for a later page's event
+        also waits for the pages before it. Valid from the first step on (the state is placed
+        there); the same event objects are recorded again by every deferred step."""
+        if self._buckets is None:
+            raise RuntimeError("update_event: PagedAdamW places its state at its first step(); ask after it")
+        wanted = {id(p) for p in params}
+        last = None
+        for buckets in self._buckets:  # the order step() updates them in
+            for b in buckets:
+                mine = {i for i, p in enumerate(b.params) if id(p) in wanted}
+                for c in b.chunks:
+                    if not c.resident and c.updated is not None and any(i in mine for i, _, _ in c.segments):
+                        last = c.updated
+        return last
+
+    def update_done_event(self, device) -> torch.cuda.Event | None:
+        """The event a deferred step (and the ``zero_grad`` after it) records on ``device``
+        once all of its work there is done; None when the device pages nothing."""
+        pager = self._pagers.get(torch.device(device))
+        return pager.done if pager is not None and pager.cuda else None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``torch.optim.Optimizer.zero_grad``. With ``set_to_none=False`` and the grads in
+        the flat buffer, one fill per bucket instead of one per param. After a deferred step
+        the host pages' share of the buffer is zeroed on the update stream, behind the
+        updates that read it, so the next forward still overlaps them."""
+        flat = self._buckets is not None and not set_to_none and all(
+            b.flat_grad is not None and [0 if p.grad is None else p.grad.data_ptr() for p in b.params] == b.grad_ptrs
+            for buckets in self._buckets for b in buckets)
+        if not flat:
+            self.wait_host_pages()
+            super().zero_grad(set_to_none=set_to_none)
+            return
+        for buckets in self._buckets:
+            for b in buckets:
+                pager = self._pagers.get(b.device)
+                if pager is None or not pager.pending:
+                    b.flat_grad.zero_()
+                    continue
+                pager.update.wait_stream(torch.cuda.current_stream(b.device))
+                for c in b.chunks:
+                    if c.resident:
+                        b.flat_grad[c.start:c.end].zero_()
+                with torch.cuda.stream(pager.update):
+                    for c in b.chunks:
+                        if not c.resident:
+                            b.flat_grad[c.start:c.end].zero_()
+        for pager in self._pagers.values():
+            if pager.pending:
+                pager.done.record(pager.update)
 
     def _update(self, g, b: _Bucket, c: _Chunk, grads, flat_grad, m, v) -> None:
         lr, (beta1, beta2), eps, wd = g["lr"], g["betas"], g["eps"], g["weight_decay"]

@@ -469,3 +469,74 @@ def test_gpu_device_limit_pages_what_does_not_fit(rng):
     placed = opt.state_bytes()
     assert 0 < placed["device"] <= 3 << 20
     assert placed["host"] >= 12_000_000 - placed["device"]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_zero_grad_keeps_the_flat_gradient_and_defer_is_a_plain_step_without_gpu_pages(device, rng):
+    # zero_grad(set_to_none=False) zeroes the flat buffer in place: the grads stay its views.
+    # step(defer_host_pages=True) equals step() wherever nothing can be deferred (the CPU, or
+    # no host pages); update_event tells which params a deferred step leaves for later.
+    runs = []
+    for defer in (False, True):
+        params = make_params(torch.Generator().manual_seed(3), torch.float32, device)
+        opt = PagedAdamW(params, **HYPER, paged=False)
+        with pytest.raises(RuntimeError, match="first step"):
+            opt.update_event(params)
+        g = torch.Generator().manual_seed(4)
+        for step in range(3):
+            grads = random_grads(params, g)
+            for p, x in zip(params, grads):
+                if p.grad is None:
+                    p.grad = x
+                else:
+                    p.grad += x  # accumulates into the flat buffer once the optimizer made it
+            opt.step(defer_host_pages=defer)
+            ptrs = [p.grad.data_ptr() for p in params]
+            opt.zero_grad(set_to_none=False)
+            assert [p.grad.data_ptr() for p in params] == ptrs
+            assert all(torch.count_nonzero(p.grad) == 0 for p in params)
+        assert opt.update_event(params) is None  # all of the state is on the device
+        runs.append([p.detach().clone() for p in params])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_gpu_deferred_host_pages_equal_a_plain_step(rng):
+    # the host pages' updates left running on the update stream (and the next zero_grad queued
+    # behind them) give what a plain step gives, bit for bit, once the stream waits for them
+    shapes = [(64, 1000), (1000, 64), (4097,), (33, 7)] * 4
+    base = make_params(rng, torch.bfloat16, "cuda", shapes)
+    runs = {}
+    for defer in (False, True):
+        params = clone_params(base)
+        opt = PagedAdamW(params, lr=1e-2, paged="auto", device_budget_bytes=200_000, page_bytes=8 * 4096)
+        g = torch.Generator(device="cuda").manual_seed(1)
+        for step in range(5):
+            for p in params:
+                x = torch.randn(p.shape, generator=g, device="cuda").to(p.dtype)
+                if p.grad is None:
+                    p.grad = x
+                else:
+                    p.grad += x  # into the flat buffer, as a backward accumulates
+            opt.step(defer_host_pages=defer)
+            opt.zero_grad(set_to_none=False)
+            if defer:
+                pager = opt._pagers[torch.device("cuda", torch.cuda.current_device())]
+                assert pager.pending
+                opt.wait_host_pages()
+                assert not pager.pending
+            assert all(torch.count_nonzero(p.grad) == 0 for p in params)
+        torch.cuda.synchronize()
+        runs[defer] = (params, opt)
+    opt = runs[True][1]
+    placed = opt.state_bytes()
+    assert placed["device"] > 0 and placed["host"] > 0
+    assert opt.update_event(runs[True][0][:1]) is None  # the first param's state is on the device
+    assert opt.update_event(runs[True][0][-1:]) is not None
+    assert opt.update_done_event("cuda") is not None
+    for p, q in zip(*(runs[d][0] for d in (False, True))):
+        assert torch.equal(p, q)
+    sd, sd_ref = runs[True][1].state_dict(), runs[False][1].state_dict()
+    for k, s in sd_ref["state"].items():
+        assert torch.equal(sd["state"][k]["exp_avg"].cuda(), s["exp_avg"].cuda())

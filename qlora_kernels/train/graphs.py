@@ -29,6 +29,14 @@ shape and replays it on each new micro-batch:
 
 The memory the graphs hold (their pool) is about one step's activations, which an eager step
 also needs at its peak; it stays reserved between steps.
+
+Given the optimizer (``optimizer=``, a :class:`~qlora_kernels.optim.PagedAdamW` that pages part
+of its state to the host), each graph waits, as the model's loop reaches a decoder layer, for
+the optimizer's update of that layer's params, and before the backward for all of its work.
+Then ``optimizer.step(defer_host_pages=True)`` can return at once and its host pages move over
+PCIe while the next forward computes: a 65B model in 40 GiB hides ~125 ms of paging a step
+this way. The waits are event-wait nodes on the optimizer's external events, recorded before
+each replay, so a replay with nothing deferred waits for nothing.
 """
 
 from __future__ import annotations
@@ -94,6 +102,45 @@ def _recover_from_failed_capture(device: torch.device, stream) -> None:
         generator.graphsafe_set_state(generator.clone_state())
 
 
+# During a warmup or capture: id(decoder layer) -> the optimizer event to wait for before it runs,
+# and the layers waited for so far. Set by _waits_before_layers.
+_LAYER_WAITS: dict = {}
+_LAYERS_WAITED: set = set()
+
+
+class _WaitingLayers(nn.ModuleList):
+    """The decoder layers' ModuleList while a step is captured: as the model's loop takes each
+    layer from it (``for layer in self.layers[:n]``; a slice is a new list of this class), the
+    current stream first waits for the optimizer's update of that layer's params. The wait
+    sits in front of the layer's call, outside its compiled code (torch.compile would not keep
+    a stream wait), and the checkpoint recomputation, which calls layers directly, needs none."""
+
+    def __iter__(self):
+        for layer in super().__iter__():
+            event = _LAYER_WAITS.get(id(layer))
+            if event is not None:
+                torch.cuda.current_stream().wait_event(event)
+                _LAYERS_WAITED.add(id(layer))
+            yield layer
+
+
+@contextlib.contextmanager
+def _waits_before_layers(layers: nn.ModuleList | None, events: dict):
+    if layers is None or not events:
+        yield
+        return
+    original = type(layers)
+    _LAYER_WAITS.clear()
+    _LAYER_WAITS.update(events)
+    _LAYERS_WAITED.clear()
+    layers.__class__ = _WaitingLayers
+    try:
+        yield
+    finally:
+        layers.__class__ = original
+        _LAYER_WAITS.clear()
+
+
 class GraphCaptureError(RuntimeError):
     """A step could not be captured (it failed, or ``max_graphs`` shapes exist already);
     nothing ran, so the micro-batch can be run eagerly (:meth:`GraphedStep.eager`) instead."""
@@ -110,6 +157,10 @@ class GraphedStep:
     call replays that call's graph; a new shape is captured first (``warmup`` eager runs, then
     the capture), at most ``max_graphs`` of them. Returns the loss, detached.
 
+    ``optimizer``: the :class:`~qlora_kernels.optim.PagedAdamW` stepping ``params``, so that
+    the graphs wait for its deferred host-page updates (see the module doc) and ``eager`` and
+    captures wait for them first; then step it with ``step(defer_host_pages=True)``.
+
     From construction on, the model's LoRA layers read their dropout seeds from this object's
     table (see :meth:`close`). Before the first call, drop every reference to an earlier step's
     loss (``del loss``): a live autograd graph keeps the parameters' gradient accumulators bound
@@ -118,7 +169,7 @@ class GraphedStep:
     """
 
     def __init__(self, model: nn.Module, params, loss_fn: Callable[..., torch.Tensor], *, warmup: int = 2,
-                 max_graphs: int = 16, generator: torch.Generator | None = None):
+                 max_graphs: int = 16, generator: torch.Generator | None = None, optimizer=None):
         if not torch.cuda.is_available():
             raise RuntimeError("GraphedStep: CUDA graphs need a CUDA GPU")
         self.params = [p for p in params]
@@ -131,11 +182,16 @@ class GraphedStep:
             raise ValueError(f"warmup: expected a positive int (the eager runs before a capture), got {warmup!r}")
         if not isinstance(max_graphs, int) or max_graphs < 1:
             raise ValueError(f"max_graphs: expected a positive int, got {max_graphs!r}")
-        self.model, self.loss_fn = model, loss_fn
+        if optimizer is not None and not all(hasattr(optimizer, a) for a in ("update_event", "wait_host_pages")):
+            raise TypeError(f"optimizer: expected a qlora_kernels.optim.PagedAdamW (deferred host pages), got "
+                            f"{type(optimizer).__name__}")
+        self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.warmup, self.max_graphs, self.generator = warmup, max_graphs, generator
         self.device = next(iter(devices))
         self._graphs: dict = {}
         self._pool = None
+        # decoder layers the latest capture waits in front of for the optimizer's deferred pages
+        self.layer_waits = 0
         self._addresses: list[int] | None = None  # params' and grads' data_ptrs the graphs use
         # one device seed per LoRA layer with dropout, read by its kernels at replay time
         self._lora = [m for m in model.modules() if isinstance(m, LoRALinear4bit) and m.lora_dropout > 0]
@@ -159,6 +215,39 @@ class GraphedStep:
         for m in self._lora:
             m.dropout_seed = None
         self._lora = []
+
+    def _wait_optimizer(self) -> None:
+        if self.optimizer is not None:
+            self.optimizer.wait_host_pages()
+
+    def _optimizer_waits(self):
+        """(decoder layers, {id(layer): event}, done event, wait for everything up front):
+        what a graph captured now waits on; None when nothing the optimizer does can be
+        deferred (no optimizer, no step yet, or no host pages)."""
+        opt = self.optimizer
+        if opt is None or getattr(opt, "_buckets", None) is None:
+            return None
+        done = opt.update_done_event(self.device)
+        if done is None or opt.update_event(self.params) is None:
+            return None
+        from .model import ModelError, decoder_layers
+
+        try:
+            _, layers = decoder_layers(self.model)
+        except (ModelError, AttributeError):
+            return None, {}, done, True
+        events, covered = {}, set()
+        for layer in layers:
+            mine = [p for p in layer.parameters() if p.requires_grad]
+            covered.update(id(p) for p in mine)
+            event = opt.update_event(mine) if mine else None
+            if event is not None:
+                events[id(layer)] = event
+        # a trainable param outside the decoder layers whose state is paged (a trained LM head,
+        # say): read before any layer wait covers it, so the graph waits for everything first
+        outside = [p for p in self.params if id(p) not in covered]
+        upfront = bool(outside) and opt.update_event(outside) is not None
+        return layers, events, done, upfront
 
     @property
     def num_graphs(self) -> int:
@@ -188,6 +277,7 @@ class GraphedStep:
         return tuple((tuple(t.shape), t.dtype) for t in inputs)
 
     def _capture(self, key, inputs):
+        self._wait_optimizer()  # the warmup runs eagerly
         if len(self._graphs) >= self.max_graphs:
             raise GraphCaptureError(f"GraphedStep: already {len(self._graphs)} graphs (max_graphs) and a new "
                                     f"input shape {[list(s) for s, _ in key]}: pad the inputs to fewer distinct "
@@ -204,14 +294,20 @@ class GraphedStep:
         # eager runs first, on a side stream (as torch.cuda.graph asks), with the real gradients
         # set aside: whatever compiles or initializes lazily does so here, not in the capture
         kept = [p.grad for p in self.params]
+        waits = self._optimizer_waits()
+        layers, events, done, upfront = waits if waits is not None else (None, {}, None, False)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        with _eager_causal_masks(), torch.cuda.stream(side):
+        with _eager_causal_masks(), _waits_before_layers(layers, events), torch.cuda.stream(side):
             for _ in range(self.warmup):
                 for p in self.params:
                     p.grad = None
                 self._refresh_seeds(self._warmup_generator)
                 self.loss_fn(self.model, *static).backward()
+            if events and set(_LAYERS_WAITED) != set(events):
+                # the model did not take its layers from the list in a loop: no per-layer
+                # waits, the graph waits for the whole update before it starts
+                events, upfront = {}, True
         torch.cuda.current_stream(self.device).wait_stream(side)
         for p, g in zip(self.params, kept):
             p.grad = g
@@ -220,8 +316,15 @@ class GraphedStep:
         graph = torch.cuda.CUDAGraph()
         stream = torch.cuda.current_stream(self.device)
         try:
-            with _eager_causal_masks(), torch.cuda.graph(graph, pool=self._pool):
+            with _eager_causal_masks(), _waits_before_layers(layers, events), \
+                    torch.cuda.graph(graph, pool=self._pool):
+                if upfront:
+                    torch.cuda.current_stream(self.device).wait_event(done)
                 loss = self.loss_fn(self.model, *static)
+                if done is not None:
+                    # the backward writes the gradients the deferred updates read (and
+                    # zero_grad zeroes behind them on the update stream)
+                    torch.cuda.current_stream(self.device).wait_event(done)
                 loss.backward()
                 # only the value is kept: holding the autograd graph would keep its gradient
                 # accumulators, bound to the capture's stream, alive past the capture
@@ -234,8 +337,9 @@ class GraphedStep:
                 "printing a tensor, data-dependent branches), and no earlier loss may still hold its autograd "
                 "graph (del it after backward). Or train without CUDA graphs.") from err
         self._check_addresses()  # the capture accumulated into the same .grad tensors
+        self.layer_waits = len(events)
         self._pool = graph.pool()
-        entry = (graph, static, loss)
+        entry = (graph, static, loss, waits is not None)
         self._graphs[key] = entry
         return entry
 
@@ -245,6 +349,7 @@ class GraphedStep:
         the steps before the gradients settle (e.g. the optimizer's first step, after which
         :class:`~qlora_kernels.optim.PagedAdamW` keeps them in its flat buffer)."""
         self._check_inputs(inputs)
+        self._wait_optimizer()
         on_device = [t.to(self.device, non_blocking=True) for t in inputs]
         self._refresh_seeds(self.generator)
         loss = self.loss_fn(self.model, *on_device)
@@ -258,7 +363,9 @@ class GraphedStep:
             entry = self._capture(key, inputs)
         else:
             self._check_addresses()
-        graph, static, loss = entry
+        graph, static, loss, waits_for_optimizer = entry
+        if not waits_for_optimizer:
+            self._wait_optimizer()
         for s, t in zip(static, inputs):
             s.copy_(t, non_blocking=True)
         self._refresh_seeds(self.generator)

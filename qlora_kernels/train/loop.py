@@ -345,17 +345,19 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"lora_target: {config.lora_target!r} matched no linear layer of the model")
+    limit = int(config.max_memory_gib * 2**30) if config.max_memory_gib and device.type == "cuda" else None
+    optimizer = PagedAdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+                           eps=config.adam_eps, weight_decay=config.weight_decay, device_limit_bytes=limit)
     graphed = None
     if config.cuda_graphs and device.type == "cuda":
         # created before the first step: from then on every LoRA dropout seed comes from its
         # table, eager (first optimizer step of this process) or replayed, so the masks do not
-        # depend on when a shape is captured, and a resumed run draws what the full run drew
-        graphed = GraphedStep(model, params, graph_loss, max_graphs=64)
+        # depend on when a shape is captured, and a resumed run draws what the full run drew.
+        # Given the optimizer, its graphs wait for the host pages' updates layer by layer, so
+        # the optimizer steps with those deferred (hidden under the next forward)
+        graphed = GraphedStep(model, params, graph_loss, max_graphs=64, optimizer=optimizer)
     elif config.cuda_graphs:
         print("cuda_graphs: ignored on the CPU")
-    limit = int(config.max_memory_gib * 2**30) if config.max_memory_gib and device.type == "cuda" else None
-    optimizer = PagedAdamW(params, lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-                           eps=config.adam_eps, weight_decay=config.weight_decay, device_limit_bytes=limit)
 
     batches_per_epoch = math.ceil(len(train_set) / config.batch_size)
     total_steps = config.max_steps or max(1, math.ceil(config.num_epochs * batches_per_epoch / config.grad_accum))
@@ -459,7 +461,7 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
                         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
                     else:
                         grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
-                    optimizer.step()
+                    optimizer.step(defer_host_pages=graphed is not None)
                     # zeroed in place, not freed: the grads are views of PagedAdamW's flat
                     # gradient buffer, into which the next backward accumulates (no copy, no
                     # second set of gradients in memory)
@@ -473,7 +475,11 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
                 if device.type == "cuda":
                     rec["max_memory_allocated_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 result.losses.append((step, loss_value))
-                if eval_set and ((config.eval_steps and step % config.eval_steps == 0) or step == total_steps):
+                evaluating = eval_set and ((config.eval_steps and step % config.eval_steps == 0) or step == total_steps)
+                saving = (config.save_steps and step % config.save_steps == 0) or step == total_steps
+                if evaluating or saving or on_step is not None:
+                    optimizer.wait_host_pages()  # what reads the params runs after the deferred updates
+                if evaluating:
                     rec["eval_loss"] = evaluate(model, eval_set, config.batch_size, tokenizer.pad_token_id, device)
                     result.eval_losses.append((step, rec["eval_loss"]))
                 if step % config.log_steps == 0 or "eval_loss" in rec or step == total_steps:
@@ -482,12 +488,13 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2g}", tok_s=f"{tokens / dt:.0f}",
                                 mem=_memory_text(device), refresh=False)
-                if (config.save_steps and step % config.save_steps == 0) or step == total_steps:
+                if saving:
                     save_checkpoint(model, optimizer, config, step, position)
                 if on_step is not None:
                     on_step(step, loss_value)
     finally:
         bar.close()
+        optimizer.wait_host_pages()
 
     peft_format.save_adapter(model, result.adapter_dir,
                              base_model_name_or_path=config.model or f"qlora_kernels:{config.model_config}")
