@@ -191,9 +191,16 @@ def worker(args) -> dict:
         device_peak = max(device_peak, _device_used())
         losses.append(loss.item())
         del loss  # its autograd graph too (a CUDA graph capture must not find it alive)
-        torch.cuda.synchronize()
+        # the training stream only: PagedAdamW's deferred host pages (with --cuda-graphs) run on
+        # past this point, under the next step's forward, whose graph waits for them. So a step's
+        # time holds the previous step's paging, as in a training run; the last one's is drained
+        # after the loop (drain_ms)
+        torch.cuda.current_stream().synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    torch.cuda.synchronize()
+    drain_ms = 1e3 * (time.perf_counter() - t)
     if args.profile:
         _profile_step(model, opt, params, vocab, args, gen, graphed)
     tokens = args.batch * args.seq
@@ -202,6 +209,8 @@ def worker(args) -> dict:
         "compiled": bool(args.compile and args.impl == "ours"),
         "cuda_graphs": bool(graphed is not None),
         "deferred_host_pages": bool(graphed is not None and graphed.optimizer is opt),
+        "layer_waits": graphed.layer_waits if graphed is not None else None,
+        "drain_ms": round(drain_ms, 1),
         "optimizer_state_gib": ({k: round(v / 2**30, 3) for k, v in opt.state_bytes().items()}
                                 if hasattr(opt, "state_bytes") else None),
         "max_memory_gib": args.max_memory_gib if args.impl == "ours" else None,

@@ -510,7 +510,8 @@ def test_gpu_deferred_host_pages_equal_a_plain_step(rng):
     runs = {}
     for defer in (False, True):
         params = clone_params(base)
-        opt = PagedAdamW(params, lr=1e-2, paged="auto", device_budget_bytes=200_000, page_bytes=8 * 4096)
+        # 16 pages of 4096 elements on the device (the first param's 64000 among them), the rest paged
+        opt = PagedAdamW(params, lr=1e-2, paged="auto", device_budget_bytes=600_000, page_bytes=8 * 4096)
         g = torch.Generator(device="cuda").manual_seed(1)
         for step in range(5):
             for p in params:
