@@ -527,7 +527,10 @@ class PagedAdamW(torch.optim.Optimizer):
     def update_done_event(self, device) -> torch.cuda.Event | None:
         """The event a deferred step (and the ``zero_grad`` after it) records on ``device``
         once all of its work there is done; None when the device pages nothing."""
-        pager = self._pagers.get(torch.device(device))
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        pager = self._pagers.get(device)
         return pager.done if pager is not None and pager.cuda else None
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -183,7 +183,9 @@ def test_graphs_overlap_deferred_host_pages_and_train_as_without(rng):
     batches = [torch.randint(3, 320, (2, 96), generator=rng).cuda() for _ in range(6)]
     scale = torch.tensor(1.0 / (2 * 95), device="cuda")
     runs = {}
-    for defer in (False, True):
+    # twice without deferral: how far two identical runs drift apart (atomics in reductions)
+    for name, defer in (("plain", False), ("plain again", False), ("deferred", True)):
+        torch.manual_seed(seed)  # the same LoRA init in every run
         model, params = tiny_lora_model(seed)
         initial = [p.detach().float().clone() for p in params]
         # pages of 4096 elements; 40960 elements on the device: all of layer 0's 39040, none of
@@ -206,11 +208,17 @@ def test_graphs_overlap_deferred_host_pages_and_train_as_without(rng):
             # every decoder layer holds paged state but the first, which stays on the device
             assert step.layer_waits == 3, step.layer_waits
             assert opt.update_event(list(model.model.layers[0].parameters())) is None
-        runs[defer] = (losses, [p.detach().float().clone() for p in params])
+        runs[name] = (losses, [p.detach().float().clone() for p in params])
         moved = min(rel(p.detach(), q) for p, q in zip(params, initial))
         assert moved > 1e-2, moved  # a missed update would show
         step.close()
-    (l0, p0), (l1, p1) = runs[False], runs[True]
-    assert max(abs(a - b) for a, b in zip(l0, l1)) < 1e-3, (l0, l1)
-    errors = [rel(a, b) for a, b in zip(p1, p0)]
-    assert max(errors) < 1e-2, max(errors)
+
+    def drift(a, b):
+        (la, pa), (lb, pb) = runs[a], runs[b]
+        return max(abs(x - y) for x, y in zip(la, lb)), max(rel(x, y) for x, y in zip(pa, pb))
+
+    noise_loss, noise_params = drift("plain", "plain again")
+    assert noise_loss < 1e-3 and noise_params < 1e-3, (noise_loss, noise_params)
+    got_loss, got_params = drift("deferred", "plain")
+    assert got_loss <= max(1e-4, 10 * noise_loss), (got_loss, noise_loss)
+    assert got_params <= max(1e-3, 10 * noise_params), (got_params, noise_params)
