@@ -246,6 +246,18 @@ def _memory_text(device) -> str:
     return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f}GiB"
 
 
+def _report_paging(optimizer: PagedAdamW, config: TrainConfig, bar, deferred: bool) -> None:
+    """Says, once, how much optimizer state went to host memory (placed at the first step)."""
+    placed = optimizer.state_bytes()
+    if not placed["host"]:
+        return
+    why = f"max_memory_gib={config.max_memory_gib:g}" if config.max_memory_gib else "the free GPU memory"
+    how = ("its updates run under the next forward (cuda_graphs)" if deferred else
+           "each step copies it in and out over PCIe (--cuda-graphs hides that under the forward)")
+    bar.write(f"optimizer state: {placed['device'] / 2**30:.2f} GiB on the GPU, {placed['host'] / 2**30:.2f} GiB "
+              f"paged to pinned host memory to stay within {why}; {how}")
+
+
 def _oom_error(config: TrainConfig, device, where: str) -> TrainingError:
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     total = torch.cuda.get_device_properties(device).total_memory / 2**30 if device.type == "cuda" else float("nan")
@@ -466,6 +478,8 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
                     # gradient buffer, into which the next backward accumulates (no copy, no
                     # second set of gradients in memory)
                     optimizer.zero_grad(set_to_none=False)
+                    if not stepped_here and device.type == "cuda":
+                        _report_paging(optimizer, config, bar, deferred=graphed is not None)
                     stepped_here = True
                 except torch.OutOfMemoryError:
                     raise _oom_error(config, device, f"at step {step}") from None
