@@ -175,7 +175,9 @@ def worker(args) -> dict:
             # ours: the graphs wait for PagedAdamW's deferred host pages layer by layer
             graphed = GraphedStep(model, params, lambda m, x: _mean_loss(m, x, chunked),
                                   optimizer=opt if args.impl == "ours" and not args.no_defer else None)
-        torch.cuda.synchronize()
+        # the training stream only, not the device: the previous step's deferred host pages
+        # (PagedAdamW, --cuda-graphs) must still be running when this step's clock starts
+        torch.cuda.current_stream().synchronize()
         t = time.perf_counter()
         if graphed is not None:
             loss = graphed(ids)  # forward and backward in one replay
@@ -208,7 +210,7 @@ def worker(args) -> dict:
         "impl": args.impl, "chunked_loss": _chunked_loss(args),
         "compiled": bool(args.compile and args.impl == "ours"),
         "cuda_graphs": bool(graphed is not None),
-        "deferred_host_pages": bool(graphed is not None and graphed.optimizer is opt),
+        "deferred_host_pages": bool(graphed is not None and graphed.optimizer is opt and opt.state_bytes()["host"] > 0),
         "layer_waits": graphed.layer_waits if graphed is not None else None,
         "drain_ms": round(drain_ms, 1),
         "optimizer_state_gib": ({k: round(v / 2**30, 3) for k, v in opt.state_bytes().items()}

@@ -161,7 +161,8 @@ class _Pager:
         self.last_write_back = done
 
     def wait_pending(self) -> None:
-        """Makes the current stream wait for a deferred step's updates."""
+        """Makes the current stream wait for a deferred step's updates (only it: work on other
+        streams must be ordered after it by the caller)."""
         if self.pending:
             torch.cuda.current_stream(self.device).wait_event(self.done)
             self.pending = False
@@ -175,10 +176,14 @@ class _Pager:
             self.update.synchronize()
 
 
-def _external_event(device: torch.device) -> torch.cuda.Event:
+def _external_event(device: torch.device) -> torch.cuda.Event | None:
     """An external event, recorded once so that it exists: torch creates events lazily at their
-    first record, and a wait on an event not created yet is dropped, from a graph capture too."""
-    event = torch.cuda.Event(external=True)
+    first record, and a wait on an event not created yet is dropped, from a graph capture too.
+    None on a torch without external events (before 2.9): steps are then never deferred."""
+    try:
+        event = torch.cuda.Event(external=True)
+    except TypeError:
+        return None
     event.record(torch.cuda.current_stream(device))
     return event
 
@@ -425,6 +430,7 @@ class PagedAdamW(torch.optim.Optimizer):
         """
         loss = None
         if closure is not None:
+            self.wait_host_pages()  # the closure's forward reads the params, its backward the grads
             with torch.enable_grad():
                 loss = closure()
         if self._buckets is None:
@@ -467,7 +473,7 @@ class PagedAdamW(torch.optim.Optimizer):
         # zeroing that zero_grad then queues behind those updates needs the flat gradient
         deferred = set()
         if defer_host_pages:
-            deferred = {device for device in host if device.type == "cuda"}
+            deferred = {device for device in host if device.type == "cuda" and self._pagers[device].done is not None}
             for g, b, c, grads, flat_grad in work:
                 if not c.resident and flat_grad is None:
                     deferred.discard(b.device)
@@ -510,8 +516,9 @@ class PagedAdamW(torch.optim.Optimizer):
         """The event a deferred step records once every one of ``params`` is updated, or None
         when all of their state lives on the device (``step`` updates those before it returns).
         Host pages are updated in order on one stream, so waiting for a later page's event
-        also waits for the pages before it. Valid from the first step on (the state is placed
-        there); the same event objects are recorded again by every deferred step."""
+        also waits for the pages before it (on one device: ``params`` must share it). Valid
+        from the first step on (the state is placed there); the same event objects are
+        recorded again by every deferred step."""
         if self._buckets is None:
             raise RuntimeError("update_event: PagedAdamW places its state at its first step(); ask after it")
         wanted = {id(p) for p in params}
@@ -528,7 +535,9 @@ class PagedAdamW(torch.optim.Optimizer):
         """The event a deferred step (and the ``zero_grad`` after it) records on ``device``
         once all of its work there is done; None when the device pages nothing."""
         device = torch.device(device)
-        if device.type == "cuda" and device.index is None:
+        if device.type != "cuda" or not torch.cuda.is_available():
+            return None
+        if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         pager = self._pagers.get(device)
         return pager.done if pager is not None and pager.cuda else None

@@ -198,6 +198,12 @@ def test_graphs_overlap_deferred_host_pages_and_train_as_without(rng):
             loss = (step.eager if i == 0 else step)(ids, scale)  # the first step makes the flat grads
             losses.append(float(loss))
             torch.nn.utils.clip_grad_norm_(params, 0.3)
+            if defer and i > 0:
+                # hold the update stream back (~20 ms) so that the deferred pages are still
+                # being updated when the next replay reaches their layers: without its waits
+                # the graph would read them stale, and the backward would race the zeroing
+                with torch.cuda.stream(opt._pagers[params[0].device].update):
+                    torch.cuda._sleep(40_000_000)
             opt.step(defer_host_pages=defer)
             opt.zero_grad(set_to_none=False)
         opt.wait_host_pages()

@@ -520,12 +520,17 @@ def test_gpu_deferred_host_pages_equal_a_plain_step(rng):
                     p.grad = x
                 else:
                     p.grad += x  # into the flat buffer, as a backward accumulates
+            pager = opt._pagers.get(torch.device("cuda", torch.cuda.current_device()))
+            if defer and pager is not None:
+                # the update stream held back (~20 ms): what reads the params or grads before
+                # waiting for it would see them half-done
+                with torch.cuda.stream(pager.update):
+                    torch.cuda._sleep(40_000_000)
             opt.step(defer_host_pages=defer)
             opt.zero_grad(set_to_none=False)
             if defer:
-                pager = opt._pagers[torch.device("cuda", torch.cuda.current_device())]
                 assert pager.pending
-                opt.wait_host_pages()
+                opt.wait_host_pages()  # before the next gradients go in
                 assert not pager.pending
             assert all(torch.count_nonzero(p.grad) == 0 for p in params)
         torch.cuda.synchronize()

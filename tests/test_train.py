@@ -516,7 +516,8 @@ def test_cuda_graphs_with_paged_optimizer_state_train_like_unpaged(tmp_path, cap
     free, total = torch.cuda.mem_get_info()
     # the optimizer keeps a 256 MiB margin below the ceiling: none of its state fits under this one
     paged = train(small_config(tmp_path / "b", max_memory_gib=(total - free) / 2**30 + 0.25, **base))
-    assert "GiB paged to pinned host memory" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "GiB paged to pinned host memory" in out and "its updates run under the next forward" in out
     for (s1, a), (s2, b) in zip(paged.losses, unpaged.losses):
         assert s1 == s2 and abs(a - b) < 2e-3 * abs(b), (s1, a, b)
     for (s1, a), (s2, b) in zip(paged.eval_losses, unpaged.eval_losses):

@@ -236,6 +236,8 @@ class GraphedStep:
             _, layers = decoder_layers(self.model)
         except (ModelError, AttributeError):
             return None, {}, done, True
+        if type(layers) is not nn.ModuleList:  # a subclass of its own: not swapped, waits up front
+            return None, {}, done, True
         events, covered = {}, set()
         for layer in layers:
             mine = [p for p in layer.parameters() if p.requires_grad]

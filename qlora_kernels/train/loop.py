@@ -305,7 +305,8 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
     """Runs a QLoRA finetuning job; returns where things went and the loss history.
 
     ``on_step(step, loss)``, if given, is called after every optimizer step (and after that
-    step's checkpoint, if any). Raises :class:`TrainingError` on a NaN/Inf loss (the last good
+    step's checkpoint, if any); it may read the params, so each step then waits for the
+    optimizer's deferred host-page updates instead of hiding them under the next forward. Raises :class:`TrainingError` on a NaN/Inf loss (the last good
     checkpoint is kept) or out of GPU memory, ``ValueError`` (``DataError``, ``ModelError``)
     on bad options, data or model directory - all before training starts.
     """
@@ -508,7 +509,10 @@ def train(config: TrainConfig, *, on_step=None) -> TrainResult:
                     on_step(step, loss_value)
     finally:
         bar.close()
-        optimizer.wait_host_pages()
+        try:
+            optimizer.wait_host_pages()
+        except RuntimeError:
+            pass  # a CUDA error already on its way out says more than this one
 
     peft_format.save_adapter(model, result.adapter_dir,
                              base_model_name_or_path=config.model or f"qlora_kernels:{config.model_config}")
