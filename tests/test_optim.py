@@ -520,7 +520,7 @@ def test_gpu_deferred_host_pages_equal_a_plain_step(rng):
                     p.grad = x
                 else:
                     p.grad += x  # into the flat buffer, as a backward accumulates
-            pager = opt._pagers.get(torch.device("cuda", torch.cuda.current_device()))
+            pager = opt._pagers.get(torch.device("cuda", torch.cuda.current_device()))  # from the first step on
             if defer and pager is not None:
                 # the update stream held back (~20 ms): what reads the params or grads before
                 # waiting for it would see them half-done
@@ -528,6 +528,7 @@ def test_gpu_deferred_host_pages_equal_a_plain_step(rng):
                     torch.cuda._sleep(40_000_000)
             opt.step(defer_host_pages=defer)
             opt.zero_grad(set_to_none=False)
+            pager = opt._pagers[torch.device("cuda", torch.cuda.current_device())]
             if defer:
                 assert pager.pending
                 opt.wait_host_pages()  # before the next gradients go in
