@@ -8,7 +8,10 @@ token, max grad norm 0.3 - each in a fresh subprocess so that its memory peaks a
   (``qlora_kernels.train.model.random_model``), bf16 ``LoRALinear4bit`` adapters, ``PagedAdamW``
   (gradients accumulated in its flat buffer), the trainer's loss (the LM head in chunks,
   ``qlora_kernels.train.loss``); ``--compile`` compiles its decoder layers, ``--cuda-graphs`` replays each step's forward and
-  backward as a CUDA graph (``qlora_kernels.train.graphs``);
+  backward as a CUDA graph (``qlora_kernels.train.graphs``), and with it the optimizer's paged
+  state is updated under the next step's forward (``step(defer_host_pages=True)``; ``--no-defer``
+  turns that off). Between steps only the training stream is synchronized, so a step's time
+  includes the previous step's paging wherever the forward has to wait for it;
 * ``bnb``: transformers + peft + bitsandbytes (NF4 + double quant ``bnb.nn.Linear4bit``,
   ``prepare_model_for_kbit_training``, ``bnb.optim.PagedAdamW32bit``), when importable;
 * ``bf16``: peft LoRA on the bf16 model (``torch.optim.AdamW``), when the model fits.
@@ -20,6 +23,8 @@ the CUDA context and memory outside the allocator too).
 
     python benchmarks/bench_train.py --model-config 7b --batch 4 --seq 512
     python benchmarks/bench_train.py --model-config 65b --batch 1 --seq 512 --impl ours,bnb
+    python benchmarks/bench_train.py --model-config 65b --batch 1 --seq 512 --impl ours --compile \
+        --cuda-graphs --max-memory-gib 40
 """
 
 from __future__ import annotations
