@@ -16,7 +16,7 @@ pinned host memory and explicit copies. On CPU tensors the same code runs with p
 synchronous copies, which is how the tests cover it without a GPU.
 
 Deferred host pages. Paging is bound by PCIe (a 65B model in 40 GiB pages ~5 GiB of state each
-way per step, ~125 ms), and in a plain step the GPU idles meanwhile. ``step(defer_host_pages=True)``
+way per step, ~130 ms), and in a plain step the GPU idles meanwhile. ``step(defer_host_pages=True)``
 returns with the host pages' updates still running on a side stream, page by page, each page
 recording an event once its params are updated. The next forward can then start at once and
 wait, layer by layer, only for the pages that hold that layer's params
