@@ -34,8 +34,8 @@ Given the optimizer (``optimizer=``, a :class:`~qlora_kernels.optim.PagedAdamW` 
 of its state to the host), each graph waits, as the model's loop reaches a decoder layer, for
 the optimizer's update of that layer's params, and before the backward for all of its work.
 Then ``optimizer.step(defer_host_pages=True)`` can return at once and its host pages move over
-PCIe while the next forward computes: a 65B model in 40 GiB saves ~100 ms of its ~130 ms of paging a step
-this way. The waits are event-wait nodes on the optimizer's external events, recorded before
+PCIe while the next forward computes: a 65B model in 40 GiB saves ~100 ms of its ~130 ms of
+paging a step this way. The waits are event-wait nodes on the optimizer's external events, recorded before
 each replay, so a replay with nothing deferred waits for nothing.
 """
 
