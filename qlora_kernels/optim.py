@@ -89,6 +89,11 @@ class _Bucket:
         # one list comparison: this runs every step over hundreds of LoRA tensors
         return [p.data_ptr() for p in self.params] == self.param_ptrs
 
+    def grads_are_views(self) -> bool:
+        """Whether every param's grad is its view of flat_grad (where backward accumulates)."""
+        return self.grad_ptrs is not None and \
+            [0 if p.grad is None else p.grad.data_ptr() for p in self.params] == self.grad_ptrs
+
 
 class _Pager:
     """Two device staging slots for host pages of one device, and the streams and events that
@@ -382,8 +387,7 @@ class PagedAdamW(torch.optim.Optimizer):
         has one of the bucket's dtype, the bucket's flat gradient (copied there unless the
         grads already are views of it)."""
         grads = [p.grad for p in b.params]
-        if b.flat_param is not None and b.grad_ptrs is not None and \
-                [0 if g is None else g.data_ptr() for g in grads] == b.grad_ptrs:
+        if b.flat_param is not None and b.grads_are_views():
             return grads, b.flat_grad  # the grads are the flat buffer's views already
         for g in grads:
             if g is not None and g.is_sparse:
@@ -548,8 +552,7 @@ class PagedAdamW(torch.optim.Optimizer):
         the host pages' share of the buffer is zeroed on the update stream, behind the
         updates that read it, so the next forward still overlaps them."""
         flat = self._buckets is not None and not set_to_none and all(
-            b.flat_grad is not None and [0 if p.grad is None else p.grad.data_ptr() for p in b.params] == b.grad_ptrs
-            for buckets in self._buckets for b in buckets)
+            b.grads_are_views() for buckets in self._buckets for b in buckets)
         if not flat:
             self.wait_host_pages()
             super().zero_grad(set_to_none=set_to_none)
