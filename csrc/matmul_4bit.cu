@@ -40,7 +40,9 @@
 // over K (the tests bound the result at 1e-2 for bf16 and 2e-3 for fp16).
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
+#include <mutex>
 #include <limits>
 #include <string>
 #include <vector>
@@ -97,10 +99,13 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
 // absmax). Loaded two steps ahead of its use, so that the loads of the next steps are in flight
 // while this one is decoded (loading each step when it came left an H100 at 20-55% of copy
 // bandwidth).
-struct StepLoads {
-  uint4 wa, wb;
+struct ScaleLoads {
   uint32_t ra, rb;   // float32 absmax bits, or the double-quant code
   float na, nb;      // the nested absmax (double quant only)
+};
+struct StepLoads {
+  uint4 wa, wb;
+  ScaleLoads s;
 };
 
 // Where one lane's weight row starts: its bytes, and its first element's absmax block and the
@@ -117,16 +122,12 @@ __device__ __forceinline__ RowStart row_start(const uint8_t* packed, int row, in
   return {packed + e / 2, static_cast<uint32_t>(e >> lg_bs), static_cast<uint32_t>(e & ((int64_t{1} << lg_bs) - 1))};
 }
 
-__device__ __forceinline__ StepLoads load_step(const RowStart& ra, const RowStart& rb, int k0, bool k_ok,
-                                               const void* __restrict__ absmax, bool nested,
-                                               const float* __restrict__ nested_absmax, int lg_bs,
-                                               int lg_nbs) {
+// The absmax of one lane's two chunks at k0 (rows ra and rb).
+__device__ __forceinline__ ScaleLoads load_scales(const RowStart& ra, const RowStart& rb, int k0, bool k_ok,
+                                                  const void* __restrict__ absmax, bool nested,
+                                                  const float* __restrict__ nested_absmax, int lg_bs, int lg_nbs) {
   // Predicated loads, no branch: a step past K loads nothing and its registers are zero.
-  StepLoads l;
-  const uint4 zero = make_uint4(0, 0, 0, 0);
-  // Evict-first: each weight byte is read once; x stays cached for the other CTAs.
-  l.wa = k_ok ? __ldcs(reinterpret_cast<const uint4*>(ra.bytes + k0 / 2)) : zero;
-  l.wb = k_ok ? __ldcs(reinterpret_cast<const uint4*>(rb.bytes + k0 / 2)) : zero;
+  ScaleLoads l;
   const uint32_t ba = ra.block + ((ra.in_block + k0) >> lg_bs);
   const uint32_t bb = rb.block + ((rb.in_block + k0) >> lg_bs);
   if (nested) {
@@ -139,6 +140,19 @@ __device__ __forceinline__ StepLoads load_step(const RowStart& ra, const RowStar
     l.rb = k_ok ? __float_as_uint(__ldg(static_cast<const float*>(absmax) + bb)) : 0u;
     l.na = l.nb = 0.0f;
   }
+  return l;
+}
+
+__device__ __forceinline__ StepLoads load_step(const RowStart& ra, const RowStart& rb, int k0, bool k_ok,
+                                               const void* __restrict__ absmax, bool nested,
+                                               const float* __restrict__ nested_absmax, int lg_bs,
+                                               int lg_nbs) {
+  StepLoads l;
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  // Evict-first: each weight byte is read once; x stays cached for the other CTAs.
+  l.wa = k_ok ? __ldcs(reinterpret_cast<const uint4*>(ra.bytes + k0 / 2)) : zero;
+  l.wb = k_ok ? __ldcs(reinterpret_cast<const uint4*>(rb.bytes + k0 / 2)) : zero;
+  l.s = load_scales(ra, rb, k0, k_ok, absmax, nested, nested_absmax, lg_bs, lg_nbs);
   return l;
 }
 
@@ -195,6 +209,79 @@ __device__ __forceinline__ V keep(V v) {
   return v;
 }
 
+// Builds the byte -> pair table and the 8-bit code in shared memory (the caller syncs after).
+// Entry b holds (code[b >> 4], code[b & 15]) as a pair of T, the high nibble (the element at the
+// lower address) in the low half, at byte 128 b + 4 L for lane L: each lane reads its own copy
+// (bank L), so the 32 lanes' random bytes never conflict, and the offset of byte j of a weight word
+// is a shift and a LOP3, ((word shifted by 7 - 8 j) & 0x7f80) | 4 L. All 32 copies of an entry are
+// equal: a thread writes 4 of them with one 16-byte store. (A 256-byte stride saves a shift for
+// byte 1, but its 64 KB table left too little L1 for x and the absmax: the largest layers ran
+// 9-15% slower on an H100.)
+template <typename T>
+__device__ __forceinline__ void build_pair_table(uint8_t* s_table, float* s_code8, const float* __restrict__ nested_code,
+                                                 int quant_type, bool nested, int tid, int threads) {
+  for (int i = tid; i < 256 * 8; i += threads) {
+    const int b = i >> 3;
+    const float lo = __uint_as_float(kCodeValueBits[quant_type][b >> 4]);
+    const float hi = __uint_as_float(kCodeValueBits[quant_type][b & 15]);
+    const uint32_t v = pack2<T>(lo, hi);
+    *reinterpret_cast<uint4*>(s_table + 128 * b + 16 * (i & 7)) = make_uint4(v, v, v, v);
+  }
+  if (nested) {
+    for (int i = tid; i < 256; i += threads) s_code8[i] = nested_code[i];
+  }
+}
+
+// One warp step: this lane's 16 bytes of rows g and g + 8 of each row tile (w_lo, w_hi), with
+// their chunks' scales, decoded through the table (entry) and multiplied by the 32 elements of x
+// they meet, for each n-tile's token (x_tok[n] + x_off: k0, or the permuted offset).
+template <typename T, int kT, int kR, bool kPermute, typename Entry>
+__device__ __forceinline__ void mma_step(float (&acc)[kR][kT][4], const uint4 (&w_lo)[kR], const uint4 (&w_hi)[kR],
+                                         const uint32_t (&s_lo)[kR], const uint32_t (&s_hi)[kR],
+                                         const T* const (&x_tok)[kT], const bool (&tok_ok)[kT], int x_off, bool k_ok,
+                                         Entry entry) {
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  const uint4* x_step[kT];
+#pragma unroll
+  for (int n = 0; n < kT; ++n) x_step[n] = reinterpret_cast<const uint4*>(x_tok[n] + x_off);
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    // x words 4q .. 4q + 3 (elements k0 + 8q .. k0 + 8q + 7) of each n-tile's token g.
+    uint4 xq[kT];
+#pragma unroll
+    for (int n = 0; n < kT; ++n) xq[n] = k_ok && tok_ok[n] ? __ldg(x_step[n] + (kPermute ? 4 * q : q)) : zero;
+#pragma unroll
+    for (int r = 0; r < kR; ++r) {
+      const uint32_t lo_word = word_of(w_lo[r], q);
+      const uint32_t hi_word = word_of(w_hi[r], q);
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        // Sub-step s = 2q + half: bytes 2s, 2s + 1 of the chunk = bytes 2 half, 2 half + 1 of
+        // word q; byte j's table offset 128 * byte is (word << 7, word >> 1, word >> 9,
+        // word >> 17) & 0x7f80.
+        uint32_t a[4];
+        if (half == 0) {
+          a[0] = scale_pair<T>(entry((lo_word << 7) & 0x7f80u), s_lo[r]);
+          a[2] = scale_pair<T>(entry((lo_word >> 1) & 0x7f80u), s_lo[r]);
+          a[1] = scale_pair<T>(entry((hi_word << 7) & 0x7f80u), s_hi[r]);
+          a[3] = scale_pair<T>(entry((hi_word >> 1) & 0x7f80u), s_hi[r]);
+        } else {
+          a[0] = scale_pair<T>(entry((lo_word >> 9) & 0x7f80u), s_lo[r]);
+          a[2] = scale_pair<T>(entry((lo_word >> 17) & 0x7f80u), s_lo[r]);
+          a[1] = scale_pair<T>(entry((hi_word >> 9) & 0x7f80u), s_hi[r]);
+          a[3] = scale_pair<T>(entry((hi_word >> 17) & 0x7f80u), s_hi[r]);
+        }
+#pragma unroll
+        for (int n = 0; n < kT; ++n) {
+          const uint32_t b0 = half ? xq[n].z : xq[n].x;
+          const uint32_t b1 = half ? xq[n].w : xq[n].y;
+          mma_16816<T>(acc[r][n], a, b0, b1);
+        }
+      }
+    }
+  }
+}
+
 // The weights one launch multiplies the same x by: one, or a few projections of one input (q, k
 // and v; gate and up) side by side, so that decode pays one launch, one ramp-up and one tail for
 // them instead of one each (a 4096 x 4096 layer is a few microseconds of bytes). They share x,
@@ -228,6 +315,72 @@ __device__ __forceinline__ V pick(const V (&a)[kMaxWeights], int i) {
   return v;
 }
 
+// How an output tile is stored: out_store(...)(group, idx, sum) puts the sum of accumulator idx
+// of row group `group` (as reduce_tiles numbers them) of row tile `tile` of weight which_out into
+// the output, with the bias (or, with partial, the float32 sum of K split `split`, no bias).
+template <typename T, int kT, int kR, int kRowWarps>
+__device__ __forceinline__ auto out_store(const WeightSet<T>& weights, int which_out, int tile, int tok0, int M,
+                                          float* __restrict__ partial, int split) {
+  T* __restrict__ out = pick(weights.out, which_out);
+  const T* __restrict__ bias = pick(weights.bias, which_out);
+  const int n_out = pick(weights.N, which_out);
+  const int row_out0 = tile * kTileRows * kR * kRowWarps;
+  return [=](int group, int idx, float sum) {
+    // Accumulator i of n-tile n of row tile r in lane L: row 16 r + g (+8 for i >= 2), token 2t + (i & 1).
+    const int L = idx & 31;
+    const int i = (idx >> 5) & 3;
+    const int n = (idx >> 7) % kT;
+    const int r = (idx >> 7) / kT;
+    const int row = row_out0 + group * kTileRows * kR + 16 * r + (L >> 2) + (i >= 2 ? 8 : 0);
+    const int tok = tok0 + n * 8 + 2 * (L & 3) + (i & 1);
+    if (row < n_out && tok < M) {
+      if (partial != nullptr) {
+        partial[(static_cast<int64_t>(split) * M + tok) * n_out + row] = sum;  // the bias comes with the sum
+      } else {
+        if (bias != nullptr) sum += to_float(bias[row]);
+        out[static_cast<int64_t>(tok) * n_out + row] = from_float<T>(sum);
+      }
+    }
+  };
+}
+
+// After the main loop: sums the partial tiles of each row group's warps (the kMmWarps / kRowWarps
+// warps that split its K steps) through s_red (the table's memory, no longer read, or a buffer of
+// its own) and hands each sum to emit(group, idx, sum). In as many passes (of kR / kPasses row
+// tiles each) as the table's memory takes: accumulator i of n-tile n of row tile
+// pass * kR / kPasses + r, lane L, warp w at s_red[w * kPassFloats + ((r * kT + n) * 4 + i) * 32 + L].
+// sync: a barrier over the kMmThreads threads that take part.
+template <int kT, int kR, int kRowWarps, typename Sync, typename Emit>
+__device__ __forceinline__ void reduce_tiles(const float (&acc)[kR][kT][4], float* s_red, int warp, int lane, Sync sync,
+                                             Emit emit) {
+  constexpr int kSlices = kMmWarps / kRowWarps;
+  constexpr int kTileFloats = 4 * kR * kT * 32;  // one warp's accumulators
+  constexpr int kPasses = (kMmWarps * kTileFloats * 4 + kTableBytes - 1) / kTableBytes;
+  static_assert(kR % kPasses == 0, "partial tiles: kR must split into the reduction passes");
+  constexpr int kPassFloats = kTileFloats / kPasses;
+  const int tid = warp * 32 + lane;
+#pragma unroll
+  for (int pass = 0; pass < kPasses; ++pass) {
+    constexpr int kPassR = kR / kPasses;
+    sync();  // the table (or the last pass's sums) is no longer read
+#pragma unroll
+    for (int r = 0; r < kPassR; ++r)
+#pragma unroll
+      for (int n = 0; n < kT; ++n)
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          s_red[warp * kPassFloats + ((r * kT + n) * 4 + i) * 32 + lane] = acc[pass * kPassR + r][n][i];
+    sync();
+    for (int idx = tid; idx < kRowWarps * kPassFloats; idx += kMmThreads) {
+      const int group = idx / kPassFloats, within = idx % kPassFloats;
+      float sum = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kSlices; ++w) sum += s_red[(group * kSlices + w) * kPassFloats + within];
+      emit(group, pass * kPassFloats + within, sum);
+    }
+  }
+}
+
 // Whether the kernel for kT n-tiles reads x permuted: at 33-64 tokens (kT = 8) it cut 22016 x
 // 8192 from 270 to 216 us (H100, 1 row tile); at 9-32 tokens the extra launch and copy cost
 // about what the loads saved, so x is read as it is there.
@@ -252,13 +405,6 @@ __global__ void __launch_bounds__(kMmThreads)
                        int64_t x_stride) {
   static_assert(kMmWarps % kRowWarps == 0 && (!kGrouped || kRowWarps == 1), "row groups: 1, 2, 4 or 8; grouped: 1");
   constexpr int kSlices = kMmWarps / kRowWarps;  // warps sharing one row group's K steps
-  // One warp's accumulators; after the main loop the table's memory holds all warps' copies.
-  constexpr int kTileFloats = 4 * kR * kT * 32;
-  // The partial tiles are reduced through the table's memory, in as many passes (of kR / kPasses
-  // row tiles each) as that takes.
-  constexpr int kPasses = (kMmWarps * kTileFloats * 4 + kTableBytes - 1) / kTableBytes;
-  static_assert(kR % kPasses == 0, "partial tiles: kR must split into the reduction passes");
-  constexpr int kPassFloats = kTileFloats / kPasses;
   // The byte -> pair table; after the main loop the same memory holds the warps' partial sums.
   __shared__ __align__(16) uint8_t s_table[kTableBytes];
   __shared__ float s_code8[256];
@@ -322,23 +468,7 @@ __global__ void __launch_bounds__(kMmThreads)
 #pragma unroll
     for (int r = 0; r < kR; ++r) ring[d][r] = load(r, step_begin + slice + d * kSlices);
 
-  // Table: entry b holds (code[b >> 4], code[b & 15]) as a pair of T, the high nibble (the
-  // element at the lower address) in the low half, at byte 128 b + 4 L for lane L: each lane reads
-  // its own copy (bank L), so the 32 lanes' random bytes never conflict, and the offset of byte j
-  // of a weight word is a shift and a LOP3, ((word shifted by 7 - 8 j) & 0x7f80) | 4 L. All 32
-  // copies of an entry are equal: a thread writes 4 of them with one 16-byte store. (A 256-byte
-  // stride saves a shift for byte 1, but its 64 KB table left too little L1 for x and the absmax:
-  // the largest layers ran 9-15% slower on an H100.)
-  for (int i = tid; i < 256 * 8; i += kMmThreads) {
-    const int b = i >> 3;
-    const float lo = __uint_as_float(kCodeValueBits[quant_type][b >> 4]);
-    const float hi = __uint_as_float(kCodeValueBits[quant_type][b & 15]);
-    const uint32_t v = pack2<T>(lo, hi);
-    *reinterpret_cast<uint4*>(s_table + 128 * b + 16 * (i & 7)) = make_uint4(v, v, v, v);
-  }
-  if (nested) {
-    for (int i = tid; i < 256; i += kMmThreads) s_code8[i] = nested_code[i];
-  }
+  build_pair_table<T>(s_table, s_code8, nested_code, quant_type, nested, tid, kMmThreads);
   __syncthreads();
 
   const float off = nested ? __ldg(offset) : 0.0f;
@@ -380,103 +510,303 @@ __global__ void __launch_bounds__(kMmThreads)
       }
       const int k0 = step_k0(step);
       const bool k_ok = k0 < K;
-      const uint4 zero = make_uint4(0, 0, 0, 0);
       uint32_t s_lo[kR], s_hi[kR];
 #pragma unroll
       for (int r = 0; r < kR; ++r) {
-        s_lo[r] = chunk_scale<T>(cur[r].ra, cur[r].na, k_ok, nested, s_code8, off);
-        s_hi[r] = chunk_scale<T>(cur[r].rb, cur[r].nb, k_ok, nested, s_code8, off);
+        s_lo[r] = chunk_scale<T>(cur[r].s.ra, cur[r].s.na, k_ok, nested, s_code8, off);
+        s_hi[r] = chunk_scale<T>(cur[r].s.rb, cur[r].s.nb, k_ok, nested, s_code8, off);
       }
-      const uint4* x_step[kT];
+      uint4 w_lo[kR], w_hi[kR];
 #pragma unroll
-      for (int n = 0; n < kT; ++n)
-        x_step[n] = reinterpret_cast<const uint4*>(x_tok[n] + (kPermuteX<kT> ? step * kStepK + 8 * t : k0));
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        // x words 4q .. 4q + 3 (elements k0 + 8q .. k0 + 8q + 7) of each n-tile's token g.
-        uint4 xq[kT];
-#pragma unroll
-        for (int n = 0; n < kT; ++n) xq[n] = k_ok && tok_ok[n] ? __ldg(x_step[n] + (kPermuteX<kT> ? 4 * q : q)) : zero;
-#pragma unroll
-        for (int r = 0; r < kR; ++r) {
-          const uint32_t lo_word = word_of(cur[r].wa, q);
-          const uint32_t hi_word = word_of(cur[r].wb, q);
-#pragma unroll
-          for (int half = 0; half < 2; ++half) {
-            // Sub-step s = 2q + half: bytes 2s, 2s + 1 of the chunk = bytes 2 half, 2 half + 1 of
-            // word q; byte j's table offset 128 * byte is (word << 7, word >> 1, word >> 9,
-            // word >> 17) & 0x7f80.
-            uint32_t a[4];
-            if (half == 0) {
-              a[0] = scale_pair<T>(entry((lo_word << 7) & 0x7f80u), s_lo[r]);
-              a[2] = scale_pair<T>(entry((lo_word >> 1) & 0x7f80u), s_lo[r]);
-              a[1] = scale_pair<T>(entry((hi_word << 7) & 0x7f80u), s_hi[r]);
-              a[3] = scale_pair<T>(entry((hi_word >> 1) & 0x7f80u), s_hi[r]);
-            } else {
-              a[0] = scale_pair<T>(entry((lo_word >> 9) & 0x7f80u), s_lo[r]);
-              a[2] = scale_pair<T>(entry((lo_word >> 17) & 0x7f80u), s_lo[r]);
-              a[1] = scale_pair<T>(entry((hi_word >> 9) & 0x7f80u), s_hi[r]);
-              a[3] = scale_pair<T>(entry((hi_word >> 17) & 0x7f80u), s_hi[r]);
-            }
-#pragma unroll
-            for (int n = 0; n < kT; ++n) {
-              const uint32_t b0 = half ? xq[n].z : xq[n].x;
-              const uint32_t b1 = half ? xq[n].w : xq[n].y;
-              mma_16816<T>(acc[r][n], a, b0, b1);
-            }
-          }
-        }
+      for (int r = 0; r < kR; ++r) {
+        w_lo[r] = cur[r].wa;
+        w_hi[r] = cur[r].wb;
       }
+      mma_step<T, kT, kR, kPermuteX<kT>>(acc, w_lo, w_hi, s_lo, s_hi, x_tok, tok_ok,
+                                          kPermuteX<kT> ? step * kStepK + 8 * t : k0, k_ok, entry);
     }
   }
 
-  // Reduce the partial tiles of each row group's kSlices warps, kR / kPasses row tiles a pass:
-  // accumulator i of n-tile n of row tile pass * kR / kPasses + r, lane L, warp w at
-  // s_red[w * kPassFloats + ((r * kT + n) * 4 + i) * 32 + L].
-  float* s_red = reinterpret_cast<float*>(s_table);
   const int which_out = kGrouped ? keep(which_weight()) : 0;
-  T* __restrict__ out = pick(weights.out, which_out);
-  const T* __restrict__ bias = pick(weights.bias, which_out);
-  const int n_out = pick(weights.N, which_out);
-  const int row_out0 = (static_cast<int>(blockIdx.x) - (which_out == 0 ? 0 : pick(weights.tile_end, which_out - 1))) *
-                       kTileRows * kR * kRowWarps;
-  auto store = [&](int group, int idx, float sum) {
-    // Accumulator i of n-tile n of row tile r in lane L: row 16 r + g (+8 for i >= 2), token 2t + (i & 1).
-    const int L = idx & 31;
-    const int i = (idx >> 5) & 3;
-    const int n = (idx >> 7) % kT;
-    const int r = (idx >> 7) / kT;
-    const int row = row_out0 + group * kTileRows * kR + 16 * r + (L >> 2) + (i >= 2 ? 8 : 0);
-    const int tok = tok0 + n * 8 + 2 * (L & 3) + (i & 1);
-    if (row < n_out && tok < M) {
-      if (partial != nullptr) {
-        partial[(static_cast<int64_t>(blockIdx.z) * M + tok) * n_out + row] = sum;  // the bias comes with the sum
-      } else {
-        if (bias != nullptr) sum += to_float(bias[row]);
-        out[static_cast<int64_t>(tok) * n_out + row] = from_float<T>(sum);
+  const int tile_out = static_cast<int>(blockIdx.x) - (which_out == 0 ? 0 : pick(weights.tile_end, which_out - 1));
+  reduce_tiles<kT, kR, kRowWarps>(acc, reinterpret_cast<float*>(s_table), warp, lane, [] { __syncthreads(); },
+                                  out_store<T, kT, kR, kRowWarps>(weights, which_out, tile_out, tok0, M, partial,
+                                                                  static_cast<int>(blockIdx.z)));
+}
+
+// ---------------------------------------------------------------------------------------------
+// sm_90 and up, M <= 16: the same tiles and arithmetic, with the weights streamed into shared
+// memory by bulk copies (the TMA) instead of loaded into registers.
+//
+// Why: the register kernel's loads, not its arithmetic, bound it at 1-16 tokens. Its warps each
+// load 16 rows x 64 bytes at a time (4 lanes a row), and 8 warps walk a row 64 bytes apart. A
+// read-only test of that pattern on an H100 (no decode, 3 CTAs per SM, as the kernel runs) moved
+// 8192 x 22016 at 1845 GB/s and 22016 x 8192 at 2426 GB/s, where warps reading 512 contiguous
+// bytes of one row reached 2810 and 2885 (device copy: ~3000); the kernel ran at 1647 and 1677.
+//
+// How: a producer warp copies, for each stage of kBulkStageK elements, the 512-byte piece of each
+// of the tile's 16 kR rows with one cp.async.bulk each (contiguous, as DRAM likes them), kStages
+// stages ahead, with no registers held for bytes in flight. A stage's mbarrier `full` counts its
+// bytes; the 8 consumer warps wait on it, take one 128-element step each (the register kernel's
+// step, its 16 bytes of rows g and g + 8 now read from shared memory), and release the stage on
+// `empty` as soon as those bytes are in registers. The absmax still comes through the L1, two
+// stages ahead. One launch, no split-K: each CTA walks all of K, as the stages keep enough bytes
+// in flight without more CTAs.
+constexpr int kBulkStageK = 1024;          // K elements per stage: one 128-element step per consumer warp
+// A row piece's pitch in shared memory: 512 bytes + 64, so that a row starts 36 16-byte units
+// after the last (4 mod 8): the 8 lanes of a quarter warp (rows g, g + 1 x lanes t 0..3) read 8
+// different bank groups with their 16-byte loads.
+constexpr int kBulkRowPitch = kBulkStageK / 2 + 64;
+constexpr int kBulkThreads = kMmThreads + 32;  // 8 consumer warps, 1 producer warp
+
+template <int kT, int kR, int kStages>
+constexpr int bulk_smem_bytes() {
+  // table | 8-bit code | the warps' partial tiles | stages | full[kStages], empty[kStages]
+  return kTableBytes + 256 * 4 + kMmWarps * 4 * kR * kT * 32 * 4 + kStages * kTileRows * kR * kBulkRowPitch +
+         2 * kStages * 8;
+}
+
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(shared_address(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbarrier_expect_bytes(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(bar)), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(shared_address(bar)) : "memory");
+}
+// Waits until the phase of the given parity has completed.
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(shared_address(bar)), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+// bytes (a multiple of 16) from global src to shared dst (both 16-byte aligned), counted on bar;
+// evict-first in L2: each weight byte is read once.
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar, uint64_t policy) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::"r"(
+          shared_address(dst)),
+      "l"(src), "r"(bytes), "r"(shared_address(bar)), "l"(policy)
+      : "memory");
+}
+#endif
+
+template <typename T, int kT, int kR, int kStages, bool kGrouped>
+__global__ void __launch_bounds__(kBulkThreads)
+    matmul_4bit_bulk_kernel(const T* __restrict__ x, const __grid_constant__ WeightSet<T> weights, int total_tiles,
+                            const float* __restrict__ nested_code, int M, int K, int lg_bs, int lg_nbs,
+                            int quant_type, bool nested) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr int kRows = kTileRows * kR;
+  constexpr int kStageBytes = kRows * kBulkRowPitch;
+  constexpr int kTileFloats = 4 * kR * kT * 32;
+  constexpr int kRedBytes = kMmWarps * kTileFloats * 4;
+  static_assert(kRedBytes <= kTableBytes, "partial tiles: one reduction pass");
+  extern __shared__ __align__(128) uint8_t smem[];
+  uint8_t* s_table = smem;
+  float* s_code8 = reinterpret_cast<float*>(smem + kTableBytes);
+  float* s_red = reinterpret_cast<float*>(smem + kTableBytes + 256 * 4);
+  uint8_t* s_stages = smem + kTableBytes + 256 * 4 + kRedBytes;
+  uint64_t* full = reinterpret_cast<uint64_t*>(s_stages + kStages * kStageBytes);
+  uint64_t* empty = full + kStages;
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0);  // warp-uniform, as in the register kernel
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int nstages = (K + kBulkStageK - 1) / kBulkStageK;
+  // Persistent CTAs: this one takes row tiles blockIdx.x, + gridDim.x, ... (the grid is as many
+  // CTAs as fit on the GPU at once), so that the table is built once per CTA and the producer
+  // streams the next tile's first stages while the consumers reduce the last one. Two ways to
+  // even out the last round were slower on an H100 (the LLaMA shapes at 1 and 8 tokens): equal
+  // contiguous ranges of stages per CTA (stream-K), tiles cut between CTAs summed through global
+  // memory (22016 x 8192 at one token 56 us against 48, 4096 x 4096 17 against 10); and K split
+  // over the work items, the splits summed by sum_k_splits_kernel, where fewer rounds promised it
+  // (up to 30% slower, 11% faster on 8192 x 22016 at 8 tokens).
+  const int first = static_cast<int>(blockIdx.x), stride = static_cast<int>(gridDim.x);
+  struct Tile {
+    int which, row0;
+  };
+  auto tile_at = [&](int tile) {
+    int which = 0;
+    if constexpr (kGrouped) {
+#pragma unroll
+      for (int i = 0; i + 1 < kMaxWeights; ++i) which += tile >= weights.tile_end[i] ? 1 : 0;
+    }
+    const int first_tile = which == 0 ? 0 : pick(weights.tile_end, which - 1);
+    return Tile{which, (tile - first_tile) * kRows};
+  };
+
+  if (warp == kMmWarps) {
+    // The producer. Lane i copies row pieces i, i + 32, ... (rows past N copy row N - 1: valid
+    // memory, never stored). Its first kStages stages go out before the table is built (they need
+    // no slot freed), the rest after the CTA's barrier.
+    if (lane == 0) {
+#pragma unroll
+      for (int i = 0; i < kStages; ++i) {
+        mbarrier_init(&full[i], 1);          // the producer's arrive, plus the stage's bytes
+        mbarrier_init(&empty[i], kMmWarps);  // one arrive per consumer warp
+      }
+      asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncwarp();
+    uint64_t policy;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+    constexpr int kPerLane = (kRows + 31) / 32;
+    int count = 0;  // stages issued
+    bool synced = false;
+    for (int tile = first; tile < total_tiles; tile += stride) {
+      const Tile tl = tile_at(tile);
+      const uint8_t* __restrict__ packed = pick(weights.packed, tl.which);
+      const int N = pick(weights.N, tl.which);
+      const uint8_t* src[kPerLane];
+#pragma unroll
+      for (int j = 0; j < kPerLane; ++j)
+        src[j] = packed + static_cast<int64_t>(min(tl.row0 + lane + 32 * j, N - 1)) * (K / 2);
+      for (int s = 0; s < nstages; ++s, ++count) {
+        const int slot = count % kStages;
+        if (count == kStages && !synced) {
+          __syncthreads();  // the consumers' table is built; from here on slots are reused
+          synced = true;
+        }
+        // The slot's last use (stage count - kStages) must have been read out by all consumers.
+        if (count >= kStages) mbarrier_wait(&empty[slot], ((count / kStages) & 1) ^ 1);
+        const int k0 = s * kBulkStageK;
+        const uint32_t bytes = static_cast<uint32_t>(min(kBulkStageK, K - k0) / 2);  // K % 32 == 0: a multiple of 16
+        if (lane == 0) mbarrier_expect_bytes(&full[slot], bytes * kRows);
+        __syncwarp();
+#pragma unroll
+        for (int j = 0; j < kPerLane; ++j) {
+          const int r = lane + 32 * j;
+          if (r < kRows)
+            bulk_copy(s_stages + slot * kStageBytes + r * kBulkRowPitch, src[j] + k0 / 2, bytes, &full[slot], policy);
+        }
       }
     }
-  };
-#pragma unroll
-  for (int pass = 0; pass < kPasses; ++pass) {
-    constexpr int kPassR = kR / kPasses;
-    __syncthreads();  // the table (or the last pass's sums) is no longer read
-#pragma unroll
-    for (int r = 0; r < kPassR; ++r)
-#pragma unroll
-      for (int n = 0; n < kT; ++n)
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-          s_red[warp * kPassFloats + ((r * kT + n) * 4 + i) * 32 + lane] = acc[pass * kPassR + r][n][i];
-    __syncthreads();
-    for (int idx = tid; idx < kRowWarps * kPassFloats; idx += kMmThreads) {
-      const int group = idx / kPassFloats, within = idx % kPassFloats;
-      float sum = 0.0f;
-#pragma unroll
-      for (int w = 0; w < kSlices; ++w) sum += s_red[(group * kSlices + w) * kPassFloats + within];
-      store(group, pass * kPassFloats + within, sum);
-    }
+    if (!synced) __syncthreads();
+    return;  // the consumers sync among themselves from here on (named barrier 1)
   }
+
+  build_pair_table<T>(s_table, s_code8, nested_code, quant_type, nested, tid, kMmThreads);
+  __syncthreads();  // the table, and the barriers' initialization
+
+  auto consumer_sync = [] { asm volatile("bar.sync 1, %0;" ::"n"(kMmThreads) : "memory"); };
+  const int tok0 = blockIdx.y * kT * 8;
+  const uint32_t lane4 = keep(4u * lane);
+  auto entry = [&](uint32_t byte_offset) {
+    return *reinterpret_cast<const uint32_t*>(s_table + (byte_offset | lane4));
+  };
+  const T* x_tok[kT];
+  bool tok_ok[kT];
+#pragma unroll
+  for (int n = 0; n < kT; ++n) {
+    const int tok = tok0 + n * 8 + g;
+    tok_ok[n] = tok < M;
+    x_tok[n] = keep(x + static_cast<int64_t>(min(tok, M - 1)) * K);
+  }
+  // Consumer warp w takes elements 128 w .. 128 w + 127 of every stage; lane t 32 of them.
+  auto step_k0 = [&](int s) { return s * kBulkStageK + 128 * warp + 32 * t; };
+  // A tile, and this lane's two rows in each of its row tiles (for their absmax blocks).
+  struct TileRows {
+    Tile tl;
+    RowStart lo[kR], hi[kR];
+  };
+  auto rows_of = [&](int tile) {
+    TileRows tr;
+    tr.tl = tile_at(tile);
+    const uint8_t* packed = pick(weights.packed, tr.tl.which);
+    const int N = pick(weights.N, tr.tl.which);
+#pragma unroll
+    for (int r = 0; r < kR; ++r) {
+      tr.lo[r] = row_start(packed, min(tr.tl.row0 + 16 * r + g, N - 1), K, lg_bs);
+      tr.hi[r] = row_start(packed, min(tr.tl.row0 + 16 * r + g + 8, N - 1), K, lg_bs);
+    }
+    return tr;
+  };
+  auto scales = [&](const TileRows& tr, int r, int s) {
+    const int k0 = step_k0(s);
+    return load_scales(tr.lo[r], tr.hi[r], k0, s < nstages && k0 < K, pick(weights.absmax, tr.tl.which), nested,
+                       pick(weights.nested_absmax, tr.tl.which), lg_bs, lg_nbs);
+  };
+  constexpr int kAhead = 2;  // stages of absmax loads in flight
+  ScaleLoads ring[kAhead][kR];
+  auto prefetch = [&](const TileRows& tr) {
+#pragma unroll
+    for (int d = 0; d < kAhead; ++d)
+#pragma unroll
+      for (int r = 0; r < kR; ++r) ring[d][r] = scales(tr, r, d);
+  };
+  // This lane's 16 bytes of rows g and g + 8 within a stage.
+  const uint32_t lane_bytes = keep(static_cast<uint32_t>(g * kBulkRowPitch + 64 * warp + 16 * t));
+  TileRows tr = rows_of(first);
+  if (first < total_tiles) prefetch(tr);
+  int count = 0;  // stages consumed
+  for (int tile = first; tile < total_tiles; tile += stride) {
+    const float tile_off = nested ? __ldg(pick(weights.offset, tr.tl.which)) : 0.0f;
+    float acc[kR][kT][4];
+#pragma unroll
+    for (int r = 0; r < kR; ++r)
+#pragma unroll
+      for (int n = 0; n < kT; ++n) acc[r][n][0] = acc[r][n][1] = acc[r][n][2] = acc[r][n][3] = 0.0f;
+    for (int base = 0; base < nstages; base += kAhead) {
+#pragma unroll
+      for (int d = 0; d < kAhead; ++d) {
+        const int s = base + d;
+        if (s >= nstages) break;  // warp-uniform
+        ScaleLoads cur[kR];
+#pragma unroll
+        for (int r = 0; r < kR; ++r) {
+          cur[r] = ring[d][r];
+          ring[d][r] = scales(tr, r, s + kAhead);
+        }
+        const int k0 = step_k0(s);
+        const bool k_ok = k0 < K;
+        uint32_t s_lo[kR], s_hi[kR];
+#pragma unroll
+        for (int r = 0; r < kR; ++r) {
+          s_lo[r] = chunk_scale<T>(cur[r].ra, cur[r].na, k_ok, nested, s_code8, tile_off);
+          s_hi[r] = chunk_scale<T>(cur[r].rb, cur[r].nb, k_ok, nested, s_code8, tile_off);
+        }
+        const int slot = count % kStages;
+        mbarrier_wait(&full[slot], (count / kStages) & 1);
+        ++count;
+        const uint8_t* stage = s_stages + slot * kStageBytes + lane_bytes;
+        uint4 w_lo[kR], w_hi[kR];
+        const uint4 zero = make_uint4(0, 0, 0, 0);
+#pragma unroll
+        for (int r = 0; r < kR; ++r) {
+          w_lo[r] = k_ok ? *reinterpret_cast<const uint4*>(stage + 16 * r * kBulkRowPitch) : zero;
+          w_hi[r] = k_ok ? *reinterpret_cast<const uint4*>(stage + (16 * r + 8) * kBulkRowPitch) : zero;
+        }
+        __syncwarp();  // every lane has its bytes in registers: the stage may be refilled
+        if (lane == 0) mbarrier_arrive(&empty[slot]);
+        mma_step<T, kT, kR, false>(acc, w_lo, w_hi, s_lo, s_hi, x_tok, tok_ok, k0, k_ok, entry);
+      }
+    }
+    const Tile done = tr.tl;
+    if (tile + stride < total_tiles) {  // the next tile's first absmax loads go out before this one's reduction
+      tr = rows_of(tile + stride);
+      prefetch(tr);
+    }
+    reduce_tiles<kT, kR, 1>(acc, s_red, warp, lane, consumer_sync,
+                            out_store<T, kT, kR, 1>(weights, done.which, done.row0 / kRows, tok0, M, nullptr, 0));
+  }
+#else
+  __trap();  // compiled for sm_90 and up only; the host checks the binary before launching
+#endif
 }
 
 // x [M, K] -> xp [M, x_stride] (x_stride: K rounded up to a step), so that the 4 lanes of a
@@ -622,6 +952,64 @@ void launch_matmul_4bit(const at::Tensor& xp, int64_t x_stride, const WeightSet<
   }
 }
 
+// Launches the bulk-copy kernel if this device and this build can run it: compute capability 9.0
+// or newer, and the kernel compiled for it (a build for 8.x only JIT-compiles its empty body on an
+// H100: ptxVersion < 90). Returns false, launching nothing, otherwise. Checked once per device,
+// with the number of CTAs that fit on an SM (the persistent grid's size).
+template <typename T, int kT, int kR, int kStages, bool kGrouped>
+bool launch_matmul_4bit_bulk(const at::Tensor& x, const WeightSet<T>& weights, int total_tiles, const float* nested_code,
+                             int M, int K, int lg_bs, int lg_nbs, QuantType qt, bool nested) {
+  auto* kernel = matmul_4bit_bulk_kernel<T, kT, kR, kStages, kGrouped>;
+  constexpr int kSmem = bulk_smem_bytes<kT, kR, kStages>();
+  const int device = x.get_device();
+  static std::mutex mutex;
+  static std::vector<std::pair<int, int>> ctas_per_sm;  // (device, CTAs per SM; 0: not usable)
+  int per_sm = 0;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    auto it = std::find_if(ctas_per_sm.begin(), ctas_per_sm.end(), [&](const auto& e) { return e.first == device; });
+    if (it == ctas_per_sm.end()) {
+      int n = 0;
+      if (compute_capability_major(device) >= 9) {
+        cudaFuncAttributes attr;
+        const bool ok = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90 &&
+                        attr.binaryVersion >= 90 &&
+                        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem) == cudaSuccess &&
+                        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kBulkThreads, kSmem) == cudaSuccess;
+        if (!ok) {
+          n = 0;
+          (void)cudaGetLastError();  // a build without sm_90 code: the register kernel runs instead
+        }
+      }
+      ctas_per_sm.emplace_back(device, n);
+      it = ctas_per_sm.end() - 1;
+    }
+    per_sm = it->second;
+  }
+  if (per_sm <= 0) return false;
+  const int64_t token_tiles = ceil_div(M, kT * 8);
+  TORCH_CHECK(token_tiles <= 65535, "x: expected at most ", num(65535 * kT * 8), " rows, got ", num(M));
+  const int64_t ctas = std::min<int64_t>(total_tiles, int64_t{per_sm} * multiprocessor_count(device));
+  const dim3 grid(static_cast<unsigned>(ctas), static_cast<unsigned>(token_tiles), 1);
+  kernel<<<grid, kBulkThreads, kSmem, c10::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const T*>(x.data_ptr()), weights, total_tiles, nested_code, M, K, lg_bs, lg_nbs,
+      static_cast<int>(qt), nested);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
+}
+
+// Whether the bulk-copy kernel serves M tokens (on sm_90 and up): at 1-8. (At 9-16 it was tried
+// with one and two row tiles per CTA and lost to the register kernel's four on most LLaMA shapes,
+// H100.) QLORA_KERNELS_MM_BULK=0 turns it off, for comparisons; so does QLORA_KERNELS_MM_TILE (a
+// tuning sweep of the register kernel).
+bool bulk_wanted(int64_t M) {
+  if (M > 8) return false;
+  const char* tile = std::getenv("QLORA_KERNELS_MM_TILE");
+  if (tile != nullptr && *tile != '\0') return false;
+  const char* env = std::getenv("QLORA_KERNELS_MM_BULK");
+  return env == nullptr || *env == '\0' || std::atoi(env) != 0;
+}
+
 // One weight of a launch, as the host has it.
 struct HostWeight {
   at::Tensor packed, absmax;
@@ -724,6 +1112,47 @@ std::vector<at::Tensor> run_matmul_4bit(const at::Tensor& x, const std::vector<H
   auto run = [&](auto tag) {
     using T = typename decltype(tag)::type;
     const int m = static_cast<int>(M), k = static_cast<int>(K);
+    // Weights i0 .. i1 - 1 as one launch's WeightSet, and its row tiles of tile_rows rows.
+    auto weight_set = [&](size_t i0, size_t i1, int tile_rows) {
+      WeightSet<T> set{};
+      int64_t tiles = 0;
+      for (int j = 0; j < kMaxWeights; ++j) {
+        set.tile_end[j] = std::numeric_limits<int>::max();
+        if (i0 + j >= i1) continue;
+        const HostWeight& w = weights[i0 + j];
+        set.packed[j] = w.packed.data_ptr<uint8_t>();
+        set.absmax[j] = w.absmax.data_ptr();
+        set.nested_absmax[j] = nested ? w.nested_absmax->data_ptr<float>() : nullptr;
+        set.offset[j] = nested ? w.offset->data_ptr<float>() : nullptr;
+        set.bias[j] = w.bias.has_value() ? reinterpret_cast<const T*>(w.bias->data_ptr()) : nullptr;
+        set.out[j] = reinterpret_cast<T*>(outs[i0 + j].data_ptr());
+        set.N[j] = static_cast<int>(w.N);
+        tiles += ceil_div(w.N, tile_rows);
+        TORCH_CHECK(tiles < (int64_t{1} << 31), "N: too many row tiles");
+        set.tile_end[j] = static_cast<int>(tiles);
+      }
+      return std::pair<WeightSet<T>, int64_t>{set, tiles};
+    };
+    // sm_90, 1-8 tokens: the bulk-copy kernel, all weights in one launch (up to kMaxWeights).
+    auto try_bulk = [&](auto stages) {
+      constexpr int kStages = decltype(stages)::value;
+      auto launch_all = [&](auto grouped) {
+        constexpr bool kGrouped = decltype(grouped)::value;
+        for (size_t i = 0; i < weights.size(); i += kGrouped ? weights.size() : 1) {
+          const size_t i1 = kGrouped ? weights.size() : i + 1;
+          const auto [set, tiles] = weight_set(i, i1, kTileRows);
+          if (!launch_matmul_4bit_bulk<T, 1, 1, kStages, kGrouped>(x, set, static_cast<int>(tiles), nc, m, k, lg_bs,
+                                                                   lg_nbs, qt, nested))
+            return false;  // only the first launch can refuse: the check is per device
+        }
+        return true;
+      };
+      return weights.size() > 1 ? launch_all(std::true_type{}) : launch_all(std::false_type{});
+    };
+    // Two stages: on an H100 two beat three and four on every LLaMA shape at 1 and 8 tokens (by up
+    // to 20% at 8 tokens, where x must stay in the L1 the stages' shared memory takes from).
+    if (bulk_wanted(M)) launched = try_bulk(std::integral_constant<int, 2>{});
+    if (launched) return;
     // Fewest n-tiles that hold M tokens (beyond 64 tokens, more CTAs along y), then the compiled
     // (kR, kD) that tile_config asked for.
     auto with_tokens = [&](auto tokens) {
@@ -735,23 +1164,7 @@ std::vector<at::Tensor> run_matmul_4bit(const at::Tensor& x, const std::vector<H
             const auto [xp, x_stride] = kernel_x<T, kT>(x);
             // Weights i0 .. i1 - 1 in one launch.
             auto launch_weights = [&](auto grouped, size_t i0, size_t i1) {
-              WeightSet<T> set{};
-              int64_t tiles = 0;
-              for (int j = 0; j < kMaxWeights; ++j) {
-                set.tile_end[j] = std::numeric_limits<int>::max();
-                if (i0 + j >= i1) continue;
-                const HostWeight& w = weights[i0 + j];
-                set.packed[j] = w.packed.data_ptr<uint8_t>();
-                set.absmax[j] = w.absmax.data_ptr();
-                set.nested_absmax[j] = nested ? w.nested_absmax->data_ptr<float>() : nullptr;
-                set.offset[j] = nested ? w.offset->data_ptr<float>() : nullptr;
-                set.bias[j] = w.bias.has_value() ? reinterpret_cast<const T*>(w.bias->data_ptr()) : nullptr;
-                set.out[j] = reinterpret_cast<T*>(outs[i0 + j].data_ptr());
-                set.N[j] = static_cast<int>(w.N);
-                tiles += ceil_div(w.N, kTileRows * kR * kW);
-                TORCH_CHECK(tiles < (int64_t{1} << 31), "N: too many row tiles");
-                set.tile_end[j] = static_cast<int>(tiles);
-              }
+              const auto [set, tiles] = weight_set(i0, i1, kTileRows * kR * kW);
               constexpr bool kGrouped = decltype(grouped)::value;  // only with kW == 1 (the kernel asserts it)
               launch_matmul_4bit<T, kT, kR, kD, kGrouped, kW>(xp, x_stride, set, static_cast<int>(tiles), nc, m, k,
                                                               lg_bs, lg_nbs, qt, nested, kGrouped ? 1 : want.splits);

@@ -452,6 +452,47 @@ def test_gpu_every_compiled_tile(tile, M, monkeypatch, rng):
         assert any("permute_x_kernel" in n for n in names) == (n_tiles == 8), names
 
 
+def _kernel_names(fn) -> list[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = fn()
+        torch.cuda.synchronize()
+    return out, [e.name for e in prof.events()]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("K,N", [(4160, 257), (11008, 96), (1056, 8200)])
+@pytest.mark.parametrize("M", [1, 3, 8, 9])
+def test_gpu_bulk_copy_kernel_equals_register_kernel(M, K, N, dtype, monkeypatch, rng):
+    """sm_90 and up, 1-8 tokens: the weights stream into shared memory by bulk copies
+    (matmul_4bit_bulk_kernel). Its warps take the same K steps in the same order as the
+    register kernel's run without K splits ("1,2"), so the two agree to the bit: on a partial
+    row tile (N = 257), a partial last stage (K = 4160, 11008: 64 and 768 of 1024 elements, and
+    K = 1056: 32), and more row tiles (N = 8200: 513) than its persistent grid has CTAs.
+    QLORA_KERNELS_MM_BULK=0 turns it off; 9 tokens never take it."""
+    _impl("cuda")
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the bulk-copy kernel needs compute capability 9.0")
+    packed, state = quantized_weight(N, K, "nf4", 64, True, rng, "cuda")
+    x = random_x((M, K), dtype, rng, "cuda")
+    bias = random_x((N,), dtype, rng, "cuda")
+    want = expected(x, packed, state, bias)
+    run = lambda: qk.matmul_4bit(x, packed, state, bias)  # noqa: E731
+    monkeypatch.delenv("QLORA_KERNELS_MM_TILE", raising=False)
+    monkeypatch.delenv("QLORA_KERNELS_MM_BULK", raising=False)
+    out, names = _kernel_names(run)
+    assert any("matmul_4bit_bulk_kernel" in n for n in names) == (M <= 8), names
+    assert rel_err(out, want) < TOL[dtype]
+    monkeypatch.setenv("QLORA_KERNELS_MM_BULK", "0")
+    off, names = _kernel_names(run)
+    assert not any("bulk" in n for n in names), names
+    assert rel_err(off, want) < TOL[dtype]
+    if M <= 8:
+        monkeypatch.delenv("QLORA_KERNELS_MM_BULK")
+        monkeypatch.setenv("QLORA_KERNELS_MM_TILE", "1,2")
+        assert torch.equal(out, run())
+
+
 @pytest.mark.gpu
 def test_gpu_cuda_op_host_checks_raise_instead_of_crashing(rng):
     """The C++ host checks of the CUDA op, reached only by direct op calls (the Python API

@@ -7,13 +7,17 @@ compute-sanitizer:
 Checks nothing itself (tests/test_matmul_4bit.py does); it only has to touch every code path:
 each n-tile count (M = 1, 9, 17, 33 and 65, which also takes a second token tile), N not a
 multiple of 16, K not a multiple of the 128-element warp step, bf16 and fp16, NF4 and FP4,
-plain and double-quantized absmax, with and without bias.
+plain and double-quantized absmax, with and without bias. On sm_90 M = 1 and 3 take the
+bulk-copy kernel; they run again with it turned off, and once with more row tiles than its
+persistent grid has CTAs, alone and grouped.
 """
+
+import os
 
 import torch
 
 import qlora_kernels as qk
-from qlora_kernels.matmul import _nested_args
+from qlora_kernels.matmul import _nested_args, matmul_4bit_group
 
 assert qk.backend() == "cuda", f"the CUDA extension is not loaded (backend {qk.backend()})"
 op = torch.ops.qlora_kernels.matmul_4bit
@@ -26,9 +30,26 @@ for N, K in ((7, 32), (33, 160), (257, 4160)):
             packed, st = qk.quantize_4bit(W, quant_type=qt, blocksize=bs, double_quant=dq)
             for dtype in (torch.bfloat16, torch.float16):
                 bias = torch.randn(N, device="cuda", generator=g).to(dtype)
-                for M in (1, 9, 17, 33, 65):
+                for M in (1, 3, 9, 17, 33, 65):
                     x = torch.randn(M, K, device="cuda", generator=g).to(dtype)
                     op(x, packed, st.absmax, bs, qt, N, *_nested_args(st), bias)
                     op(x, packed, st.absmax, bs, qt, N, *_nested_args(st), None)
+# the register kernel at 1-8 tokens, where sm_90 takes the bulk-copy kernel
+os.environ["QLORA_KERNELS_MM_BULK"] = "0"
+W = torch.randn(257, 4160, device="cuda", generator=g)
+packed, st = qk.quantize_4bit(W, quant_type="nf4", blocksize=64, double_quant=True)
+for M in (1, 8):
+    x = torch.randn(M, 4160, device="cuda", generator=g).to(torch.bfloat16)
+    op(x, packed, st.absmax, 64, "nf4", 257, *_nested_args(st), None)
+del os.environ["QLORA_KERNELS_MM_BULK"]
+# more row tiles (513, and 537 grouped) than the persistent grid has CTAs; K = 1056: a last
+# stage of 32 elements
+print("persistent grid", flush=True)
+weights = [qk.quantize_4bit(torch.randn(N, 1056, device="cuda", generator=g), "nf4", 64, double_quant=True)
+           for N in (8200, 257, 96, 24)]
+for M in (1, 5):
+    x = torch.randn(M, 1056, device="cuda", generator=g).to(torch.bfloat16)
+    qk.matmul_4bit(x, *weights[0])
+    matmul_4bit_group(x, weights, [None] * len(weights))
 torch.cuda.synchronize()
 print("sanitize_matmul: all paths ran")
