@@ -535,23 +535,25 @@ __global__ void __launch_bounds__(kMmThreads)
 }
 
 // ---------------------------------------------------------------------------------------------
-// sm_90 and up, M <= 16: the same tiles and arithmetic, with the weights streamed into shared
+// sm_90 and up, 1-8 tokens: the same tiles and arithmetic, with the weights streamed into shared
 // memory by bulk copies (the TMA) instead of loaded into registers.
 //
-// Why: the register kernel's loads, not its arithmetic, bound it at 1-16 tokens. Its warps each
-// load 16 rows x 64 bytes at a time (4 lanes a row), and 8 warps walk a row 64 bytes apart. A
-// read-only test of that pattern on an H100 (no decode, 3 CTAs per SM, as the kernel runs) moved
+// Why: the register kernel's loads, not only its arithmetic, bound it at few tokens. Its warps
+// each load 16 rows x 64 bytes at a time (4 lanes a row), and 8 warps walk a row 64 bytes apart.
+// A read-only test of that pattern on an H100 (no decode, 3 CTAs per SM, as the kernel runs) moved
 // 8192 x 22016 at 1845 GB/s and 22016 x 8192 at 2426 GB/s, where warps reading 512 contiguous
 // bytes of one row reached 2810 and 2885 (device copy: ~3000); the kernel ran at 1647 and 1677.
 //
 // How: a producer warp copies, for each stage of kBulkStageK elements, the 512-byte piece of each
-// of the tile's 16 kR rows with one cp.async.bulk each (contiguous, as DRAM likes them), kStages
-// stages ahead, with no registers held for bytes in flight. A stage's mbarrier `full` counts its
-// bytes; the 8 consumer warps wait on it, take one 128-element step each (the register kernel's
-// step, its 16 bytes of rows g and g + 8 now read from shared memory), and release the stage on
-// `empty` as soon as those bytes are in registers. The absmax still comes through the L1, two
-// stages ahead. One launch, no split-K: each CTA walks all of K, as the stages keep enough bytes
-// in flight without more CTAs.
+// of the tile's 16 rows with one cp.async.bulk each (contiguous, as DRAM likes them), with no
+// registers held for bytes in flight. A stage's mbarrier `full` counts its bytes; the 8 consumer
+// warps wait on it, take one 128-element step each (the register kernel's step, its 16 bytes of
+// rows g and g + 8 now read from shared memory), and release the stage on `empty` as soon as
+// those bytes are in registers. The absmax still comes through the L1, two stages ahead. The CTAs
+// are persistent (one launch, no split-K; see the kernel). Two stages: on an H100 more lost (by up
+// to 20% at 8 tokens), as the shared memory they take comes out of the L1 that keeps x.
+// ncu, 22016 x 8192 at one token: issue slots 65% busy, ~290 instructions a 1 KB warp step (the
+// table lookups, HMUL2s and MMAs): the decode's instructions are what bound it now.
 constexpr int kBulkStageK = 1024;          // K elements per stage: one 128-element step per consumer warp
 // A row piece's pitch in shared memory: 512 bytes + 64, so that a row starts 36 16-byte units
 // after the last (4 mod 8): the 8 lanes of a quarter warp (rows g, g + 1 x lanes t 0..3) read 8
@@ -658,7 +660,7 @@ __global__ void __launch_bounds__(kBulkThreads)
 #pragma unroll
       for (int i = 0; i < kStages; ++i) {
         mbarrier_init(&full[i], 1);          // the producer's arrive, plus the stage's bytes
-        mbarrier_init(&empty[i], kMmWarps);  // one arrive per consumer warp
+        mbarrier_init(&empty[i], kMmThreads);  // one arrive per consumer thread
       }
       asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
@@ -791,8 +793,10 @@ __global__ void __launch_bounds__(kBulkThreads)
           w_lo[r] = k_ok ? *reinterpret_cast<const uint4*>(stage + 16 * r * kBulkRowPitch) : zero;
           w_hi[r] = k_ok ? *reinterpret_cast<const uint4*>(stage + (16 * r + 8) * kBulkRowPitch) : zero;
         }
-        __syncwarp();  // every lane has its bytes in registers: the stage may be refilled
-        if (lane == 0) mbarrier_arrive(&empty[slot]);
+        // This thread's bytes are in registers: its arrive releases its reads of the slot (each
+        // thread's own: one lane arriving for the warp after a __syncwarp leaves the other lanes'
+        // reads unordered against the refill for compute-sanitizer's racecheck).
+        mbarrier_arrive(&empty[slot]);
         mma_step<T, kT, kR, false>(acc, w_lo, w_hi, s_lo, s_hi, x_tok, tok_ok, k0, k_ok, entry);
       }
     }
