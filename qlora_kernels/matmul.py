@@ -7,7 +7,8 @@ Two paths, chosen by the number of rows M of x (all leading dims flattened):
   decodes the codes and the (8-bit) absmax in registers. There the layer is bound by the bytes
   of W, and 4-bit W is a quarter of bf16's. At M <= 8 on compute capability 9.0+ the CUDA
   kernel streams W into shared memory by bulk copies (the TMA) first, as contiguous 512-byte
-  row pieces (``QLORA_KERNELS_MM_BULK=0`` turns that off); the results are the same bits.
+  row pieces (``QLORA_KERNELS_MM_BULK=0`` turns that off), with the same sums in the same order
+  as the register kernel run without K splits.
 * larger M (prefill, training): the fast ``dequantize_4bit`` into a bf16/fp16 buffer, then
   cuBLAS. There the layer is bound by arithmetic, and tensor-core GEMMs win.
 
