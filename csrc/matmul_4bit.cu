@@ -560,6 +560,9 @@ constexpr int kBulkStageK = 1024;          // K elements per stage: one 128-elem
 // different bank groups with their 16-byte loads.
 constexpr int kBulkRowPitch = kBulkStageK / 2 + 64;
 constexpr int kBulkThreads = kMmThreads + 32;  // 8 consumer warps, 1 producer warp
+// Stages in shared memory: on an H100 two beat three and four on every LLaMA shape at 1 and 8
+// tokens (by up to 20% at 8 tokens, where x must stay in the L1 the stages' shared memory takes from).
+constexpr int kBulkStages = 2;
 
 template <int kT, int kR, int kStages>
 constexpr int bulk_smem_bytes() {
@@ -1138,24 +1141,21 @@ std::vector<at::Tensor> run_matmul_4bit(const at::Tensor& x, const std::vector<H
       return std::pair<WeightSet<T>, int64_t>{set, tiles};
     };
     // sm_90, 1-8 tokens: the bulk-copy kernel, all weights in one launch (up to kMaxWeights).
-    auto try_bulk = [&](auto stages) {
-      constexpr int kStages = decltype(stages)::value;
+    auto try_bulk = [&]() {
       auto launch_all = [&](auto grouped) {
         constexpr bool kGrouped = decltype(grouped)::value;
         for (size_t i = 0; i < weights.size(); i += kGrouped ? weights.size() : 1) {
           const size_t i1 = kGrouped ? weights.size() : i + 1;
           const auto [set, tiles] = weight_set(i, i1, kTileRows);
-          if (!launch_matmul_4bit_bulk<T, 1, 1, kStages, kGrouped>(x, set, static_cast<int>(tiles), nc, m, k, lg_bs,
-                                                                   lg_nbs, qt, nested))
+          if (!launch_matmul_4bit_bulk<T, 1, 1, kBulkStages, kGrouped>(x, set, static_cast<int>(tiles), nc, m, k,
+                                                                       lg_bs, lg_nbs, qt, nested))
             return false;  // only the first launch can refuse: the check is per device
         }
         return true;
       };
       return weights.size() > 1 ? launch_all(std::true_type{}) : launch_all(std::false_type{});
     };
-    // Two stages: on an H100 two beat three and four on every LLaMA shape at 1 and 8 tokens (by up
-    // to 20% at 8 tokens, where x must stay in the L1 the stages' shared memory takes from).
-    if (bulk_wanted(M)) launched = try_bulk(std::integral_constant<int, 2>{});
+    if (bulk_wanted(M)) launched = try_bulk();
     if (launched) return;
     // Fewest n-tiles that hold M tokens (beyond 64 tokens, more CTAs along y), then the compiled
     // (kR, kD) that tile_config asked for.

@@ -452,7 +452,8 @@ def test_gpu_every_compiled_tile(tile, M, monkeypatch, rng):
         assert any("permute_x_kernel" in n for n in names) == (n_tiles == 8), names
 
 
-def _kernel_names(fn) -> list[str]:
+def _kernel_names(fn) -> tuple[torch.Tensor, list[str]]:
+    """fn()'s result, and the names of the CUDA kernels it ran."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         out = fn()
         torch.cuda.synchronize()
