@@ -42,11 +42,16 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
+#include <tuple>
 #include <mutex>
 #include <limits>
 #include <string>
 #include <vector>
 #include <type_traits>
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
 
 #include "common.cuh"
 
@@ -234,22 +239,17 @@ __device__ __forceinline__ void build_pair_table(uint8_t* s_table, float* s_code
 
 // One warp step: this lane's 16 bytes of rows g and g + 8 of each row tile (w_lo, w_hi), with
 // their chunks' scales, decoded through the table (entry) and multiplied by the 32 elements of x
-// they meet, for each n-tile's token (x_tok[n] + x_off: k0, or the permuted offset).
-template <typename T, int kT, int kR, bool kPermute, typename Entry>
+// they meet: x_at(n, q) returns x words 4q .. 4q + 3 (elements k0 + 8q .. k0 + 8q + 7) of
+// n-tile n's token g (zero where the step is past K), from global memory or shared.
+template <typename T, int kT, int kR, typename XAt, typename Entry>
 __device__ __forceinline__ void mma_step(float (&acc)[kR][kT][4], const uint4 (&w_lo)[kR], const uint4 (&w_hi)[kR],
-                                         const uint32_t (&s_lo)[kR], const uint32_t (&s_hi)[kR],
-                                         const T* const (&x_tok)[kT], const bool (&tok_ok)[kT], int x_off, bool k_ok,
+                                         const uint32_t (&s_lo)[kR], const uint32_t (&s_hi)[kR], XAt x_at,
                                          Entry entry) {
-  const uint4 zero = make_uint4(0, 0, 0, 0);
-  const uint4* x_step[kT];
-#pragma unroll
-  for (int n = 0; n < kT; ++n) x_step[n] = reinterpret_cast<const uint4*>(x_tok[n] + x_off);
 #pragma unroll
   for (int q = 0; q < 4; ++q) {
-    // x words 4q .. 4q + 3 (elements k0 + 8q .. k0 + 8q + 7) of each n-tile's token g.
     uint4 xq[kT];
 #pragma unroll
-    for (int n = 0; n < kT; ++n) xq[n] = k_ok && tok_ok[n] ? __ldg(x_step[n] + (kPermute ? 4 * q : q)) : zero;
+    for (int n = 0; n < kT; ++n) xq[n] = x_at(n, q);
 #pragma unroll
     for (int r = 0; r < kR; ++r) {
       const uint32_t lo_word = word_of(w_lo[r], q);
@@ -522,8 +522,12 @@ __global__ void __launch_bounds__(kMmThreads)
         w_lo[r] = cur[r].wa;
         w_hi[r] = cur[r].wb;
       }
-      mma_step<T, kT, kR, kPermuteX<kT>>(acc, w_lo, w_hi, s_lo, s_hi, x_tok, tok_ok,
-                                          kPermuteX<kT> ? step * kStepK + 8 * t : k0, k_ok, entry);
+      const int x_off = kPermuteX<kT> ? step * kStepK + 8 * t : k0;
+      auto x_at = [&](int n, int q) {
+        const uint4* x_step = reinterpret_cast<const uint4*>(x_tok[n] + x_off);
+        return k_ok && tok_ok[n] ? __ldg(x_step + (kPermuteX<kT> ? 4 * q : q)) : make_uint4(0, 0, 0, 0);
+      };
+      mma_step<T, kT, kR>(acc, w_lo, w_hi, s_lo, s_hi, x_at, entry);
     }
   }
 
@@ -606,6 +610,36 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t b
       "l"(src), "r"(bytes), "r"(shared_address(bar)), "l"(policy)
       : "memory");
 }
+
+// The stages' barriers, initialized by thread 0 and made visible to the whole CTA (the async
+// proxy included) by the CTA's one __syncthreads. It sits here, where every thread of the CTA
+// reaches it on the same path: from a producer warp whose lanes had parted in mbarrier waits, a
+// __syncthreads was reported by compute-sanitizer's synccheck as divergent, and 28672 x 8192 at
+// 32 tokens (K split 7 ways, several CTAs per SM in turn) gave different results from run to run.
+// From here on the consumers sync among themselves only (consumer_sync: named barrier 1).
+template <int kStages>
+__device__ __forceinline__ void init_stage_barriers(uint64_t* full, uint64_t* empty, int tid) {
+  if (tid == 0) {
+#pragma unroll
+    for (int i = 0; i < kStages; ++i) {
+      mbarrier_init(&full[i], 1);            // the producer's arrive, plus the stage's bytes
+      mbarrier_init(&empty[i], kMmThreads);  // one arrive per consumer thread
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+}
+
+// Orders the consumers' shared-memory reads of a slot (generic proxy), which the producer has
+// acquired through the slot's `empty` barrier, before the copy it issues next into that slot (async
+// proxy). Without it the rows kernel read a few stale 16-byte pieces of x or weights now and then
+// (28672 x 8192 at 24-32 tokens with K split 7 ways: 1-6 wrong outputs in most calls, H100); the
+// mbarrier alone orders the reads for the generic proxy only.
+__device__ __forceinline__ void fence_reads_before_async_copy() {
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+
+__device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kMmThreads) : "memory"); }
 #endif
 
 template <typename T, int kT, int kR, int kStages, bool kGrouped>
@@ -655,24 +689,15 @@ __global__ void __launch_bounds__(kBulkThreads)
     return Tile{which, (tile - first_tile) * kRows};
   };
 
+  init_stage_barriers<kStages>(full, empty, tid);
   if (warp == kMmWarps) {
     // The producer. Lane i copies row pieces i, i + 32, ... (rows past N copy row N - 1: valid
-    // memory, never stored). Its first kStages stages go out before the table is built (they need
-    // no slot freed), the rest after the CTA's barrier.
-    if (lane == 0) {
-#pragma unroll
-      for (int i = 0; i < kStages; ++i) {
-        mbarrier_init(&full[i], 1);          // the producer's arrive, plus the stage's bytes
-        mbarrier_init(&empty[i], kMmThreads);  // one arrive per consumer thread
-      }
-      asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    }
-    __syncwarp();
+    // memory, never stored). Its first kStages stages go out while the table is built (they need
+    // no slot freed).
     uint64_t policy;
     asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
     constexpr int kPerLane = (kRows + 31) / 32;
     int count = 0;  // stages issued
-    bool synced = false;
     for (int tile = first; tile < total_tiles; tile += stride) {
       const Tile tl = tile_at(tile);
       const uint8_t* __restrict__ packed = pick(weights.packed, tl.which);
@@ -683,12 +708,11 @@ __global__ void __launch_bounds__(kBulkThreads)
         src[j] = packed + static_cast<int64_t>(min(tl.row0 + lane + 32 * j, N - 1)) * (K / 2);
       for (int s = 0; s < nstages; ++s, ++count) {
         const int slot = count % kStages;
-        if (count == kStages && !synced) {
-          __syncthreads();  // the consumers' table is built; from here on slots are reused
-          synced = true;
-        }
         // The slot's last use (stage count - kStages) must have been read out by all consumers.
-        if (count >= kStages) mbarrier_wait(&empty[slot], ((count / kStages) & 1) ^ 1);
+        if (count >= kStages) {
+          mbarrier_wait(&empty[slot], ((count / kStages) & 1) ^ 1);
+          fence_reads_before_async_copy();
+        }
         const int k0 = s * kBulkStageK;
         const uint32_t bytes = static_cast<uint32_t>(min(kBulkStageK, K - k0) / 2);  // K % 32 == 0: a multiple of 16
         if (lane == 0) mbarrier_expect_bytes(&full[slot], bytes * kRows);
@@ -701,14 +725,11 @@ __global__ void __launch_bounds__(kBulkThreads)
         }
       }
     }
-    if (!synced) __syncthreads();
-    return;  // the consumers sync among themselves from here on (named barrier 1)
+    return;
   }
 
   build_pair_table<T>(s_table, s_code8, nested_code, quant_type, nested, tid, kMmThreads);
-  __syncthreads();  // the table, and the barriers' initialization
-
-  auto consumer_sync = [] { asm volatile("bar.sync 1, %0;" ::"n"(kMmThreads) : "memory"); };
+  consumer_sync();  // the table
   const int tok0 = blockIdx.y * kT * 8;
   const uint32_t lane4 = keep(4u * lane);
   auto entry = [&](uint32_t byte_offset) {
@@ -800,7 +821,10 @@ __global__ void __launch_bounds__(kBulkThreads)
         // thread's own: one lane arriving for the warp after a __syncwarp leaves the other lanes'
         // reads unordered against the refill for compute-sanitizer's racecheck).
         mbarrier_arrive(&empty[slot]);
-        mma_step<T, kT, kR, false>(acc, w_lo, w_hi, s_lo, s_hi, x_tok, tok_ok, k0, k_ok, entry);
+        auto x_at = [&](int n, int q) {
+          return k_ok && tok_ok[n] ? __ldg(reinterpret_cast<const uint4*>(x_tok[n] + k0) + q) : zero;
+        };
+        mma_step<T, kT, kR>(acc, w_lo, w_hi, s_lo, s_hi, x_at, entry);
       }
     }
     const Tile done = tr.tl;
@@ -808,9 +832,228 @@ __global__ void __launch_bounds__(kBulkThreads)
       tr = rows_of(tile + stride);
       prefetch(tr);
     }
-    reduce_tiles<kT, kR, 1>(acc, s_red, warp, lane, consumer_sync,
+    reduce_tiles<kT, kR, 1>(acc, s_red, warp, lane, [] { consumer_sync(); },
                             out_store<T, kT, kR, 1>(weights, done.which, done.row0 / kRows, tok0, M, nullptr, 0));
   }
+#else
+  __trap();  // compiled for sm_90 and up only; the host checks the binary before launching
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// sm_90 and up, 9-64 tokens: row warps, with x and the weights both staged in shared memory.
+//
+// Why: with more tokens, x is the larger stream. Every 16 weight rows meet all of x (16 bytes of
+// x per weight byte at 64 tokens), and the register kernel's warps load x into registers from
+// L1/L2 for each row tile they decode, then hold it there while the MMAs run: at 33-64 tokens it
+// has 255 registers (one CTA per SM) and ran at 0.5-0.8x bf16 on the LLaMA shapes (H100).
+//
+// How: the CTA's 8 consumer warps each own kR row tiles (16 kR rows) and all walk the same K
+// steps, so one copy of x in shared memory serves 128 kR weight rows. Per 128-element step a
+// producer warp issues two copies into a stage, counted on the stage's `full` mbarrier: the
+// tile's 64 bytes of each row as one 2-D tensor copy (rows past N and bytes past K come back as
+// zeros), and the step's x as one bulk copy of a staged image (stage_x_kernel). Few, large
+// copies matter: the TMA takes about 45 copy instructions per microsecond per SM, so one bulk
+// copy per 64-byte row piece read 22016 x 8192's bytes at 383 GB/s, where one box per stage of
+// 128 rows x 64 bytes read them at 2457 (H100, copies alone, .scratch-free: see the README of
+// benchmarks/results). A warp owns its rows over the whole K range, so there is no reduction
+// across warps: the accumulators go straight to the output (or, with K split over the grid's z,
+// to float32 partial tiles that sum_k_splits_kernel adds in a fixed order).
+//
+// Shared-memory layout, chosen so that the 8 lanes of each quarter warp (rows g, g + 1 x lanes
+// t 0..3) hit 8 different 16-byte bank groups with their 16-byte loads:
+// * weights: row i's 64 bytes at 64 i, dense (the tensor copy's box): rows g and g + 1 are 4 units
+//   apart, lane t reads unit t of its row;
+// * x: a token's 128 elements as 4 runs of 64 bytes (lane t's 32 elements) at byte 80 t of a
+//   320-byte row; unit q of lane t's run is 5 t + q (0, 5, 2, 7 + q mod 8), the next token's 4 more.
+constexpr int kRowsStepBytes = kStepK / 2;  // one weight row's bytes per stage
+constexpr int kXRunPitch = 80;
+constexpr int kXTokenPitch = 320;
+
+template <int kT, int kR, int kStages>
+constexpr int rows_smem_bytes() {
+  // table | 8-bit code | stages (weights, then x) | full[kStages], empty[kStages]
+  return kTableBytes + 256 * 4 + kStages * (kMmWarps * kTileRows * kR * kRowsStepBytes + kT * 8 * kXTokenPitch) +
+         2 * kStages * 8;
+}
+
+// x [M, K] -> img [token tiles][steps][tokens][kXTokenPitch bytes]: each step's x for a token tile
+// as the rows kernel's stage holds it, zero past M and K, so that one bulk copy moves it.
+template <typename T>
+__global__ void stage_x_kernel(const T* __restrict__ x, T* __restrict__ img, int M, int K, int tokens, int nsteps,
+                               int64_t units) {
+  constexpr int kUnitsPerToken = kXTokenPitch / 16;  // 20: 4 runs of 4 units and 4 of padding
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < units;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int unit = static_cast<int>(i % kUnitsPerToken);
+    const int64_t row = i / kUnitsPerToken;  // (token tile, step, token)
+    const int tok_in = static_cast<int>(row % tokens);
+    const int step = static_cast<int>((row / tokens) % nsteps);
+    const int tok = static_cast<int>(row / (int64_t{tokens} * nsteps)) * tokens + tok_in;
+    const int run = unit / 5, q = unit % 5;  // q == 4: padding
+    const int k = step * kStepK + 32 * run + 8 * q;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (q < 4 && tok < M && k < K) v = *reinterpret_cast<const uint4*>(x + static_cast<int64_t>(tok) * K + k);
+    reinterpret_cast<uint4*>(img)[i] = v;
+  }
+}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// The box at (column c0 bytes, row c1) of a 2-D tensor map to shared dst, counted on bar.
+__device__ __forceinline__ void tensor_copy_2d(void* dst, const CUtensorMap* map, int c0, int c1, uint64_t* bar,
+                                               uint64_t policy) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, {%2, "
+      "%3}], [%4], %5;" ::"r"(shared_address(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(shared_address(bar)), "l"(policy)
+      : "memory");
+}
+#endif
+
+template <typename T, int kT, int kR, int kStages>
+__global__ void __launch_bounds__(kBulkThreads)
+    matmul_4bit_rows_kernel(const T* __restrict__ x_img, const __grid_constant__ CUtensorMap w_map,
+                            const __grid_constant__ WeightSet<T> weights, const float* __restrict__ nested_code, int M,
+                            int K, int lg_bs, int lg_nbs, int quant_type, bool nested, int split_steps,
+                            float* __restrict__ partial) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  constexpr int kRows = kMmWarps * kTileRows * kR;  // weight rows per CTA
+  constexpr int kTokens = kT * 8;
+  constexpr int kWeightBytes = kRows * kRowsStepBytes;
+  constexpr int kXBytes = kTokens * kXTokenPitch;
+  constexpr int kStageBytes = kWeightBytes + kXBytes;
+  extern __shared__ __align__(128) uint8_t smem[];
+  uint8_t* s_table = smem;
+  float* s_code8 = reinterpret_cast<float*>(smem + kTableBytes);
+  uint8_t* s_stages = smem + kTableBytes + 256 * 4;
+  uint64_t* full = reinterpret_cast<uint64_t*>(s_stages + kStages * kStageBytes);
+  uint64_t* empty = full + kStages;
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0);  // warp-uniform, as in the register kernel
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const uint8_t* __restrict__ packed = weights.packed[0];
+  const int N = weights.N[0];
+  const int tile = static_cast<int>(blockIdx.x);
+  const int tok0 = static_cast<int>(blockIdx.y) * kTokens;
+  const int nsteps = (K + kStepK - 1) / kStepK;
+  const int step_begin = static_cast<int>(blockIdx.z) * split_steps;
+  const int step_end = min(nsteps, step_begin + split_steps);
+  const int steps = step_end - step_begin;
+
+  init_stage_barriers<kStages>(full, empty, tid);
+  if (warp == kMmWarps) {
+    // The producer: its lane 0 issues both copies of each stage; the first kStages go out while
+    // the table is built.
+    if (lane == 0) asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&w_map)) : "memory");
+    uint64_t evict_first, evict_last;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(evict_first));
+    asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(evict_last));  // x: read by every tile
+    const T* x_steps = x_img + static_cast<int64_t>(blockIdx.y) * nsteps * kXBytes / sizeof(T);
+    for (int i = 0; i < steps; ++i) {
+      const int slot = i % kStages;
+      // The slot's last use (step i - kStages) must have been read out by all consumers.
+      if (i >= kStages) {
+        mbarrier_wait(&empty[slot], ((i / kStages) & 1) ^ 1);
+        fence_reads_before_async_copy();
+      }
+      if (lane == 0) {
+        const int step = step_begin + i;
+        uint8_t* stage = s_stages + slot * kStageBytes;
+        mbarrier_expect_bytes(&full[slot], kStageBytes);  // a box counts in full, zeros past N and K too
+        tensor_copy_2d(stage, &w_map, step * kRowsStepBytes, tile * kRows, &full[slot], evict_first);
+        bulk_copy(stage + kWeightBytes, x_steps + static_cast<int64_t>(step) * kXBytes / sizeof(T), kXBytes,
+                  &full[slot], evict_last);
+      }
+      __syncwarp();
+    }
+    return;
+  }
+
+  build_pair_table<T>(s_table, s_code8, nested_code, quant_type, nested, tid, kMmThreads);
+  consumer_sync();  // the table
+
+  const uint32_t lane4 = keep(4u * lane);
+  auto entry = [&](uint32_t byte_offset) {
+    return *reinterpret_cast<const uint32_t*>(s_table + (byte_offset | lane4));
+  };
+  const void* __restrict__ absmax = weights.absmax[0];
+  const float* __restrict__ nested_absmax = weights.nested_absmax[0];
+  const float off = nested ? __ldg(weights.offset[0]) : 0.0f;
+  const int row0 = tile * kRows + warp * kTileRows * kR;
+  RowStart lo_row[kR], hi_row[kR];
+#pragma unroll
+  for (int r = 0; r < kR; ++r) {
+    lo_row[r] = row_start(packed, min(row0 + 16 * r + g, N - 1), K, lg_bs);
+    hi_row[r] = row_start(packed, min(row0 + 16 * r + g + 8, N - 1), K, lg_bs);
+  }
+  // Past K a lane's scale is zero (and the copies bring zeros): its MMA terms vanish.
+  auto scales = [&](int r, int step) {
+    const int k0 = step * kStepK + 32 * t;
+    return load_scales(lo_row[r], hi_row[r], k0, step < step_end && k0 < K, absmax, nested, nested_absmax, lg_bs,
+                       lg_nbs);
+  };
+  constexpr int kAhead = 2;  // steps of absmax loads in flight
+  ScaleLoads ring[kAhead][kR];
+#pragma unroll
+  for (int d = 0; d < kAhead; ++d)
+#pragma unroll
+    for (int r = 0; r < kR; ++r) ring[d][r] = scales(r, step_begin + d);
+  // This lane's bytes within a stage: rows g and g + 8 of its row tiles, and its run of x.
+  const uint32_t w_lane = keep(static_cast<uint32_t>((warp * kTileRows * kR + g) * kRowsStepBytes + 16 * t));
+  const uint32_t x_lane = keep(static_cast<uint32_t>(kWeightBytes + g * kXTokenPitch + t * kXRunPitch));
+
+  float acc[kR][kT][4];
+#pragma unroll
+  for (int r = 0; r < kR; ++r)
+#pragma unroll
+    for (int n = 0; n < kT; ++n) acc[r][n][0] = acc[r][n][1] = acc[r][n][2] = acc[r][n][3] = 0.0f;
+  for (int base = 0; base < steps; base += kAhead) {
+#pragma unroll
+    for (int d = 0; d < kAhead; ++d) {
+      const int i = base + d;
+      if (i >= steps) break;  // warp-uniform
+      const int step = step_begin + i;
+      ScaleLoads cur[kR];
+#pragma unroll
+      for (int r = 0; r < kR; ++r) {
+        cur[r] = ring[d][r];
+        ring[d][r] = scales(r, step + kAhead);
+      }
+      const bool k_ok = step * kStepK + 32 * t < K;
+      uint32_t s_lo[kR], s_hi[kR];
+#pragma unroll
+      for (int r = 0; r < kR; ++r) {
+        s_lo[r] = chunk_scale<T>(cur[r].ra, cur[r].na, k_ok, nested, s_code8, off);
+        s_hi[r] = chunk_scale<T>(cur[r].rb, cur[r].nb, k_ok, nested, s_code8, off);
+      }
+      const int slot = i % kStages;
+      mbarrier_wait(&full[slot], (i / kStages) & 1);
+      const uint8_t* stage = s_stages + slot * kStageBytes;
+      uint4 w_lo[kR], w_hi[kR];
+#pragma unroll
+      for (int r = 0; r < kR; ++r) {
+        w_lo[r] = *reinterpret_cast<const uint4*>(stage + w_lane + 16 * r * kRowsStepBytes);
+        w_hi[r] = *reinterpret_cast<const uint4*>(stage + w_lane + (16 * r + 8) * kRowsStepBytes);
+      }
+      const uint8_t* x_stage = stage + x_lane;
+      auto x_at = [&](int n, int q) {
+        return *reinterpret_cast<const uint4*>(x_stage + n * 8 * kXTokenPitch + 16 * q);
+      };
+      mma_step<T, kT, kR>(acc, w_lo, w_hi, s_lo, s_hi, x_at, entry);
+      mbarrier_arrive(&empty[slot]);  // this thread's reads of the slot (weights and x) are done
+    }
+  }
+  // Each warp holds whole sums for its rows: no reduction across warps.
+  auto emit = out_store<T, kT, kR, kMmWarps>(weights, 0, tile, tok0, M, partial, static_cast<int>(blockIdx.z));
+#pragma unroll
+  for (int r = 0; r < kR; ++r)
+#pragma unroll
+    for (int n = 0; n < kT; ++n)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) emit(warp, ((r * kT + n) * 4 + i) * 32 + lane, acc[r][n][i]);
 #else
   __trap();  // compiled for sm_90 and up only; the host checks the binary before launching
 #endif
@@ -929,6 +1172,17 @@ std::pair<at::Tensor, int64_t> kernel_x(const at::Tensor& x) {
   }
 }
 
+// out of weights[0] = the K splits' partial tiles summed (+ bias), after a launch that split K.
+template <typename T>
+void sum_k_splits(const at::Tensor& partial, int splits, int M, const WeightSet<T>& weights) {
+  const int64_t mn = int64_t{M} * weights.N[0];
+  const int threads = 256;
+  const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(mn, threads), 4096));
+  sum_k_splits_kernel<T><<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      partial.data_ptr<float>(), splits, mn, weights.N[0], weights.bias[0], weights.out[0]);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 // xp, x_stride: from kernel_x<T, kT>.
 template <typename T, int kT, int kR, int kD, bool kGrouped, int kW>
 void launch_matmul_4bit(const at::Tensor& xp, int64_t x_stride, const WeightSet<T>& weights, int total_tiles,
@@ -949,50 +1203,44 @@ void launch_matmul_4bit(const at::Tensor& xp, int64_t x_stride, const WeightSet<
       reinterpret_cast<const T*>(xp.data_ptr()), weights, nested_code, M, K, lg_bs, lg_nbs,
       static_cast<int>(qt), nested, split_steps, splits > 1 ? partial.data_ptr<float>() : nullptr, x_stride);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (splits > 1) {
-    const int64_t mn = int64_t{M} * weights.N[0];
-    const int threads = 256;
-    const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(mn, threads), 4096));
-    sum_k_splits_kernel<T><<<blocks, threads, 0, stream>>>(partial.data_ptr<float>(), splits, mn, weights.N[0],
-                                                          weights.bias[0], weights.out[0]);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  if (splits > 1) sum_k_splits(partial, splits, M, weights);
 }
 
 // Launches the bulk-copy kernel if this device and this build can run it: compute capability 9.0
 // or newer, and the kernel compiled for it (a build for 8.x only JIT-compiles its empty body on an
 // H100: ptxVersion < 90). Returns false, launching nothing, otherwise. Checked once per device,
 // with the number of CTAs that fit on an SM (the persistent grid's size).
+// CTAs of an sm_90 kernel (kBulkThreads threads, smem bytes of dynamic shared memory) that fit
+// on one SM of the device, or 0 where it cannot run there. Checked once per kernel and device.
+int sm90_ctas_per_sm(const void* kernel, int smem, int device) {
+  static std::mutex mutex;
+  static std::vector<std::tuple<const void*, int, int>> known;  // (kernel, device, CTAs per SM; 0: not usable)
+  std::lock_guard<std::mutex> lock(mutex);
+  for (const auto& [k, d, n] : known)
+    if (k == kernel && d == device) return n;
+  int n = 0;
+  if (compute_capability_major(device) >= 9) {
+    cudaFuncAttributes attr;
+    const bool ok = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90 &&
+                    attr.binaryVersion >= 90 &&
+                    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) == cudaSuccess &&
+                    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kBulkThreads, smem) == cudaSuccess;
+    if (!ok) {
+      n = 0;
+      (void)cudaGetLastError();  // a build without sm_90 code: the register kernel runs instead
+    }
+  }
+  known.emplace_back(kernel, device, n);
+  return n;
+}
+
 template <typename T, int kT, int kR, int kStages, bool kGrouped>
 bool launch_matmul_4bit_bulk(const at::Tensor& x, const WeightSet<T>& weights, int total_tiles, const float* nested_code,
                              int M, int K, int lg_bs, int lg_nbs, QuantType qt, bool nested) {
   auto* kernel = matmul_4bit_bulk_kernel<T, kT, kR, kStages, kGrouped>;
   constexpr int kSmem = bulk_smem_bytes<kT, kR, kStages>();
   const int device = x.get_device();
-  static std::mutex mutex;
-  static std::vector<std::pair<int, int>> ctas_per_sm;  // (device, CTAs per SM; 0: not usable)
-  int per_sm = 0;
-  {
-    std::lock_guard<std::mutex> lock(mutex);
-    auto it = std::find_if(ctas_per_sm.begin(), ctas_per_sm.end(), [&](const auto& e) { return e.first == device; });
-    if (it == ctas_per_sm.end()) {
-      int n = 0;
-      if (compute_capability_major(device) >= 9) {
-        cudaFuncAttributes attr;
-        const bool ok = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90 &&
-                        attr.binaryVersion >= 90 &&
-                        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem) == cudaSuccess &&
-                        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kBulkThreads, kSmem) == cudaSuccess;
-        if (!ok) {
-          n = 0;
-          (void)cudaGetLastError();  // a build without sm_90 code: the register kernel runs instead
-        }
-      }
-      ctas_per_sm.emplace_back(device, n);
-      it = ctas_per_sm.end() - 1;
-    }
-    per_sm = it->second;
-  }
+  const int per_sm = sm90_ctas_per_sm(reinterpret_cast<const void*>(kernel), kSmem, device);
   if (per_sm <= 0) return false;
   const int64_t token_tiles = ceil_div(M, kT * 8);
   TORCH_CHECK(token_tiles <= 65535, "x: expected at most ", num(65535 * kT * 8), " rows, got ", num(M));
@@ -1015,6 +1263,141 @@ bool bulk_wanted(int64_t M) {
   if (tile != nullptr && *tile != '\0') return false;
   const char* env = std::getenv("QLORA_KERNELS_MM_BULK");
   return env == nullptr || *env == '\0' || std::atoi(env) != 0;
+}
+
+// The rows kernel's configuration: kR row tiles per warp, kStages stages, K splits over the grid
+// (0: rows_splits). Measured on an H100 over the LLaMA shapes at 9, 16, 32 and 64 tokens (every
+// R, S pair, results/.../experiments/matmul_4bit_rows_sweep.txt):
+// * 2 row tiles per warp (256 rows per CTA: x's shared-memory reads and the absmax loads shared
+//   by twice the rows) won on the larger layers: from 8192 x 8192 up at 9-16 tokens, above
+//   5120 x 5120 at 17-64; one row tile kept more CTAs on the smaller ones;
+// * 2 stages were within a few percent of 4 everywhere, and left room for 2 CTAs per SM;
+// * at 9-32 tokens the register kernel stayed faster on layers of 4096 x 4096 and smaller (10.6
+//   against 12.2 us at 9 tokens): few row tiles, and the rows kernel's x staging launch.
+// QLORA_KERNELS_MM_ROWS="R,S[,splits]" overrides it (for tuning sweeps; 0 splits: rows_splits);
+// QLORA_KERNELS_MM_ROWS=0 turns the kernel off, and so does QLORA_KERNELS_MM_TILE.
+struct RowsConfig {
+  bool on = true;
+  int rows = 1, stages = 2, splits = 0;
+};
+
+RowsConfig rows_config(int64_t M, int64_t N, int64_t K) {
+  RowsConfig c;
+  const int64_t size = N * K;
+  c.on = M > 8 && M <= 64 && (M > 32 || size > int64_t{4096} * 4096);
+  c.rows = size >= (M <= 16 ? int64_t{8192} * 8192 : int64_t{5120} * 5120 + 1) ? 2 : 1;
+  const char* tile = std::getenv("QLORA_KERNELS_MM_TILE");
+  if (tile != nullptr && *tile != '\0') c.on = false;
+  const char* env = std::getenv("QLORA_KERNELS_MM_ROWS");
+  if (env != nullptr && *env != '\0') {
+    if (std::strcmp(env, "0") == 0) {
+      c.on = false;
+    } else {
+      c.splits = 0;
+      const int n = std::sscanf(env, "%d,%d,%d", &c.rows, &c.stages, &c.splits);
+      TORCH_CHECK(n >= 2 && c.splits >= 0, "QLORA_KERNELS_MM_ROWS: expected \"R,S\" or \"R,S,splits\" or 0, got \"",
+                  env, "\"");
+      c.on = M > 8 && M <= 64;
+    }
+  }
+  return c;
+}
+
+// K splits for `ctas` CTAs of `rows` weight rows each when `slots` fit on the GPU at once. A
+// model in bytes: the weight bytes the GPU could have moved in the rounds it takes
+// (ceil(ctas * s / slots) rounds of 1 / s of each tile), plus, with splits, the float32 partial
+// tiles written and read back and the summing launch (about 2 us: 6 MB at copy bandwidth).
+// Rounds alone split 28672 x 8192 at 32-64 tokens 7 ways, and ran 40% slower than no split
+// (the partial tiles' 100 MB); 4096 x 4096 at 64 tokens still splits 4 ways (34 -> 17 us).
+inline int rows_splits(int64_t ctas, int64_t slots, int nsteps, int64_t rows, int64_t K, int64_t M, int64_t N) {
+  const int most = std::max(1, std::min(64, nsteps / 8));  // each split keeps at least 8 steps
+  int best = 1;
+  double best_bytes = 0;
+  for (int s = 1; s <= most; ++s) {
+    double bytes = static_cast<double>(ceil_div(ctas * s, slots)) * slots * rows * (K / 2) / s;
+    if (s > 1) bytes += 8.0 * s * M * N + 6e6;
+    if (s == 1 || bytes < best_bytes) {
+      best = s;
+      best_bytes = bytes;
+    }
+  }
+  return best;
+}
+
+// cuTensorMapEncodeTiled, from the driver the runtime loaded (no link to libcuda). Null if the
+// driver has none.
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* p = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();
+      p = nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
+  }();
+  return fn;
+}
+
+// Launches the rows kernel for one weight if this device, driver and build can run it (as the
+// bulk kernel); returns false, launching nothing, otherwise. x_img: from stage_x_kernel for kT.
+template <typename T, int kT, int kR, int kStages>
+bool launch_matmul_4bit_rows(const at::Tensor& x_img, const WeightSet<T>& weights, const float* nested_code, int M,
+                             int K, int lg_bs, int lg_nbs, QuantType qt, bool nested, int splits) {
+  auto* kernel = matmul_4bit_rows_kernel<T, kT, kR, kStages>;
+  constexpr int kSmem = rows_smem_bytes<kT, kR, kStages>();
+  constexpr int kRows = kMmWarps * kTileRows * kR;
+  const int device = x_img.get_device();
+  const int per_sm = sm90_ctas_per_sm(reinterpret_cast<const void*>(kernel), kSmem, device);
+  PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  if (per_sm <= 0 || encode == nullptr) return false;
+  // The weight as a 2-D tensor of bytes [N, K / 2], read in boxes of kRows rows x one step's bytes.
+  CUtensorMap w_map;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(K / 2), static_cast<cuuint64_t>(weights.N[0])};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(K / 2)};
+  const cuuint32_t box[2] = {kRowsStepBytes, kRows};
+  const cuuint32_t unit[2] = {1, 1};
+  const CUresult res = encode(&w_map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<uint8_t*>(weights.packed[0]), dims,
+                              strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
+                              CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TORCH_CHECK(res == CUDA_SUCCESS, "matmul_4bit: cuTensorMapEncodeTiled failed (", num(static_cast<int64_t>(res)),
+              ") for a weight of ", num(weights.N[0]), " x ", num(K), " (an internal error)");
+  const int64_t tiles = ceil_div(weights.N[0], kRows);
+  const int64_t token_tiles = ceil_div(M, kT * 8);
+  TORCH_CHECK(token_tiles <= 65535 && tiles < (int64_t{1} << 31), "x: sizes out of range");
+  const int nsteps = static_cast<int>(ceil_div(K, kStepK));
+  if (splits <= 0)
+    splits = rows_splits(tiles * token_tiles, int64_t{per_sm} * multiprocessor_count(device), nsteps, kRows, K, M,
+                         weights.N[0]);
+  const int split_steps = static_cast<int>(ceil_div(nsteps, std::min(splits, nsteps)));
+  splits = static_cast<int>(ceil_div(nsteps, split_steps));  // no empty split
+  at::Tensor partial;
+  if (splits > 1) partial = at::empty({splits, M, weights.N[0]}, x_img.options().dtype(at::kFloat));
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(token_tiles), static_cast<unsigned>(splits));
+  kernel<<<grid, kBulkThreads, kSmem, c10::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const T*>(x_img.data_ptr()), w_map, weights, nested_code, M, K, lg_bs, lg_nbs,
+      static_cast<int>(qt), nested, split_steps, splits > 1 ? partial.data_ptr<float>() : nullptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (splits > 1) sum_k_splits(partial, splits, M, weights);
+  return true;
+}
+
+// x as the rows kernel for kT n-tiles reads it (stage_x_kernel), once per call for all weights.
+template <typename T, int kT>
+at::Tensor rows_x_image(const at::Tensor& x) {
+  const int64_t M = x.size(0), K = x.size(1);
+  const int64_t tokens = kT * 8, nsteps = ceil_div(K, kStepK);
+  const int64_t units = ceil_div(M, tokens) * nsteps * tokens * (kXTokenPitch / 16);
+  at::Tensor img = at::empty({units * 16 / static_cast<int64_t>(sizeof(T))}, x.options());
+  stage_x_kernel<T><<<static_cast<unsigned>(std::min<int64_t>(ceil_div(units, 256), 4096)), 256, 0,
+                      c10::cuda::getCurrentCUDAStream()>>>(reinterpret_cast<const T*>(x.data_ptr()),
+                                                           reinterpret_cast<T*>(img.data_ptr()), static_cast<int>(M),
+                                                           static_cast<int>(K), static_cast<int>(tokens),
+                                                           static_cast<int>(nsteps), units);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return img;
 }
 
 // One weight of a launch, as the host has it.
@@ -1104,6 +1487,14 @@ std::vector<at::Tensor> run_matmul_4bit(const at::Tensor& x, const std::vector<H
     total_rows += N;
   }
 
+  if (grouped && M > 8 && weights.size() > 1) {
+    // The grouped kernels serve decode batches (up to 8 tokens); beyond, each weight is its own
+    // call, so that it gets the same kernel and configuration (and the same bits) as alone.
+    std::vector<at::Tensor> outs;
+    for (const HostWeight& w : weights)
+      outs.push_back(run_matmul_4bit(x, {w}, blocksize, quant_type, nested_code, nested_blocksize, false)[0]);
+    return outs;
+  }
   const c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK(compute_capability_major(x.get_device()) >= 8, "x: the fused 4-bit matmul needs a GPU of compute capability 8.0 or newer "
               "(bf16/fp16 tensor-core MMA); qlora_kernels.matmul_4bit takes the dequantize path on older GPUs");
@@ -1156,6 +1547,41 @@ std::vector<at::Tensor> run_matmul_4bit(const at::Tensor& x, const std::vector<H
       return weights.size() > 1 ? launch_all(std::true_type{}) : launch_all(std::false_type{});
     };
     if (bulk_wanted(M)) launched = try_bulk();
+    if (launched) return;
+    // sm_90, 9-64 tokens: the rows kernel, one launch per weight.
+    const RowsConfig rows = rows_config(M, weights[0].N, K);  // one weight beyond 8 tokens (see above)
+    auto try_rows = [&](auto tokens) {
+      constexpr int kT = decltype(tokens)::value;
+      if (sm90_ctas_per_sm(reinterpret_cast<const void*>(matmul_4bit_rows_kernel<T, kT, 1, 2>),
+                           rows_smem_bytes<kT, 1, 2>(), x.get_device()) <= 0 ||
+          tensor_map_encoder() == nullptr)
+        return false;  // before staging x
+      const at::Tensor x_img = rows_x_image<T, kT>(x);
+      for (size_t i = 0; i < weights.size(); ++i) {
+        const auto [set, tiles] = weight_set(i, i + 1, kTileRows);
+        (void)tiles;
+        auto go = [&](auto r, auto st) {
+          return launch_matmul_4bit_rows<T, kT, decltype(r)::value, decltype(st)::value>(
+              x_img, set, nc, m, k, lg_bs, lg_nbs, qt, nested, rows.splits);
+        };
+        using I1 = std::integral_constant<int, 1>;
+        using I2 = std::integral_constant<int, 2>;
+        using I4 = std::integral_constant<int, 4>;
+        const bool ok = rows.rows == 2 ? (rows.stages == 2 ? go(I2{}, I2{}) : go(I2{}, I4{}))
+                                       : (rows.stages == 2 ? go(I1{}, I2{}) : go(I1{}, I4{}));
+        if (!ok) return false;  // only the first launch can refuse: the check is per device
+      }
+      return true;
+    };
+    if (rows.on) {
+      if (M <= 16) {
+        launched = try_rows(std::integral_constant<int, 2>{});
+      } else if (M <= 32) {
+        launched = try_rows(std::integral_constant<int, 4>{});
+      } else {
+        launched = try_rows(std::integral_constant<int, 8>{});
+      }
+    }
     if (launched) return;
     // Fewest n-tiles that hold M tokens (beyond 64 tokens, more CTAs along y), then the compiled
     // (kR, kD) that tile_config asked for.

@@ -495,6 +495,72 @@ def test_gpu_bulk_copy_kernel_equals_register_kernel(M, K, N, dtype, monkeypatch
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("K,N", [(4160, 257), (1056, 8200)])
+@pytest.mark.parametrize("rows", ["", "1,2", "1,4", "2,2", "2,4", "1,4,3", "2,2,1000"])
+@pytest.mark.parametrize("M", [9, 16, 17, 33, 64])
+def test_gpu_rows_kernel(M, rows, K, N, dtype, monkeypatch, rng):
+    """sm_90 and up, 9-64 tokens: x and the weights staged in shared memory, row warps
+    (matmul_4bit_rows_kernel). Each configuration (QLORA_KERNELS_MM_ROWS="R,S[,splits]": row
+    tiles per warp, stages, K splits over the grid; "" the measured default, which leaves layers
+    this small to the register kernel up to 32 tokens; 1000 splits are capped at one per 8
+    steps) must launch that kernel with those template arguments and be
+    right on a partial row tile (N = 257), a partial last step (K = 4160), many row tiles
+    (N = 8200) and a token count that leaves part of its token tile empty. Split sums are
+    deterministic. QLORA_KERNELS_MM_ROWS=0 turns it off; 8 and 65 tokens never take it."""
+    _impl("cuda")
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the rows kernel needs compute capability 9.0")
+    monkeypatch.delenv("QLORA_KERNELS_MM_TILE", raising=False)
+    monkeypatch.setenv("QLORA_KERNELS_MM_ROWS", rows)
+    packed, state = quantized_weight(N, K, "nf4", 64, True, rng, "cuda")
+    x = random_x((M, K), dtype, rng, "cuda")
+    bias = random_x((N,), dtype, rng, "cuda")
+    want = expected(x, packed, state, bias)
+    run = lambda: qk.matmul_4bit(x, packed, state, bias)  # noqa: E731
+    out, names = _kernel_names(run)
+    assert rel_err(out, want) < TOL[dtype]
+    assert torch.equal(out, run())
+    n_tiles = 2 if M <= 16 else 4 if M <= 32 else 8
+    template = rf"matmul_4bit_rows_kernel<[^,]+, {n_tiles}, " + (", ".join(rows.split(",")[:2]) if rows else r"1, 2>")
+    # by default layers this small take the register kernel up to 32 tokens
+    assert any(re.search(template, n) for n in names) == (bool(rows) or M > 32), (template, names)
+    if rows.endswith(",1000"):
+        assert any("sum_k_splits_kernel" in n for n in names), names
+    monkeypatch.setenv("QLORA_KERNELS_MM_ROWS", "0")
+    off, names = _kernel_names(run)
+    assert not any("rows_kernel" in n for n in names), names
+    assert rel_err(off, want) < TOL[dtype]
+    monkeypatch.delenv("QLORA_KERNELS_MM_ROWS")
+    for m in (8, 65):
+        _, names = _kernel_names(lambda: qk.matmul_4bit(x[:1].expand(m, K).contiguous(), packed, state))
+        assert not any("rows_kernel" in n for n in names), (m, names)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", ["1,4,7", "1,2,7"])
+def test_gpu_rows_kernel_repeats_to_the_bit_under_many_short_ctas(rows, monkeypatch, rng):
+    """A 70B layer at 32 tokens with K split 7 ways: 1568 short CTAs, 2-3 per SM in turn, each
+    refilling its stages quickly. Without the proxy fence between the consumers' reads and the
+    next bulk copy into a slot, most calls here had 1-6 outputs off by up to 0.6 (stale pieces of
+    x or weights). Every call must give the same bits, and the right values."""
+    _impl("cuda")
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the rows kernel needs compute capability 9.0")
+    monkeypatch.delenv("QLORA_KERNELS_MM_TILE", raising=False)
+    monkeypatch.setenv("QLORA_KERNELS_MM_ROWS", rows)
+    N, K, M = 28672, 8192, 32
+    g = torch.Generator("cuda").manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+    packed, state = qk.quantize_4bit(torch.randn(N, K, device="cuda", generator=g) * 0.02, "nf4", 64,
+                                     double_quant=True)  # on the GPU: 235M weights
+    x = random_x((M, K), torch.bfloat16, rng, "cuda")
+    first = qk.matmul_4bit(x, packed, state)
+    assert rel_err(first, x.float() @ qk.dequantize_4bit(packed, state, dtype=torch.float32).T) < 1e-2
+    for _ in range(8):
+        assert torch.equal(qk.matmul_4bit(x, packed, state), first)
+
+
+@pytest.mark.gpu
 def test_gpu_cuda_op_host_checks_raise_instead_of_crashing(rng):
     """The C++ host checks of the CUDA op, reached only by direct op calls (the Python API
     checks first): each raises a RuntimeError naming the argument, and the process lives on."""

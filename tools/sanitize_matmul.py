@@ -9,7 +9,8 @@ each n-tile count (M = 1, 9, 17, 33 and 65, which also takes a second token tile
 multiple of 16, K not a multiple of the 128-element warp step, bf16 and fp16, NF4 and FP4,
 plain and double-quantized absmax, with and without bias. On sm_90 M = 1 and 3 take the
 bulk-copy kernel; they run again with it turned off, and once with more row tiles than its
-persistent grid has CTAs, alone and grouped.
+persistent grid has CTAs, alone and grouped. On sm_90 9-64 tokens take the rows kernel; each of
+its configurations runs, and the register kernel in its place.
 """
 
 import os
@@ -51,5 +52,16 @@ for M in (1, 5):
     x = torch.randn(M, 1056, device="cuda", generator=g).to(torch.bfloat16)
     qk.matmul_4bit(x, *weights[0])
     matmul_4bit_group(x, weights, [None] * len(weights))
+# sm_90, 9-64 tokens: every configuration of the rows kernel (the default ran above), then the
+# register kernel in its place
+print("rows kernel", flush=True)
+W = torch.randn(257, 4160, device="cuda", generator=g)
+packed, st = qk.quantize_4bit(W, quant_type="nf4", blocksize=64, double_quant=True)
+for rows in ("1,2", "1,4", "2,2", "2,4", "1,4,3", "2,2,1000", "0"):
+    os.environ["QLORA_KERNELS_MM_ROWS"] = rows
+    for M in (9, 17, 33):
+        x = torch.randn(M, 4160, device="cuda", generator=g).to(torch.bfloat16)
+        op(x, packed, st.absmax, 64, "nf4", 257, *_nested_args(st), None)
+del os.environ["QLORA_KERNELS_MM_ROWS"]
 torch.cuda.synchronize()
 print("sanitize_matmul: all paths ran")
