@@ -1273,7 +1273,11 @@ bool bulk_wanted(int64_t M) {
 //   5120 x 5120 at 17-64; one row tile kept more CTAs on the smaller ones;
 // * 2 stages were within a few percent of 4 everywhere, and left room for 2 CTAs per SM;
 // * at 9-32 tokens the register kernel stayed faster on layers of 4096 x 4096 and smaller (10.6
-//   against 12.2 us at 9 tokens): few row tiles, and the rows kernel's x staging launch.
+//   against 12.2 us at 9 tokens): few row tiles, and the rows kernel's x staging launch;
+// * at 1-8 tokens (one n-tile) it beat the bulk kernel on the largest layers: 8192 x 22016 at one
+//   token 45.2 against 52.4 us, at 8 tokens 45.9 against 66.2; 28672 x 8192 59.9 against 61.8
+//   and 62.4 against 81.0. The bulk kernel stayed faster below about 8192 x 8192 (at 5-8 tokens)
+//   and 150 M weights (at 1-4: 13824 x 5120 at one token 20.1 against 23.3 us).
 // QLORA_KERNELS_MM_ROWS="R,S[,splits]" overrides it (for tuning sweeps; 0 splits: rows_splits);
 // QLORA_KERNELS_MM_ROWS=0 turns the kernel off, and so does QLORA_KERNELS_MM_TILE.
 struct RowsConfig {
@@ -1284,8 +1288,15 @@ struct RowsConfig {
 RowsConfig rows_config(int64_t M, int64_t N, int64_t K) {
   RowsConfig c;
   const int64_t size = N * K;
-  c.on = M > 8 && M <= 64 && (M > 32 || size > int64_t{4096} * 4096);
-  c.rows = size >= (M <= 16 ? int64_t{8192} * 8192 : int64_t{5120} * 5120 + 1) ? 2 : 1;
+  if (M <= 8) {
+    // 1-8 tokens: the largest layers only, else the bulk kernel (its 16-row tiles keep every SM
+    // busy on small layers: 4096 x 4096 at one token 7.3 us against 11.3 here)
+    c.on = size >= (M <= 4 ? int64_t{150} << 20 : int64_t{8192} * 8192);
+    c.rows = 2;
+  } else {
+    c.on = M <= 64 && (M > 32 || size > int64_t{4096} * 4096);
+    c.rows = size >= (M <= 16 ? int64_t{8192} * 8192 : int64_t{5120} * 5120 + 1) ? 2 : 1;
+  }
   const char* tile = std::getenv("QLORA_KERNELS_MM_TILE");
   if (tile != nullptr && *tile != '\0') c.on = false;
   const char* env = std::getenv("QLORA_KERNELS_MM_ROWS");
@@ -1297,7 +1308,7 @@ RowsConfig rows_config(int64_t M, int64_t N, int64_t K) {
       const int n = std::sscanf(env, "%d,%d,%d", &c.rows, &c.stages, &c.splits);
       TORCH_CHECK(n >= 2 && c.splits >= 0, "QLORA_KERNELS_MM_ROWS: expected \"R,S\" or \"R,S,splits\" or 0, got \"",
                   env, "\"");
-      c.on = M > 8 && M <= 64;
+      c.on = M <= 64;
     }
   }
   return c;
@@ -1546,10 +1557,10 @@ std::vector<at::Tensor> run_matmul_4bit(const at::Tensor& x, const std::vector<H
       };
       return weights.size() > 1 ? launch_all(std::true_type{}) : launch_all(std::false_type{});
     };
-    if (bulk_wanted(M)) launched = try_bulk();
-    if (launched) return;
     // sm_90, 9-64 tokens: the rows kernel, one launch per weight.
     const RowsConfig rows = rows_config(M, weights[0].N, K);  // one weight beyond 8 tokens (see above)
+    if (bulk_wanted(M) && !rows.on) launched = try_bulk();
+    if (launched) return;
     auto try_rows = [&](auto tokens) {
       constexpr int kT = decltype(tokens)::value;
       if (sm90_ctas_per_sm(reinterpret_cast<const void*>(matmul_4bit_rows_kernel<T, kT, 1, 2>),
@@ -1574,7 +1585,9 @@ std::vector<at::Tensor> run_matmul_4bit(const at::Tensor& x, const std::vector<H
       return true;
     };
     if (rows.on) {
-      if (M <= 16) {
+      if (M <= 8) {
+        launched = try_rows(std::integral_constant<int, 1>{});
+      } else if (M <= 16) {
         launched = try_rows(std::integral_constant<int, 2>{});
       } else if (M <= 32) {
         launched = try_rows(std::integral_constant<int, 4>{});

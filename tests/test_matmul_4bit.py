@@ -498,16 +498,17 @@ def test_gpu_bulk_copy_kernel_equals_register_kernel(M, K, N, dtype, monkeypatch
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("K,N", [(4160, 257), (1056, 8200)])
 @pytest.mark.parametrize("rows", ["", "1,2", "1,4", "2,2", "2,4", "1,4,3", "2,2,1000"])
-@pytest.mark.parametrize("M", [9, 16, 17, 33, 64])
+@pytest.mark.parametrize("M", [1, 5, 9, 16, 17, 33, 64])
 def test_gpu_rows_kernel(M, rows, K, N, dtype, monkeypatch, rng):
-    """sm_90 and up, 9-64 tokens: x and the weights staged in shared memory, row warps
-    (matmul_4bit_rows_kernel). Each configuration (QLORA_KERNELS_MM_ROWS="R,S[,splits]": row
-    tiles per warp, stages, K splits over the grid; "" the measured default, which leaves layers
-    this small to the register kernel up to 32 tokens; 1000 splits are capped at one per 8
-    steps) must launch that kernel with those template arguments and be
-    right on a partial row tile (N = 257), a partial last step (K = 4160), many row tiles
+    """sm_90 and up, 9-64 tokens (1-8 on the largest layers): x and the weights staged in
+    shared memory, row warps (matmul_4bit_rows_kernel). Each configuration
+    (QLORA_KERNELS_MM_ROWS="R,S[,splits]": row tiles per warp, stages, K splits over the grid;
+    "" the measured default, which leaves layers this small to the bulk kernel up to 8 tokens
+    and the register kernel up to 32; 1000 splits are capped at one per 8 steps) must launch
+    that kernel with those template arguments and be right on a partial row tile (N = 257), a partial last step (K = 4160), many row tiles
     (N = 8200) and a token count that leaves part of its token tile empty. Split sums are
-    deterministic. QLORA_KERNELS_MM_ROWS=0 turns it off; 8 and 65 tokens never take it."""
+    deterministic. QLORA_KERNELS_MM_ROWS=0 turns it off; layers this small never take it by
+    default at 8 tokens, and no layer does at 65."""
     _impl("cuda")
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the rows kernel needs compute capability 9.0")
@@ -521,9 +522,9 @@ def test_gpu_rows_kernel(M, rows, K, N, dtype, monkeypatch, rng):
     out, names = _kernel_names(run)
     assert rel_err(out, want) < TOL[dtype]
     assert torch.equal(out, run())
-    n_tiles = 2 if M <= 16 else 4 if M <= 32 else 8
+    n_tiles = 1 if M <= 8 else 2 if M <= 16 else 4 if M <= 32 else 8
     template = rf"matmul_4bit_rows_kernel<[^,]+, {n_tiles}, " + (", ".join(rows.split(",")[:2]) if rows else r"1, 2>")
-    # by default layers this small take the register kernel up to 32 tokens
+    # by default layers this small take the bulk kernel up to 8 tokens, the register kernel up to 32
     assert any(re.search(template, n) for n in names) == (bool(rows) or M > 32), (template, names)
     if rows.endswith(",1000"):
         assert any("sum_k_splits_kernel" in n for n in names), names
@@ -532,7 +533,7 @@ def test_gpu_rows_kernel(M, rows, K, N, dtype, monkeypatch, rng):
     assert not any("rows_kernel" in n for n in names), names
     assert rel_err(off, want) < TOL[dtype]
     monkeypatch.delenv("QLORA_KERNELS_MM_ROWS")
-    for m in (8, 65):
+    for m in (8, 65):  # small layers at 8 tokens, any layer at 65
         _, names = _kernel_names(lambda: qk.matmul_4bit(x[:1].expand(m, K).contiguous(), packed, state))
         assert not any("rows_kernel" in n for n in names), (m, names)
 

@@ -59,7 +59,7 @@ W = torch.randn(257, 4160, device="cuda", generator=g)
 packed, st = qk.quantize_4bit(W, quant_type="nf4", blocksize=64, double_quant=True)
 for rows in ("1,2", "1,4", "2,2", "2,4", "1,4,3", "2,2,1000", "0"):
     os.environ["QLORA_KERNELS_MM_ROWS"] = rows
-    for M in (9, 17, 33):
+    for M in (1, 5, 9, 17, 33):
         x = torch.randn(M, 4160, device="cuda", generator=g).to(torch.bfloat16)
         op(x, packed, st.absmax, 64, "nf4", 257, *_nested_args(st), None)
 del os.environ["QLORA_KERNELS_MM_ROWS"]
