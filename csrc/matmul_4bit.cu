@@ -3,7 +3,11 @@
 // absmax per `blocksize` flat elements, optionally double-quantized to 8 bits). Each weight byte
 // is read from memory once and decoded in registers: no dequantized W, no float32 absmax.
 //
-// At M = 1..64 the layer is bound by the bytes of W, so the kernel is built around moving them:
+// At M = 1..64 the layer is bound by the bytes of W, so the kernel is built around moving them.
+// Three kernels share the warp step described here (mma_step): the register kernel below, which
+// loads W into registers (any GPU from sm_80), and on sm_90 two that stream W through shared
+// memory by the TMA: the bulk kernel (1-8 tokens) and the rows kernel (9-64, and 1-8 on the
+// largest layers), each explained where it is defined.
 //
 // * Tensor cores do the arithmetic: mma.sync m16n8k16 with W as the A operand (16 weight rows)
 //   and x^T as B (8 tokens), float32 accumulators. A warp owns R row tiles of 16 rows and T * 8
@@ -855,8 +859,8 @@ __global__ void __launch_bounds__(kBulkThreads)
 // zeros), and the step's x as one bulk copy of a staged image (stage_x_kernel). Few, large
 // copies matter: the TMA takes about 45 copy instructions per microsecond per SM, so one bulk
 // copy per 64-byte row piece read 22016 x 8192's bytes at 383 GB/s, where one box per stage of
-// 128 rows x 64 bytes read them at 2457 (H100, copies alone, .scratch-free: see the README of
-// benchmarks/results). A warp owns its rows over the whole K range, so there is no reduction
+// 128 rows x 64 bytes read them at 2457 (H100, copies alone: benchmarks/tma_copy_rates.cu,
+// results/.../experiments/matmul_4bit_tma_copy_rates.txt). A warp owns its rows over the whole K range, so there is no reduction
 // across warps: the accumulators go straight to the output (or, with K split over the grid's z,
 // to float32 partial tiles that sum_k_splits_kernel adds in a fixed order).
 //
@@ -1253,7 +1257,8 @@ bool launch_matmul_4bit_bulk(const at::Tensor& x, const WeightSet<T>& weights, i
   return true;
 }
 
-// Whether the bulk-copy kernel serves M tokens (on sm_90 and up): at 1-8. (At 9-16 it was tried
+// Whether the bulk-copy kernel serves M tokens (on sm_90 and up): at 1-8, where the rows kernel
+// does not take the layer (rows_config: the largest layers). (At 9-16 it was tried
 // with one and two row tiles per CTA and lost to the register kernel's four on most LLaMA shapes,
 // H100.) QLORA_KERNELS_MM_BULK=0 turns it off, for comparisons; so does QLORA_KERNELS_MM_TILE (a
 // tuning sweep of the register kernel).
@@ -1267,7 +1272,8 @@ bool bulk_wanted(int64_t M) {
 
 // The rows kernel's configuration: kR row tiles per warp, kStages stages, K splits over the grid
 // (0: rows_splits). Measured on an H100 over the LLaMA shapes at 9, 16, 32 and 64 tokens (every
-// R, S pair, results/.../experiments/matmul_4bit_rows_sweep.txt):
+// R, S pair, results/.../experiments/matmul_4bit_rows_sweep.txt; 1-8 tokens:
+// matmul_4bit_rows_1_8_tokens_vs_bulk.json):
 // * 2 row tiles per warp (256 rows per CTA: x's shared-memory reads and the absmax loads shared
 //   by twice the rows) won on the larger layers: from 8192 x 8192 up at 9-16 tokens, above
 //   5120 x 5120 at 17-64; one row tile kept more CTAs on the smaller ones;

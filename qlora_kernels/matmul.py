@@ -5,10 +5,13 @@ Two paths, chosen by the number of rows M of x (all leading dims flattened):
 * M <= ``fused_max_m()`` (decode: a few tokens; 64 with the CUDA extension, 1 with Triton
   alone): the fused kernel (op ``matmul_4bit``), which reads each 4-bit weight byte once and
   decodes the codes and the (8-bit) absmax in registers. There the layer is bound by the bytes
-  of W, and 4-bit W is a quarter of bf16's. At M <= 8 on compute capability 9.0+ the CUDA
-  kernel streams W into shared memory by bulk copies (the TMA) first, as contiguous 512-byte
-  row pieces (``QLORA_KERNELS_MM_BULK=0`` turns that off), with the same sums in the same order
-  as the register kernel run without K splits.
+  of W, and 4-bit W is a quarter of bf16's. On compute capability 9.0+ the CUDA kernels stream
+  W into shared memory by the TMA first: at M <= 8 as contiguous 512-byte row pieces (the bulk
+  kernel, ``QLORA_KERNELS_MM_BULK=0`` turns it off; the same sums in the same order as the
+  register kernel run without K splits), at 9-64 (and 1-8 on the largest layers) as 2-D boxes
+  of rows with x beside them, one copy of x for all the CTA's rows (the rows kernel,
+  ``QLORA_KERNELS_MM_ROWS=0`` turns it off; its sums go over K in one order per warp, so its
+  bits differ from the register kernel's, within the same error bound).
 * larger M (prefill, training): the fast ``dequantize_4bit`` into a bf16/fp16 buffer, then
   cuBLAS. There the layer is bound by arithmetic, and tensor-core GEMMs win.
 
