@@ -241,6 +241,25 @@ __device__ __forceinline__ void build_pair_table(uint8_t* s_table, float* s_code
   }
 }
 
+template <int kR, int kT>
+__device__ __forceinline__ void zero_acc(float (&acc)[kR][kT][4]) {
+#pragma unroll
+  for (int r = 0; r < kR; ++r)
+#pragma unroll
+    for (int n = 0; n < kT; ++n) acc[r][n][0] = acc[r][n][1] = acc[r][n][2] = acc[r][n][3] = 0.0f;
+}
+
+// Each row tile's two chunk scales for a step (chunk_scale of its rows g and g + 8).
+template <typename T, int kR>
+__device__ __forceinline__ void step_scales(const ScaleLoads (&raw)[kR], bool k_ok, bool nested, const float* s_code8,
+                                            float offset, uint32_t (&s_lo)[kR], uint32_t (&s_hi)[kR]) {
+#pragma unroll
+  for (int r = 0; r < kR; ++r) {
+    s_lo[r] = chunk_scale<T>(raw[r].ra, raw[r].na, k_ok, nested, s_code8, offset);
+    s_hi[r] = chunk_scale<T>(raw[r].rb, raw[r].nb, k_ok, nested, s_code8, offset);
+  }
+}
+
 // One warp step: this lane's 16 bytes of rows g and g + 8 of each row tile (w_lo, w_hi), with
 // their chunks' scales, decoded through the table (entry) and multiplied by the 32 elements of x
 // they meet: x_at(n, q) returns x words 4q .. 4q + 3 (elements k0 + 8q .. k0 + 8q + 7) of
@@ -496,10 +515,7 @@ __global__ void __launch_bounds__(kMmThreads)
   }
 
   float acc[kR][kT][4];
-#pragma unroll
-  for (int r = 0; r < kR; ++r)
-#pragma unroll
-    for (int n = 0; n < kT; ++n) acc[r][n][0] = acc[r][n][1] = acc[r][n][2] = acc[r][n][3] = 0.0f;
+  zero_acc(acc);
 
   for (int base = step_begin + slice; base < step_end; base += kD * kSlices) {
 #pragma unroll
@@ -514,12 +530,11 @@ __global__ void __launch_bounds__(kMmThreads)
       }
       const int k0 = step_k0(step);
       const bool k_ok = k0 < K;
-      uint32_t s_lo[kR], s_hi[kR];
+      ScaleLoads raw[kR];
 #pragma unroll
-      for (int r = 0; r < kR; ++r) {
-        s_lo[r] = chunk_scale<T>(cur[r].s.ra, cur[r].s.na, k_ok, nested, s_code8, off);
-        s_hi[r] = chunk_scale<T>(cur[r].s.rb, cur[r].s.nb, k_ok, nested, s_code8, off);
-      }
+      for (int r = 0; r < kR; ++r) raw[r] = cur[r].s;
+      uint32_t s_lo[kR], s_hi[kR];
+      step_scales<T>(raw, k_ok, nested, s_code8, off, s_lo, s_hi);
       uint4 w_lo[kR], w_hi[kR];
 #pragma unroll
       for (int r = 0; r < kR; ++r) {
@@ -787,10 +802,7 @@ __global__ void __launch_bounds__(kBulkThreads)
   for (int tile = first; tile < total_tiles; tile += stride) {
     const float tile_off = nested ? __ldg(pick(weights.offset, tr.tl.which)) : 0.0f;
     float acc[kR][kT][4];
-#pragma unroll
-    for (int r = 0; r < kR; ++r)
-#pragma unroll
-      for (int n = 0; n < kT; ++n) acc[r][n][0] = acc[r][n][1] = acc[r][n][2] = acc[r][n][3] = 0.0f;
+    zero_acc(acc);
     for (int base = 0; base < nstages; base += kAhead) {
 #pragma unroll
       for (int d = 0; d < kAhead; ++d) {
@@ -805,11 +817,7 @@ __global__ void __launch_bounds__(kBulkThreads)
         const int k0 = step_k0(s);
         const bool k_ok = k0 < K;
         uint32_t s_lo[kR], s_hi[kR];
-#pragma unroll
-        for (int r = 0; r < kR; ++r) {
-          s_lo[r] = chunk_scale<T>(cur[r].ra, cur[r].na, k_ok, nested, s_code8, tile_off);
-          s_hi[r] = chunk_scale<T>(cur[r].rb, cur[r].nb, k_ok, nested, s_code8, tile_off);
-        }
+        step_scales<T>(cur, k_ok, nested, s_code8, tile_off, s_lo, s_hi);
         const int slot = count % kStages;
         mbarrier_wait(&full[slot], (count / kStages) & 1);
         ++count;
@@ -1010,10 +1018,7 @@ __global__ void __launch_bounds__(kBulkThreads)
   const uint32_t x_lane = keep(static_cast<uint32_t>(kWeightBytes + g * kXTokenPitch + t * kXRunPitch));
 
   float acc[kR][kT][4];
-#pragma unroll
-  for (int r = 0; r < kR; ++r)
-#pragma unroll
-    for (int n = 0; n < kT; ++n) acc[r][n][0] = acc[r][n][1] = acc[r][n][2] = acc[r][n][3] = 0.0f;
+  zero_acc(acc);
   for (int base = 0; base < steps; base += kAhead) {
 #pragma unroll
     for (int d = 0; d < kAhead; ++d) {
@@ -1028,11 +1033,7 @@ __global__ void __launch_bounds__(kBulkThreads)
       }
       const bool k_ok = step * kStepK + 32 * t < K;
       uint32_t s_lo[kR], s_hi[kR];
-#pragma unroll
-      for (int r = 0; r < kR; ++r) {
-        s_lo[r] = chunk_scale<T>(cur[r].ra, cur[r].na, k_ok, nested, s_code8, off);
-        s_hi[r] = chunk_scale<T>(cur[r].rb, cur[r].nb, k_ok, nested, s_code8, off);
-      }
+      step_scales<T>(cur, k_ok, nested, s_code8, off, s_lo, s_hi);
       const int slot = i % kStages;
       mbarrier_wait(&full[slot], (i / kStages) & 1);
       const uint8_t* stage = s_stages + slot * kStageBytes;
@@ -1347,9 +1348,13 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
     void* p = nullptr;
     cudaDriverEntryPointQueryResult found{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault, &found) !=
-            cudaSuccess ||
-        found != cudaDriverEntryPointSuccess) {
+#if CUDART_VERSION >= 12050
+    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault,
+                                                             &found);
+#else
+    const cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &p, cudaEnableDefault, &found);
+#endif
+    if (err != cudaSuccess || found != cudaDriverEntryPointSuccess) {
       (void)cudaGetLastError();
       p = nullptr;
     }
