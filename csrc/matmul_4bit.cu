@@ -868,9 +868,10 @@ __global__ void __launch_bounds__(kBulkThreads)
 // copies matter: the TMA takes about 45 copy instructions per microsecond per SM, so one bulk
 // copy per 64-byte row piece read 22016 x 8192's bytes at 383 GB/s, where one box per stage of
 // 128 rows x 64 bytes read them at 2457 (H100, copies alone: benchmarks/tma_copy_rates.cu,
-// results/.../experiments/matmul_4bit_tma_copy_rates.txt). A warp owns its rows over the whole K range, so there is no reduction
-// across warps: the accumulators go straight to the output (or, with K split over the grid's z,
-// to float32 partial tiles that sum_k_splits_kernel adds in a fixed order).
+// results/.../experiments/matmul_4bit_tma_copy_rates.txt). A warp owns its rows over the whole K
+// range, so there is no reduction across warps: the accumulators go straight to the output (or,
+// with K split over the grid's z, to float32 partial tiles that sum_k_splits_kernel adds in a
+// fixed order).
 //
 // Shared-memory layout, chosen so that the 8 lanes of each quarter warp (rows g, g + 1 x lanes
 // t 0..3) hit 8 different 16-byte bank groups with their 16-byte loads:
