@@ -1316,6 +1316,9 @@ RowsConfig rows_config(int64_t M, int64_t N, int64_t K) {
       const int n = std::sscanf(env, "%d,%d,%d", &c.rows, &c.stages, &c.splits);
       TORCH_CHECK(n >= 2 && c.splits >= 0, "QLORA_KERNELS_MM_ROWS: expected \"R,S\" or \"R,S,splits\" or 0, got \"",
                   env, "\"");
+      TORCH_CHECK((c.rows == 1 || c.rows == 2) && (c.stages == 2 || c.stages == 4),
+                  "QLORA_KERNELS_MM_ROWS: row tiles R must be 1 or 2 and stages S 2 or 4 (the compiled ones), got \"",
+                  env, "\"");
       c.on = M <= 64;
     }
   }

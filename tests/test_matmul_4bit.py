@@ -539,6 +539,18 @@ def test_gpu_rows_kernel(M, rows, K, N, dtype, monkeypatch, rng):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("rows", ["3,2", "1,3", "x", "1"])
+def test_gpu_rows_kernel_override_names_the_variable(rows, monkeypatch, rng):
+    """A QLORA_KERNELS_MM_ROWS that names no compiled shape is an error that names the variable,
+    not a silent fallback to another shape."""
+    _impl("cuda")
+    monkeypatch.setenv("QLORA_KERNELS_MM_ROWS", rows)
+    packed, state = quantized_weight(257, 4160, "nf4", 64, True, rng, "cuda")
+    with pytest.raises(RuntimeError, match="QLORA_KERNELS_MM_ROWS"):
+        qk.matmul_4bit(random_x((16, 4160), torch.bfloat16, rng, "cuda"), packed, state)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("rows", ["1,4,7", "1,2,7"])
 def test_gpu_rows_kernel_repeats_to_the_bit_under_many_short_ctas(rows, monkeypatch, rng):
     """A 70B layer at 32 tokens with K split 7 ways: 1568 short CTAs, 2-3 per SM in turn, each
