@@ -260,6 +260,31 @@ __device__ __forceinline__ void step_scales(const ScaleLoads (&raw)[kR], bool k_
   }
 }
 
+// mma_step's table lookup: the pair at a byte's table offset (byte << 7) in this lane's copy
+// (lane4 = 4 * lane). A shift, a LOP3 and the LDS, the table's address coming from a uniform
+// register (the lookups are most of the kernels' instructions; with the address in a regular
+// register they took 2.25 ALU ops each instead of 2).
+struct PairLookup {
+  const uint8_t* table;
+  uint32_t lane4;
+  __device__ __forceinline__ uint32_t operator()(uint32_t byte_offset) const {
+    return *reinterpret_cast<const uint32_t*>(table + (byte_offset | lane4));
+  }
+};
+
+// Each n-tile's token row of x for lane group g (x_tok[n], stride elements a row): a token past M
+// reads row M - 1 (valid memory) and is zeroed by its tok_ok[n].
+template <typename T, int kT>
+__device__ __forceinline__ void token_rows(const T* x, int tok0, int g, int M, int64_t stride, const T* (&x_tok)[kT],
+                                           bool (&tok_ok)[kT]) {
+#pragma unroll
+  for (int n = 0; n < kT; ++n) {
+    const int tok = tok0 + n * 8 + g;
+    tok_ok[n] = tok < M;
+    x_tok[n] = keep(x + static_cast<int64_t>(min(tok, M - 1)) * stride);
+  }
+}
+
 // One warp step: this lane's 16 bytes of rows g and g + 8 of each row tile (w_lo, w_hi), with
 // their chunks' scales, decoded through the table (entry) and multiplied by the 32 elements of x
 // they meet: x_at(n, q) returns x words 4q .. 4q + 3 (elements k0 + 8q .. k0 + 8q + 7) of
@@ -495,24 +520,13 @@ __global__ void __launch_bounds__(kMmThreads)
   __syncthreads();
 
   const float off = nested ? __ldg(offset) : 0.0f;
-  // A lookup is a shift, a LOP3 and the LDS, the table's address coming from a uniform register
-  // (the lookups are most of the kernel's instructions; with the address in a regular register
-  // they took 2.25 ALU ops each instead of 2).
-  const uint32_t lane4 = keep(4u * lane);
-  auto entry = [&](uint32_t byte_offset) {
-    return *reinterpret_cast<const uint32_t*>(s_table + (byte_offset | lane4));
-  };
+  const PairLookup entry{s_table, keep(4u * lane)};
   // Each n-tile's token row of x (a token past M reads row M - 1 and is multiplied by zero).
   // With kPermuteX (33-64 tokens) x comes permuted (permute_x_kernel): rows of x_stride elements,
   // and within each step of 128 elements, lane t's 16 bytes for sub-step word q at 32 q + 8 t.
   const T* x_tok[kT];
   bool tok_ok[kT];
-#pragma unroll
-  for (int n = 0; n < kT; ++n) {
-    const int tok = tok0 + n * 8 + g;
-    tok_ok[n] = tok < M;
-    x_tok[n] = keep(x + static_cast<int64_t>(min(tok, M - 1)) * x_stride);
-  }
+  token_rows(x, tok0, g, M, x_stride, x_tok, tok_ok);
 
   float acc[kR][kT][4];
   zero_acc(acc);
@@ -750,18 +764,10 @@ __global__ void __launch_bounds__(kBulkThreads)
   build_pair_table<T>(s_table, s_code8, nested_code, quant_type, nested, tid, kMmThreads);
   consumer_sync();  // the table
   const int tok0 = blockIdx.y * kT * 8;
-  const uint32_t lane4 = keep(4u * lane);
-  auto entry = [&](uint32_t byte_offset) {
-    return *reinterpret_cast<const uint32_t*>(s_table + (byte_offset | lane4));
-  };
+  const PairLookup entry{s_table, keep(4u * lane)};
   const T* x_tok[kT];
   bool tok_ok[kT];
-#pragma unroll
-  for (int n = 0; n < kT; ++n) {
-    const int tok = tok0 + n * 8 + g;
-    tok_ok[n] = tok < M;
-    x_tok[n] = keep(x + static_cast<int64_t>(min(tok, M - 1)) * K);
-  }
+  token_rows(x, tok0, g, M, K, x_tok, tok_ok);
   // Consumer warp w takes elements 128 w .. 128 w + 127 of every stage; lane t 32 of them.
   auto step_k0 = [&](int s) { return s * kBulkStageK + 128 * warp + 32 * t; };
   // A tile, and this lane's two rows in each of its row tiles (for their absmax blocks).
@@ -988,10 +994,7 @@ __global__ void __launch_bounds__(kBulkThreads)
   build_pair_table<T>(s_table, s_code8, nested_code, quant_type, nested, tid, kMmThreads);
   consumer_sync();  // the table
 
-  const uint32_t lane4 = keep(4u * lane);
-  auto entry = [&](uint32_t byte_offset) {
-    return *reinterpret_cast<const uint32_t*>(s_table + (byte_offset | lane4));
-  };
+  const PairLookup entry{s_table, keep(4u * lane)};
   const void* __restrict__ absmax = weights.absmax[0];
   const float* __restrict__ nested_absmax = weights.nested_absmax[0];
   const float off = nested ? __ldg(weights.offset[0]) : 0.0f;
