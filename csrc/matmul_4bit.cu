@@ -218,7 +218,8 @@ __device__ __forceinline__ V keep(V v) {
   return v;
 }
 
-// Builds the byte -> pair table and the 8-bit code in shared memory (the caller syncs after).
+// Builds the byte -> pair table in shared memory (the caller syncs after). It reads constant
+// memory only, so a kernel may build it before pdl_wait (load_code8 comes after).
 // Entry b holds (code[b >> 4], code[b & 15]) as a pair of T, the high nibble (the element at the
 // lower address) in the low half, at byte 128 b + 4 L for lane L: each lane reads its own copy
 // (bank L), so the 32 lanes' random bytes never conflict, and the offset of byte j of a weight word
@@ -227,8 +228,7 @@ __device__ __forceinline__ V keep(V v) {
 // byte 1, but its 64 KB table left too little L1 for x and the absmax: the largest layers ran
 // 9-15% slower on an H100.)
 template <typename T>
-__device__ __forceinline__ void build_pair_table(uint8_t* s_table, float* s_code8, const float* __restrict__ nested_code,
-                                                 int quant_type, bool nested, int tid, int threads) {
+__device__ __forceinline__ void build_pair_table(uint8_t* s_table, int quant_type, int tid, int threads) {
   for (int i = tid; i < 256 * 8; i += threads) {
     const int b = i >> 3;
     const float lo = __uint_as_float(kCodeValueBits[quant_type][b >> 4]);
@@ -236,8 +236,31 @@ __device__ __forceinline__ void build_pair_table(uint8_t* s_table, float* s_code
     const uint32_t v = pack2<T>(lo, hi);
     *reinterpret_cast<uint4*>(s_table + 128 * b + 16 * (i & 7)) = make_uint4(v, v, v, v);
   }
+}
+
+// The double quant's 8-bit code into shared memory (the caller syncs after).
+__device__ __forceinline__ void load_code8(float* s_code8, const float* __restrict__ nested_code, bool nested, int tid,
+                                           int threads) {
   if (nested) {
     for (int i = tid; i < 256; i += threads) s_code8[i] = nested_code[i];
+  }
+}
+
+// L2 prefetches of the absmax (and nested absmax) a lane's rows ra and rb need at k0: before
+// pdl_wait they are the only reads a kernel may issue (see launch_pdl).
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+__device__ __forceinline__ void prefetch_scales_l2(const RowStart& ra, const RowStart& rb, int k0,
+                                                   const void* absmax, bool nested, const float* nested_absmax,
+                                                   int lg_bs, int lg_nbs) {
+  const uint32_t ba = ra.block + ((ra.in_block + k0) >> lg_bs);
+  const uint32_t bb = rb.block + ((rb.in_block + k0) >> lg_bs);
+  if (nested) {
+    prefetch_l2(static_cast<const uint8_t*>(absmax) + ba);
+    prefetch_l2(static_cast<const uint8_t*>(absmax) + bb);
+    prefetch_l2(nested_absmax + (ba >> lg_nbs));
+  } else {
+    prefetch_l2(static_cast<const float*>(absmax) + ba);
+    prefetch_l2(static_cast<const float*>(absmax) + bb);
   }
 }
 
@@ -508,6 +531,9 @@ __global__ void __launch_bounds__(kMmThreads)
     return load_step(lo_row[r], hi_row[r], k0, step < step_end && k0 < K, absmax, nested, nested_absmax,
                      lg_bs, lg_nbs);
   };
+  // Launched with PDL (launch_pdl): the loads below may read what the kernel before wrote.
+  pdl_launch_dependents();
+  pdl_wait();
   // kD steps of loads are kept in flight ahead of the one being decoded; the first ones go out
   // before the table is built, so they overlap with it.
   StepLoads ring[kD][kR];
@@ -516,7 +542,8 @@ __global__ void __launch_bounds__(kMmThreads)
 #pragma unroll
     for (int r = 0; r < kR; ++r) ring[d][r] = load(r, step_begin + slice + d * kSlices);
 
-  build_pair_table<T>(s_table, s_code8, nested_code, quant_type, nested, tid, kMmThreads);
+  build_pair_table<T>(s_table, quant_type, tid, kMmThreads);
+  load_code8(s_code8, nested_code, nested, tid, kMmThreads);
   __syncthreads();
 
   const float off = nested ? __ldg(offset) : 0.0f;
@@ -730,6 +757,7 @@ __global__ void __launch_bounds__(kBulkThreads)
     uint64_t policy;
     asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
     constexpr int kPerLane = (kRows + 31) / 32;
+    pdl_wait();
     int count = 0;  // stages issued
     for (int tile = first; tile < total_tiles; tile += stride) {
       const Tile tl = tile_at(tile);
@@ -761,8 +789,7 @@ __global__ void __launch_bounds__(kBulkThreads)
     return;
   }
 
-  build_pair_table<T>(s_table, s_code8, nested_code, quant_type, nested, tid, kMmThreads);
-  consumer_sync();  // the table
+  build_pair_table<T>(s_table, quant_type, tid, kMmThreads);
   const int tok0 = blockIdx.y * kT * 8;
   const PairLookup entry{s_table, keep(4u * lane)};
   const T* x_tok[kT];
@@ -803,6 +830,15 @@ __global__ void __launch_bounds__(kBulkThreads)
   // This lane's 16 bytes of rows g and g + 8 within a stage.
   const uint32_t lane_bytes = keep(static_cast<uint32_t>(g * kBulkRowPitch + 64 * warp + 16 * t));
   TileRows tr = rows_of(first);
+  if (first < total_tiles) {
+#pragma unroll
+    for (int r = 0; r < kR; ++r)
+      prefetch_scales_l2(tr.lo[r], tr.hi[r], step_k0(0), pick(weights.absmax, tr.tl.which), nested,
+                         pick(weights.nested_absmax, tr.tl.which), lg_bs, lg_nbs);
+  }
+  pdl_wait();
+  load_code8(s_code8, nested_code, nested, tid, kMmThreads);
+  consumer_sync();  // the table and the code
   if (first < total_tiles) prefetch(tr);
   int count = 0;  // stages consumed
   for (int tile = first; tile < total_tiles; tile += stride) {
@@ -849,6 +885,13 @@ __global__ void __launch_bounds__(kBulkThreads)
     if (tile + stride < total_tiles) {  // the next tile's first absmax loads go out before this one's reduction
       tr = rows_of(tile + stride);
       prefetch(tr);
+    } else {
+      // The next kernel (launch_pdl) may launch once every CTA is past its main loop, not from
+      // their start: the grid often leaves SM slots free (4096 x 11008 at one token: 256 CTAs
+      // for 396 slots), and CTAs of the next kernel that took them early, to wait there, slowed
+      // this one down (that layer at one token: 14.3 us without PDL, 17.1 with the launch allowed
+      // from the start, 15.1 from when the producer had issued its last copy; H100).
+      pdl_launch_dependents();
     }
     reduce_tiles<kT, kR, 1>(acc, s_red, warp, lane, [] { consumer_sync(); },
                             out_store<T, kT, kR, 1>(weights, done.which, done.row0 / kRows, tok0, M, nullptr, 0));
@@ -869,8 +912,8 @@ __global__ void __launch_bounds__(kBulkThreads)
 // How: the CTA's 8 consumer warps each own kR row tiles (16 kR rows) and all walk the same K
 // steps, so one copy of x in shared memory serves 128 kR weight rows. Per 128-element step a
 // producer warp issues two copies into a stage, counted on the stage's `full` mbarrier: the
-// tile's 64 bytes of each row as one 2-D tensor copy (rows past N and bytes past K come back as
-// zeros), and the step's x as one bulk copy of a staged image (stage_x_kernel). Few, large
+// tile's 64 bytes of each row as one 2-D tensor copy, and the step's x as one 3-D tensor copy
+// (rows past N, bytes past K and tokens past M come back as zeros). Few, large
 // copies matter: the TMA takes about 45 copy instructions per microsecond per SM, so one bulk
 // copy per 64-byte row piece read 22016 x 8192's bytes at 383 GB/s, where one box per stage of
 // 128 rows x 64 bytes read them at 2457 (H100, copies alone: benchmarks/tma_copy_rates.cu,
@@ -883,38 +926,22 @@ __global__ void __launch_bounds__(kBulkThreads)
 // t 0..3) hit 8 different 16-byte bank groups with their 16-byte loads:
 // * weights: row i's 64 bytes at 64 i, dense (the tensor copy's box): rows g and g + 1 are 4 units
 //   apart, lane t reads unit t of its row;
-// * x: a token's 128 elements as 4 runs of 64 bytes (lane t's 32 elements) at byte 80 t of a
-//   320-byte row; unit q of lane t's run is 5 t + q (0, 5, 2, 7 + q mod 8), the next token's 4 more.
+// * x: x [M, K] seen as a 3-D tensor [M][K / 32][32 elements], one box of (tokens, 4 runs, 32
+//   elements) a step: token n's run t (lane t's 32 elements, 64 bytes) at 64 (4 n + t), in the
+//   TMA's 64-byte swizzle, which stores 16-byte unit q of the 64 bytes at address A as unit
+//   q ^ ((A >> 7) & 3). Rows g and g + 1 of lanes t 0..3 then cover bank groups 4 (t & 1) +
+//   (q ^ (2 g + t / 2) & 3): all 8 once. (Before it x went through a staging kernel into padded
+//   320-byte token rows: one more launch and pass over x per call.)
 constexpr int kRowsStepBytes = kStepK / 2;  // one weight row's bytes per stage
-constexpr int kXRunPitch = 80;
-constexpr int kXTokenPitch = 320;
+constexpr int kXRunBytes = 64;              // 32 elements of 16 bits: one lane's run of a step
+constexpr int kXTokenBytes = 4 * kXRunBytes;
 
 template <int kT, int kR, int kStages>
 constexpr int rows_smem_bytes() {
-  // table | 8-bit code | stages (weights, then x) | full[kStages], empty[kStages]
-  return kTableBytes + 256 * 4 + kStages * (kMmWarps * kTileRows * kR * kRowsStepBytes + kT * 8 * kXTokenPitch) +
+  // table | 8-bit code | stages (weights, then x: both 512-byte aligned, the swizzle's period) |
+  // full[kStages], empty[kStages]
+  return kTableBytes + 256 * 4 + kStages * (kMmWarps * kTileRows * kR * kRowsStepBytes + kT * 8 * kXTokenBytes) +
          2 * kStages * 8;
-}
-
-// x [M, K] -> img [token tiles][steps][tokens][kXTokenPitch bytes]: each step's x for a token tile
-// as the rows kernel's stage holds it, zero past M and K, so that one bulk copy moves it.
-template <typename T>
-__global__ void stage_x_kernel(const T* __restrict__ x, T* __restrict__ img, int M, int K, int tokens, int nsteps,
-                               int64_t units) {
-  constexpr int kUnitsPerToken = kXTokenPitch / 16;  // 20: 4 runs of 4 units and 4 of padding
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < units;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int unit = static_cast<int>(i % kUnitsPerToken);
-    const int64_t row = i / kUnitsPerToken;  // (token tile, step, token)
-    const int tok_in = static_cast<int>(row % tokens);
-    const int step = static_cast<int>((row / tokens) % nsteps);
-    const int tok = static_cast<int>(row / (int64_t{tokens} * nsteps)) * tokens + tok_in;
-    const int run = unit / 5, q = unit % 5;  // q == 4: padding
-    const int k = step * kStepK + 32 * run + 8 * q;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (q < 4 && tok < M && k < K) v = *reinterpret_cast<const uint4*>(x + static_cast<int64_t>(tok) * K + k);
-    reinterpret_cast<uint4*>(img)[i] = v;
-  }
 }
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -927,11 +954,20 @@ __device__ __forceinline__ void tensor_copy_2d(void* dst, const CUtensorMap* map
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(shared_address(bar)), "l"(policy)
       : "memory");
 }
+// The box at (c0, c1, c2) of a 3-D tensor map to shared dst, counted on bar.
+__device__ __forceinline__ void tensor_copy_3d(void* dst, const CUtensorMap* map, int c0, int c1, int c2,
+                                               uint64_t* bar, uint64_t policy) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, {%2, "
+      "%3, %4}], [%5], %6;" ::"r"(shared_address(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(shared_address(bar)), "l"(policy)
+      : "memory");
+}
 #endif
 
 template <typename T, int kT, int kR, int kStages>
 __global__ void __launch_bounds__(kBulkThreads)
-    matmul_4bit_rows_kernel(const T* __restrict__ x_img, const __grid_constant__ CUtensorMap w_map,
+    matmul_4bit_rows_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap w_map,
                             const __grid_constant__ WeightSet<T> weights, const float* __restrict__ nested_code, int M,
                             int K, int lg_bs, int lg_nbs, int quant_type, bool nested, int split_steps,
                             float* __restrict__ partial) {
@@ -939,14 +975,19 @@ __global__ void __launch_bounds__(kBulkThreads)
   constexpr int kRows = kMmWarps * kTileRows * kR;  // weight rows per CTA
   constexpr int kTokens = kT * 8;
   constexpr int kWeightBytes = kRows * kRowsStepBytes;
-  constexpr int kXBytes = kTokens * kXTokenPitch;
+  constexpr int kXBytes = kTokens * kXTokenBytes;
   constexpr int kStageBytes = kWeightBytes + kXBytes;
-  extern __shared__ __align__(128) uint8_t smem[];
-  uint8_t* s_table = smem;
-  float* s_code8 = reinterpret_cast<float*>(smem + kTableBytes);
-  uint8_t* s_stages = smem + kTableBytes + 256 * 4;
+  static_assert(kWeightBytes % 512 == 0 && kXBytes % 512 == 0 && (kTableBytes + 256 * 4) % 512 == 0,
+                "x 512-byte aligned in every stage (the swizzle's period): its pattern is the same in all");
+  extern __shared__ __align__(1024) uint8_t rows_smem[];
+  uint8_t* s_table = rows_smem;
+  float* s_code8 = reinterpret_cast<float*>(rows_smem + kTableBytes);
+  uint8_t* s_stages = rows_smem + kTableBytes + 256 * 4;
   uint64_t* full = reinterpret_cast<uint64_t*>(s_stages + kStages * kStageBytes);
   uint64_t* empty = full + kStages;
+  // The TMA's swizzled stores need x's 512-byte alignment (dynamic shared memory starts there on
+  // the GPUs this runs on; a launch that breaks it fails instead of reading wrong x).
+  if (shared_address(s_stages) % 512 != 0) __trap();
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -966,11 +1007,14 @@ __global__ void __launch_bounds__(kBulkThreads)
   if (warp == kMmWarps) {
     // The producer: its lane 0 issues both copies of each stage; the first kStages go out while
     // the table is built.
-    if (lane == 0) asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&w_map)) : "memory");
+    if (lane == 0) {
+      asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&w_map)) : "memory");
+      asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(&x_map)) : "memory");
+    }
+    pdl_wait();
     uint64_t evict_first, evict_last;
     asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(evict_first));
     asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(evict_last));  // x: read by every tile
-    const T* x_steps = x_img + static_cast<int64_t>(blockIdx.y) * nsteps * kXBytes / sizeof(T);
     for (int i = 0; i < steps; ++i) {
       const int slot = i % kStages;
       // The slot's last use (step i - kStages) must have been read out by all consumers.
@@ -983,28 +1027,31 @@ __global__ void __launch_bounds__(kBulkThreads)
         uint8_t* stage = s_stages + slot * kStageBytes;
         mbarrier_expect_bytes(&full[slot], kStageBytes);  // a box counts in full, zeros past N and K too
         tensor_copy_2d(stage, &w_map, step * kRowsStepBytes, tile * kRows, &full[slot], evict_first);
-        bulk_copy(stage + kWeightBytes, x_steps + static_cast<int64_t>(step) * kXBytes / sizeof(T), kXBytes,
-                  &full[slot], evict_last);
+        tensor_copy_3d(stage + kWeightBytes, &x_map, 0, 4 * step, tok0, &full[slot], evict_last);
       }
       __syncwarp();
     }
     return;
   }
 
-  build_pair_table<T>(s_table, s_code8, nested_code, quant_type, nested, tid, kMmThreads);
-  consumer_sync();  // the table
-
+  build_pair_table<T>(s_table, quant_type, tid, kMmThreads);
   const PairLookup entry{s_table, keep(4u * lane)};
   const void* __restrict__ absmax = weights.absmax[0];
   const float* __restrict__ nested_absmax = weights.nested_absmax[0];
-  const float off = nested ? __ldg(weights.offset[0]) : 0.0f;
   const int row0 = tile * kRows + warp * kTileRows * kR;
   RowStart lo_row[kR], hi_row[kR];
 #pragma unroll
   for (int r = 0; r < kR; ++r) {
     lo_row[r] = row_start(packed, min(row0 + 16 * r + g, N - 1), K, lg_bs);
     hi_row[r] = row_start(packed, min(row0 + 16 * r + g + 8, N - 1), K, lg_bs);
+    if (step_begin * kStepK + 32 * t < K)
+      prefetch_scales_l2(lo_row[r], hi_row[r], step_begin * kStepK + 32 * t, absmax, nested, nested_absmax, lg_bs,
+                         lg_nbs);
   }
+  pdl_wait();
+  load_code8(s_code8, nested_code, nested, tid, kMmThreads);
+  consumer_sync();  // the table and the code
+  const float off = nested ? __ldg(weights.offset[0]) : 0.0f;
   // Past K a lane's scale is zero (and the copies bring zeros): its MMA terms vanish.
   auto scales = [&](int r, int step) {
     const int k0 = step * kStepK + 32 * t;
@@ -1017,9 +1064,15 @@ __global__ void __launch_bounds__(kBulkThreads)
   for (int d = 0; d < kAhead; ++d)
 #pragma unroll
     for (int r = 0; r < kR; ++r) ring[d][r] = scales(r, step_begin + d);
-  // This lane's bytes within a stage: rows g and g + 8 of its row tiles, and its run of x.
+  // This lane's bytes within a stage: rows g and g + 8 of its row tiles, and unit q of its run
+  // of x (token g, run t; swizzled by the bits 7-8 of the run's shared address, the same in every
+  // stage and n-tile).
   const uint32_t w_lane = keep(static_cast<uint32_t>((warp * kTileRows * kR + g) * kRowsStepBytes + 16 * t));
-  const uint32_t x_lane = keep(static_cast<uint32_t>(kWeightBytes + g * kXTokenPitch + t * kXRunPitch));
+  const uint32_t x_run = static_cast<uint32_t>(kWeightBytes + (4 * g + t) * kXRunBytes);
+  const uint32_t swizzle = ((shared_address(s_stages + x_run) >> 7) & 3u) * 16u;
+  uint32_t x_unit[4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) x_unit[q] = keep(x_run + ((16u * q) ^ swizzle));
 
   float acc[kR][kT][4];
   zero_acc(acc);
@@ -1047,14 +1100,14 @@ __global__ void __launch_bounds__(kBulkThreads)
         w_lo[r] = *reinterpret_cast<const uint4*>(stage + w_lane + 16 * r * kRowsStepBytes);
         w_hi[r] = *reinterpret_cast<const uint4*>(stage + w_lane + (16 * r + 8) * kRowsStepBytes);
       }
-      const uint8_t* x_stage = stage + x_lane;
       auto x_at = [&](int n, int q) {
-        return *reinterpret_cast<const uint4*>(x_stage + n * 8 * kXTokenPitch + 16 * q);
+        return *reinterpret_cast<const uint4*>(stage + x_unit[q] + n * 8 * kXTokenBytes);
       };
       mma_step<T, kT, kR>(acc, w_lo, w_hi, s_lo, s_hi, x_at, entry);
       mbarrier_arrive(&empty[slot]);  // this thread's reads of the slot (weights and x) are done
     }
   }
+  pdl_launch_dependents();  // past the main loop, as in the bulk kernel
   // Each warp holds whole sums for its rows: no reduction across warps.
   auto emit = out_store<T, kT, kR, kMmWarps>(weights, 0, tile, tok0, M, partial, static_cast<int>(blockIdx.z));
 #pragma unroll
@@ -1076,6 +1129,8 @@ __global__ void __launch_bounds__(kBulkThreads)
 // lanes past K would read them, and those load nothing).
 template <typename T>
 __global__ void permute_x_kernel(const T* __restrict__ x, T* __restrict__ xp, int64_t M, int K, int64_t x_stride) {
+  pdl_launch_dependents();
+  pdl_wait();  // x may come from the kernel just before (launch_pdl)
   const int64_t units_per_row = x_stride / 8;
   const int64_t total = M * units_per_row;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
@@ -1092,6 +1147,8 @@ __global__ void permute_x_kernel(const T* __restrict__ x, T* __restrict__ xp, in
 template <typename T>
 __global__ void sum_k_splits_kernel(const float* __restrict__ partial, int splits, int64_t MN, int N,
                                     const T* __restrict__ bias, T* __restrict__ out) {
+  pdl_launch_dependents();
+  pdl_wait();  // the partial tiles: written by the kernel just before (launch_pdl)
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < MN;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     float sum = 0.0f;
@@ -1172,24 +1229,22 @@ std::pair<at::Tensor, int64_t> kernel_x(const at::Tensor& x) {
     const int64_t x_stride = ceil_div(K, kStepK) * kStepK;
     at::Tensor xp = at::empty({M, x_stride}, x.options());
     const int64_t units = M * x_stride / 8;
-    permute_x_kernel<T><<<static_cast<unsigned>(std::min<int64_t>(ceil_div(units, 256), 2048)), 256, 0,
-                          c10::cuda::getCurrentCUDAStream()>>>(reinterpret_cast<const T*>(x.data_ptr()),
-                                                               reinterpret_cast<T*>(xp.data_ptr()), M,
-                                                               static_cast<int>(K), x_stride);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_pdl(permute_x_kernel<T>, dim3(static_cast<unsigned>(std::min<int64_t>(ceil_div(units, 256), 2048))),
+               dim3(256), 0, x.get_device(), reinterpret_cast<const T*>(x.data_ptr()),
+               reinterpret_cast<T*>(xp.data_ptr()), M, static_cast<int>(K), x_stride);
     return {xp, x_stride};
   }
 }
 
 // out of weights[0] = the K splits' partial tiles summed (+ bias), after a launch that split K.
 template <typename T>
-void sum_k_splits(const at::Tensor& partial, int splits, int M, const WeightSet<T>& weights) {
+void sum_k_splits(const at::Tensor& partial, int splits, int M, const WeightSet<T>& weights, int device) {
   const int64_t mn = int64_t{M} * weights.N[0];
   const int threads = 256;
   const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(mn, threads), 4096));
-  sum_k_splits_kernel<T><<<blocks, threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-      partial.data_ptr<float>(), splits, mn, weights.N[0], weights.bias[0], weights.out[0]);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_pdl(sum_k_splits_kernel<T>, dim3(blocks), dim3(threads), 0, device,
+             static_cast<const float*>(partial.data_ptr<float>()), splits, mn, weights.N[0], weights.bias[0],
+             weights.out[0]);
 }
 
 // xp, x_stride: from kernel_x<T, kT>.
@@ -1204,15 +1259,14 @@ void launch_matmul_4bit(const at::Tensor& xp, int64_t x_stride, const WeightSet<
   const int split_steps = static_cast<int>(ceil_div(nsteps, std::min(splits, nsteps)));
   splits = static_cast<int>(ceil_div(nsteps, split_steps));  // no empty split
   TORCH_CHECK(!kGrouped || splits == 1, "matmul_4bit: a grouped launch with K splits (an internal error)");
-  const auto stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor partial;
   if (splits > 1) partial = at::empty({splits, M, weights.N[0]}, xp.options().dtype(at::kFloat));
   const dim3 grid(static_cast<unsigned>(total_tiles), static_cast<unsigned>(token_tiles), static_cast<unsigned>(splits));
-  matmul_4bit_kernel<T, kT, kR, kD, kGrouped, kW><<<grid, kMmThreads, 0, stream>>>(
-      reinterpret_cast<const T*>(xp.data_ptr()), weights, nested_code, M, K, lg_bs, lg_nbs,
-      static_cast<int>(qt), nested, split_steps, splits > 1 ? partial.data_ptr<float>() : nullptr, x_stride);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (splits > 1) sum_k_splits(partial, splits, M, weights);
+  const int device = xp.get_device();
+  launch_pdl(matmul_4bit_kernel<T, kT, kR, kD, kGrouped, kW>, grid, dim3(kMmThreads), 0, device,
+             reinterpret_cast<const T*>(xp.data_ptr()), weights, nested_code, M, K, lg_bs, lg_nbs,
+             static_cast<int>(qt), nested, split_steps, splits > 1 ? partial.data_ptr<float>() : nullptr, x_stride);
+  if (splits > 1) sum_k_splits(partial, splits, M, weights, device);
 }
 
 // Launches the bulk-copy kernel if this device and this build can run it: compute capability 9.0
@@ -1255,10 +1309,8 @@ bool launch_matmul_4bit_bulk(const at::Tensor& x, const WeightSet<T>& weights, i
   TORCH_CHECK(token_tiles <= 65535, "x: expected at most ", num(65535 * kT * 8), " rows, got ", num(M));
   const int64_t ctas = std::min<int64_t>(total_tiles, int64_t{per_sm} * multiprocessor_count(device));
   const dim3 grid(static_cast<unsigned>(ctas), static_cast<unsigned>(token_tiles), 1);
-  kernel<<<grid, kBulkThreads, kSmem, c10::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const T*>(x.data_ptr()), weights, total_tiles, nested_code, M, K, lg_bs, lg_nbs,
-      static_cast<int>(qt), nested);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_pdl(kernel, grid, dim3(kBulkThreads), kSmem, device, reinterpret_cast<const T*>(x.data_ptr()), weights,
+             total_tiles, nested_code, M, K, lg_bs, lg_nbs, static_cast<int>(qt), nested);
   return true;
 }
 
@@ -1370,29 +1422,47 @@ PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return fn;
 }
 
+// A tiled tensor map over rank-D global memory at base (dims and box innermost first, strides
+// in bytes for dims 1..D-1), or an error naming what it maps.
+template <int D>
+CUtensorMap tensor_map(PFN_cuTensorMapEncodeTiled_v12000 encode, CUtensorMapDataType type, const void* base,
+                       const cuuint64_t (&dims)[D], const cuuint64_t (&strides)[D - 1], const cuuint32_t (&box)[D],
+                       CUtensorMapSwizzle swizzle, const char* what, int64_t rows, int64_t cols) {
+  CUtensorMap map;
+  cuuint32_t unit[D];
+  for (int i = 0; i < D; ++i) unit[i] = 1;
+  const CUresult res = encode(&map, type, D, const_cast<void*>(base), dims, strides, box, unit,
+                              CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  TORCH_CHECK(res == CUDA_SUCCESS, "matmul_4bit: cuTensorMapEncodeTiled failed (", num(static_cast<int64_t>(res)),
+              ") for ", what, " of ", num(rows), " x ", num(cols), " (an internal error)");
+  return map;
+}
+
 // Launches the rows kernel for one weight if this device, driver and build can run it (as the
-// bulk kernel); returns false, launching nothing, otherwise. x_img: from stage_x_kernel for kT.
+// bulk kernel); returns false, launching nothing, otherwise.
 template <typename T, int kT, int kR, int kStages>
-bool launch_matmul_4bit_rows(const at::Tensor& x_img, const WeightSet<T>& weights, const float* nested_code, int M,
+bool launch_matmul_4bit_rows(const at::Tensor& x, const WeightSet<T>& weights, const float* nested_code, int M,
                              int K, int lg_bs, int lg_nbs, QuantType qt, bool nested, int splits) {
   auto* kernel = matmul_4bit_rows_kernel<T, kT, kR, kStages>;
   constexpr int kSmem = rows_smem_bytes<kT, kR, kStages>();
   constexpr int kRows = kMmWarps * kTileRows * kR;
-  const int device = x_img.get_device();
+  const int device = x.get_device();
   const int per_sm = sm90_ctas_per_sm(reinterpret_cast<const void*>(kernel), kSmem, device);
   PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
   if (per_sm <= 0 || encode == nullptr) return false;
   // The weight as a 2-D tensor of bytes [N, K / 2], read in boxes of kRows rows x one step's bytes.
-  CUtensorMap w_map;
-  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(K / 2), static_cast<cuuint64_t>(weights.N[0])};
-  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(K / 2)};
-  const cuuint32_t box[2] = {kRowsStepBytes, kRows};
-  const cuuint32_t unit[2] = {1, 1};
-  const CUresult res = encode(&w_map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<uint8_t*>(weights.packed[0]), dims,
-                              strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
-                              CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  TORCH_CHECK(res == CUDA_SUCCESS, "matmul_4bit: cuTensorMapEncodeTiled failed (", num(static_cast<int64_t>(res)),
-              ") for a weight of ", num(weights.N[0]), " x ", num(K), " (an internal error)");
+  const CUtensorMap w_map = tensor_map<2>(
+      encode, CU_TENSOR_MAP_DATA_TYPE_UINT8, weights.packed[0],
+      {static_cast<cuuint64_t>(K / 2), static_cast<cuuint64_t>(weights.N[0])}, {static_cast<cuuint64_t>(K / 2)},
+      {kRowsStepBytes, kRows}, CU_TENSOR_MAP_SWIZZLE_NONE, "a weight", weights.N[0], K);
+  // x [M, K] as [M][K / 32][32] 16-bit elements (K % 32 == 0), read in boxes of the token tile's
+  // tokens x a step's 4 runs x 32, in the 64-byte swizzle the kernel reads it in.
+  const CUtensorMap x_map = tensor_map<3>(
+      encode, CU_TENSOR_MAP_DATA_TYPE_UINT16, x.data_ptr(),
+      {32, static_cast<cuuint64_t>(K / 32), static_cast<cuuint64_t>(M)},
+      {static_cast<cuuint64_t>(kXRunBytes), static_cast<cuuint64_t>(K) * 2}, {32, 4, kT * 8},
+      CU_TENSOR_MAP_SWIZZLE_64B, "x", M, K);
   const int64_t tiles = ceil_div(weights.N[0], kRows);
   const int64_t token_tiles = ceil_div(M, kT * 8);
   TORCH_CHECK(token_tiles <= 65535 && tiles < (int64_t{1} << 31), "x: sizes out of range");
@@ -1403,30 +1473,12 @@ bool launch_matmul_4bit_rows(const at::Tensor& x_img, const WeightSet<T>& weight
   const int split_steps = static_cast<int>(ceil_div(nsteps, std::min(splits, nsteps)));
   splits = static_cast<int>(ceil_div(nsteps, split_steps));  // no empty split
   at::Tensor partial;
-  if (splits > 1) partial = at::empty({splits, M, weights.N[0]}, x_img.options().dtype(at::kFloat));
+  if (splits > 1) partial = at::empty({splits, M, weights.N[0]}, x.options().dtype(at::kFloat));
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(token_tiles), static_cast<unsigned>(splits));
-  kernel<<<grid, kBulkThreads, kSmem, c10::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const T*>(x_img.data_ptr()), w_map, weights, nested_code, M, K, lg_bs, lg_nbs,
-      static_cast<int>(qt), nested, split_steps, splits > 1 ? partial.data_ptr<float>() : nullptr);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (splits > 1) sum_k_splits(partial, splits, M, weights);
+  launch_pdl(kernel, grid, dim3(kBulkThreads), kSmem, device, x_map, w_map, weights, nested_code, M, K, lg_bs, lg_nbs,
+             static_cast<int>(qt), nested, split_steps, splits > 1 ? partial.data_ptr<float>() : nullptr);
+  if (splits > 1) sum_k_splits(partial, splits, M, weights, device);
   return true;
-}
-
-// x as the rows kernel for kT n-tiles reads it (stage_x_kernel), once per call for all weights.
-template <typename T, int kT>
-at::Tensor rows_x_image(const at::Tensor& x) {
-  const int64_t M = x.size(0), K = x.size(1);
-  const int64_t tokens = kT * 8, nsteps = ceil_div(K, kStepK);
-  const int64_t units = ceil_div(M, tokens) * nsteps * tokens * (kXTokenPitch / 16);
-  at::Tensor img = at::empty({units * 16 / static_cast<int64_t>(sizeof(T))}, x.options());
-  stage_x_kernel<T><<<static_cast<unsigned>(std::min<int64_t>(ceil_div(units, 256), 4096)), 256, 0,
-                      c10::cuda::getCurrentCUDAStream()>>>(reinterpret_cast<const T*>(x.data_ptr()),
-                                                           reinterpret_cast<T*>(img.data_ptr()), static_cast<int>(M),
-                                                           static_cast<int>(K), static_cast<int>(tokens),
-                                                           static_cast<int>(nsteps), units);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return img;
 }
 
 // One weight of a launch, as the host has it.
@@ -1581,17 +1633,12 @@ std::vector<at::Tensor> run_matmul_4bit(const at::Tensor& x, const std::vector<H
     if (launched) return;
     auto try_rows = [&](auto tokens) {
       constexpr int kT = decltype(tokens)::value;
-      if (sm90_ctas_per_sm(reinterpret_cast<const void*>(matmul_4bit_rows_kernel<T, kT, 1, 2>),
-                           rows_smem_bytes<kT, 1, 2>(), x.get_device()) <= 0 ||
-          tensor_map_encoder() == nullptr)
-        return false;  // before staging x
-      const at::Tensor x_img = rows_x_image<T, kT>(x);
       for (size_t i = 0; i < weights.size(); ++i) {
         const auto [set, tiles] = weight_set(i, i + 1, kTileRows);
         (void)tiles;
         auto go = [&](auto r, auto st) {
           return launch_matmul_4bit_rows<T, kT, decltype(r)::value, decltype(st)::value>(
-              x_img, set, nc, m, k, lg_bs, lg_nbs, qt, nested, rows.splits);
+              x, set, nc, m, k, lg_bs, lg_nbs, qt, nested, rows.splits);
         };
         using I1 = std::integral_constant<int, 1>;
         using I2 = std::integral_constant<int, 2>;

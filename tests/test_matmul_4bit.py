@@ -573,6 +573,56 @@ def test_gpu_rows_kernel_repeats_to_the_bit_under_many_short_ctas(rows, monkeypa
         assert torch.equal(qk.matmul_4bit(x, packed, state), first)
 
 
+# (N, K, M): layers and token counts that take each kernel by default on an H100: the bulk kernel
+# (4096 x 4096 at 1 and 8), the rows kernel at 1 token on a large layer, with K split and the split
+# sum launched after it (64), the register kernel (4096 x 4096 at 16).
+PDL_CHAIN_CASES = [(4096, 4096, 1), (4096, 4096, 8), (4096, 4096, 16), (4096, 4096, 64), (28672, 8192, 1),
+                   (28672, 8192, 40)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,K,M", PDL_CHAIN_CASES)
+def test_gpu_back_to_back_calls_read_what_the_call_before_wrote(N, K, M, rng):
+    """Launched with programmatic dependent launch (sm_90), a kernel starts while the one before
+    it is finishing. A chain where each call's x is the previous call's output, and each weight
+    is quantized by the kernel just before the call that reads it, must give the same bits as
+    the same chain with the host waiting after every kernel (no overlap at all), eagerly and
+    replayed from a CUDA graph. A kernel that read its x, weights or absmax before its
+    griddepcontrol.wait, or wrote its output before it, would read stale memory here."""
+    _impl("cuda")
+    g = torch.Generator("cuda").manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+    # W1 [N, K] then W2 [K, N]: y = (x @ W1^T) @ W2^T, scaled to keep the values near 1
+    w16 = [torch.randn(N, K, device="cuda", generator=g) * (K ** -0.5),
+           torch.randn(K, N, device="cuda", generator=g) * (N ** -0.5)]
+    x = random_x((M, K), torch.bfloat16, rng, "cuda")
+
+    def chain(sync: bool):
+        y = x
+        for w in w16 * 2:
+            packed, state = qk.quantize_4bit(w, "nf4", 64, double_quant=True, check_finite=False)
+            if sync:
+                torch.cuda.synchronize()
+            y = qk.matmul_4bit(y, packed, state)
+            if sync:
+                torch.cuda.synchronize()
+        return y
+
+    want = chain(sync=True)
+    assert want.abs().max() > 0.1 and torch.isfinite(want).all()
+    for _ in range(3):
+        assert torch.equal(chain(sync=False), want)
+    chain(sync=False)  # warm-up before capture (allocations)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = chain(sync=False)
+    for _ in range(3):
+        got.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(got, want)
+
+
 @pytest.mark.gpu
 def test_gpu_cuda_op_host_checks_raise_instead_of_crashing(rng):
     """The C++ host checks of the CUDA op, reached only by direct op calls (the Python API
