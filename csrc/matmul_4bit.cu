@@ -1335,8 +1335,9 @@ bool bulk_wanted(int64_t M) {
 //   by twice the rows) won on the larger layers: from 8192 x 8192 up at 9-16 tokens, above
 //   5120 x 5120 at 17-64; one row tile kept more CTAs on the smaller ones;
 // * 2 stages were within a few percent of 4 everywhere, and left room for 2 CTAs per SM;
-// * at 9-32 tokens the register kernel stayed faster on layers of 4096 x 4096 and smaller (10.6
-//   against 12.2 us at 9 tokens): few row tiles, and the rows kernel's x staging launch;
+// * at 9-32 tokens the register kernel stayed faster on layers of 4096 x 4096 and smaller: few
+//   row tiles (at 9 tokens 10.7 us against 12.6 for the rows kernel's best K split, with x read
+//   by tensor copies and both launched with PDL; experiments/matmul_4bit_rows_sweep_pdl.txt);
 // * at 1-8 tokens (one n-tile) it beat the bulk kernel on the largest layers: 8192 x 22016 at one
 //   token 45.2 against 52.4 us, at 8 tokens 45.9 against 66.2; 28672 x 8192 59.9 against 61.8
 //   and 62.4 against 81.0. The bulk kernel stayed faster below about 8192 x 8192 (at 5-8 tokens)
