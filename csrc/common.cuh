@@ -270,12 +270,12 @@ inline int grid_size(Kernel kernel, int threads, int64_t ctas_of_work) {
 // their first absmax) instead of after the whole grid has drained and the next launch has gone
 // through. (L2 prefetches of each CTA's first 32 KB of weights as well were slower on an H100:
 // 4096 x 4096 at one token 7.9 us against 7.2 with neither; the prefetches queue in the TMA ahead
-// of the copies that need the bytes.) The
-// contract, which every kernel launched so keeps: before pdl_wait() it reads no global memory
-// that a kernel before it may write (L2 prefetches are allowed: the L2 is where all SMs' writes
-// meet, so a prefetched line is never stale) and writes no global memory at all. pdl_wait()
-// returns once the kernels before it have finished and their writes are visible. Each kernel
-// also lets its own dependents launch early (pdl_launch_dependents): they wait in turn.
+// of the copies that need the bytes.) The contract, which every kernel launched so keeps: before
+// pdl_wait() it reads no global memory that a kernel before it may write (L2 prefetches are
+// allowed: the L2 is where all SMs' writes meet, so a prefetched line is never stale) and writes
+// no global memory at all. pdl_wait() returns once the kernels before it have finished and their
+// writes are visible. Each kernel also lets the next one launch early (pdl_launch_dependents):
+// the small ones from their start, the bulk and rows kernels once past their main loop.
 __device__ __forceinline__ void pdl_launch_dependents() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
@@ -295,14 +295,15 @@ inline int compute_capability_major(int device) {
 // The SM count of a device (device_attribute caches it).
 inline int multiprocessor_count(int device) { return device_attribute(device, cudaDevAttrMultiProcessorCount); }
 
-// Whether launches may overlap the kernel before them (PDL): on compute capability 9.0 and up,
-// unless QLORA_KERNELS_PDL=0 (for comparisons). Read once.
+// Whether launches may overlap the kernel before them (PDL): with QLORA_KERNELS_PDL=1, on
+// compute capability 9.0 and up. Off by default, as measured on an H100: it made back-to-back
+// 4-bit matmuls faster (4096 x 4096 at one token 7.3 -> 6.5 us, at 64 tokens 16.0 -> 13.7) but
+// the 7B decode, whose matmuls sit between other kernels, slower (fused and compiled, CUDA
+// graphs: 277 tokens/s with it, 296 without). Read at each launch (a getenv: tens of
+// nanoseconds against the launch's microseconds), so a test can turn it on.
 inline bool pdl_enabled(int device) {
-  static const bool allowed = [] {
-    const char* env = std::getenv("QLORA_KERNELS_PDL");
-    return env == nullptr || *env == '\0' || std::atoi(env) != 0;
-  }();
-  return allowed && compute_capability_major(device) >= 9;
+  const char* env = std::getenv("QLORA_KERNELS_PDL");
+  return env != nullptr && *env != '\0' && std::atoi(env) != 0 && compute_capability_major(device) >= 9;
 }
 
 // Whether a kernel, as it runs on this device, was compiled with its pdl_wait: from sm_90 code

@@ -582,14 +582,17 @@ PDL_CHAIN_CASES = [(4096, 4096, 1), (4096, 4096, 8), (4096, 4096, 16), (4096, 40
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("N,K,M", PDL_CHAIN_CASES)
-def test_gpu_back_to_back_calls_read_what_the_call_before_wrote(N, K, M, rng):
-    """Launched with programmatic dependent launch (sm_90), a kernel starts while the one before
-    it is finishing. A chain where each call's x is the previous call's output, and each weight
-    is quantized by the kernel just before the call that reads it, must give the same bits as
-    the same chain with the host waiting after every kernel (no overlap at all), eagerly and
-    replayed from a CUDA graph. A kernel that read its x, weights or absmax before its
-    griddepcontrol.wait, or wrote its output before it, would read stale memory here."""
+@pytest.mark.parametrize("pdl", ["1", "0"])
+def test_gpu_back_to_back_calls_read_what_the_call_before_wrote(N, K, M, pdl, monkeypatch, rng):
+    """Launched with programmatic dependent launch (QLORA_KERNELS_PDL=1, sm_90), a kernel starts
+    while the one before it is finishing. A chain where each call's x is the previous call's
+    output, and each weight is quantized by the kernel just before the call that reads it, must
+    give the same bits as the same chain with the host waiting after every kernel (no overlap at
+    all), eagerly and replayed from a CUDA graph. A kernel that read its x, weights or absmax
+    before its griddepcontrol.wait, or wrote its output before it, would read stale memory here.
+    (The default, PDL off, runs the same chain.)"""
     _impl("cuda")
+    monkeypatch.setenv("QLORA_KERNELS_PDL", pdl)
     g = torch.Generator("cuda").manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
     # W1 [N, K] then W2 [K, N]: y = (x @ W1^T) @ W2^T, scaled to keep the values near 1
     w16 = [torch.randn(N, K, device="cuda", generator=g) * (K ** -0.5),
