@@ -316,9 +316,9 @@ inline bool kernel_has_pdl(const void* kernel, int device) {
   for (const auto& [k, d, has] : known)
     if (k == kernel && d == device) return has;
   cudaFuncAttributes attr;
-  const bool has = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90 &&
-                   attr.binaryVersion >= 90;
-  (void)cudaGetLastError();
+  const bool found = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess;
+  if (!found) (void)cudaGetLastError();  // this query's error only: not one pending from elsewhere
+  const bool has = found && attr.ptxVersion >= 90 && attr.binaryVersion >= 90;
   known.emplace_back(kernel, device, has);
   return has;
 }

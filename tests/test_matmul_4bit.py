@@ -573,57 +573,71 @@ def test_gpu_rows_kernel_repeats_to_the_bit_under_many_short_ctas(rows, monkeypa
         assert torch.equal(qk.matmul_4bit(x, packed, state), first)
 
 
-# (N, K, M): layers and token counts that take each kernel by default on an H100: the bulk kernel
-# (4096 x 4096 at 1 and 8), the rows kernel at 1 token on a large layer, with K split and the split
-# sum launched after it (64), the register kernel (4096 x 4096 at 16).
-PDL_CHAIN_CASES = [(4096, 4096, 1), (4096, 4096, 8), (4096, 4096, 16), (4096, 4096, 64), (28672, 8192, 1),
-                   (28672, 8192, 40)]
+# (N, K, M, QLORA_KERNELS_MM_ROWS): each kernel on an H100, by default unless rows says: the
+# bulk kernel (4096 x 4096 at 1 and 8 tokens), the register kernel (at 16), the rows kernel with
+# K split and the split sum after it (at 64), the rows kernel at one token on a large layer and at
+# 40 tokens with its split sum, and the register kernel at 40 tokens with x permuted first.
+PDL_CHAIN_CASES = [(4096, 4096, 1, ""), (4096, 4096, 8, ""), (4096, 4096, 16, ""), (4096, 4096, 64, ""),
+                   (28672, 8192, 1, ""), (28672, 8192, 40, ""), (4096, 4096, 40, "0")]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("N,K,M", PDL_CHAIN_CASES)
-@pytest.mark.parametrize("pdl", ["1", "0"])
-def test_gpu_back_to_back_calls_read_what_the_call_before_wrote(N, K, M, pdl, monkeypatch, rng):
-    """Launched with programmatic dependent launch (QLORA_KERNELS_PDL=1, sm_90), a kernel starts
-    while the one before it is finishing. A chain where each call's x is the previous call's
-    output, and each weight is quantized by the kernel just before the call that reads it, must
-    give the same bits as the same chain with the host waiting after every kernel (no overlap at
-    all), eagerly and replayed from a CUDA graph. A kernel that read its x, weights or absmax
-    before its griddepcontrol.wait, or wrote its output before it, would read stale memory here.
-    (The default, PDL off, runs the same chain.)"""
+@pytest.mark.parametrize("N,K,M,rows", PDL_CHAIN_CASES)
+def test_gpu_pdl_calls_read_what_the_call_before_wrote(N, K, M, rows, monkeypatch, rng):
+    """With QLORA_KERNELS_PDL=1 (sm_90) a kernel starts while the one before it is finishing
+    (programmatic dependent launch), and must not read its x or write its output before
+    griddepcontrol.wait. A chain of four distinct 4-bit layers, each call's x the output of the
+    call just before, must give the bits of the same chain run with PDL off and the host waiting
+    after every call: eagerly, with the allocator's free blocks filled with NaN first (so an
+    early read of x or of the K splits' partial tiles finds NaN, not an earlier run's equal
+    values), and replayed from a CUDA graph with every intermediate output set to NaN before
+    each replay."""
     _impl("cuda")
-    monkeypatch.setenv("QLORA_KERNELS_PDL", pdl)
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+    monkeypatch.delenv("QLORA_KERNELS_MM_TILE", raising=False)
+    monkeypatch.setenv("QLORA_KERNELS_MM_ROWS", rows)
     g = torch.Generator("cuda").manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
-    # W1 [N, K] then W2 [K, N]: y = (x @ W1^T) @ W2^T, scaled to keep the values near 1
-    w16 = [torch.randn(N, K, device="cuda", generator=g) * (K ** -0.5),
-           torch.randn(K, N, device="cuda", generator=g) * (N ** -0.5)]
+    # [N, K], [K, N], [N, K], [K, N], scaled to keep the values near 1
+    weights = [qk.quantize_4bit(torch.randn(n, k, device="cuda", generator=g) * k ** -0.5, "nf4", 64,
+                                double_quant=True) for n, k in ((N, K), (K, N)) * 2]
     x = random_x((M, K), torch.bfloat16, rng, "cuda")
 
-    def chain(sync: bool):
-        y = x
-        for w in w16 * 2:
-            packed, state = qk.quantize_4bit(w, "nf4", 64, double_quant=True, check_finite=False)
-            if sync:
-                torch.cuda.synchronize()
-            y = qk.matmul_4bit(y, packed, state)
-            if sync:
-                torch.cuda.synchronize()
-        return y
+    def chain():
+        ys = [x]
+        for packed, state in weights:
+            ys.append(qk.matmul_4bit(ys[-1], packed, state))
+        return ys[1:]
 
-    want = chain(sync=True)
-    assert want.abs().max() > 0.1 and torch.isfinite(want).all()
+    def poison_free_blocks():
+        junk = [torch.full((M, n), float("nan"), device="cuda", dtype=torch.bfloat16) for n in (N, K) * 4]
+        junk += [torch.full((s, M, max(N, K)), float("nan"), device="cuda") for s in range(2, 9)]
+        del junk
+
+    monkeypatch.setenv("QLORA_KERNELS_PDL", "0")
+    want, y = [], x
+    for packed, state in weights:
+        y = qk.matmul_4bit(y, packed, state)
+        torch.cuda.synchronize()
+        want.append(y)
+    assert torch.isfinite(want[-1]).all() and want[-1].abs().max() > 0.1
+    monkeypatch.setenv("QLORA_KERNELS_PDL", "1")
     for _ in range(3):
-        assert torch.equal(chain(sync=False), want)
-    chain(sync=False)  # warm-up before capture (allocations)
+        poison_free_blocks()
+        for got, ref in zip(chain(), want):
+            assert torch.equal(got, ref)
+    chain()  # warm-up before capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        got = chain(sync=False)
+        ys = chain()
     for _ in range(3):
-        got.zero_()
+        for y in ys:
+            y.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
-        assert torch.equal(got, want)
+        for got, ref in zip(ys, want):
+            assert torch.equal(got, ref)
 
 
 @pytest.mark.gpu
