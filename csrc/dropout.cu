@@ -10,6 +10,10 @@
 // on its flat index, not on how a thread reaches it: the vector and the scalar paths agree.
 // The seed is an int argument, or (device_seed) an int64 tensor the kernel reads, which is what
 // a captured CUDA graph needs to draw a new mask at every replay.
+//
+// The same mask fused into the LoRA branch's two thin matmuls (see "Dropout fused into the
+// LoRA matmuls" below): dropout_linear (forward, dropout(x) @ A.T) and matmul_dropout
+// (backward, dropout(g @ A)).
 #include <torch/library.h>
 
 // cuRAND's counter-based Philox (one call, no per-thread state). A toolkit without cuRAND's
@@ -23,6 +27,9 @@
 #endif
 
 #include <cstdio>
+#include <limits>
+#include <tuple>
+#include <type_traits>
 
 #include "common.cuh"
 
@@ -106,6 +113,275 @@ __global__ void __launch_bounds__(kDropoutThreads)
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Dropout fused into the LoRA matmuls (qlora_kernels.matmul_4bit_lora):
+//
+//   dropout_linear(x, w) = dropout_forward(x) @ w.T   x [M, K], w [r, K] -> [M, r]  (forward)
+//   matmul_dropout(a, b) = dropout_forward(a @ b)     a [M, r], b [r, K] -> [M, K]  (backward: dX)
+//
+// Unfused, each is a dropout pass over an [M, K] tensor (a read and a write) beside a GEMM that
+// reads or writes it once more; fused, the [M, K] tensor is read (dropout_linear) or written
+// (matmul_dropout) once and the mask costs only its Philox arithmetic. With r <= 64 both are
+// bound by those [M, K] bytes, not by the r-wide products, which mma.sync m16n8k16 does
+// (float32 accumulators). Same mask, same roundings as the unfused ops: a dropped-out x element
+// is rounded to T before it is multiplied (as dropout_forward stores it), and a @ b is rounded
+// to T before the mask's scale (as cuBLAS stores it); only the order of the float32 sums differs.
+//
+// Both need K % 8 == 0 (16-byte rows, Philox groups that start on a row's 4-element groups),
+// 16-byte aligned operands, r <= 64, 16-bit T and sm_80; the host runs the unfused ops otherwise.
+
+// Keeps or drops the 8 elements of v (elements e .. e + 7, e % 4 == 0) and rounds the kept
+// ones, as dropout_kernel does: 4 words of two T each.
+template <typename T>
+__device__ __forceinline__ uint4 dropout8(const uint4& v, uint64_t seed, uint64_t e, uint32_t threshold,
+                                          float scale) {
+  const uint4 r0 = philox_group(seed, e / 4), r1 = philox_group(seed, e / 4 + 1);
+  const T* in = reinterpret_cast<const T*>(&v);
+  uint4 out;
+  T* o = reinterpret_cast<T*>(&out);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const bool keep = component(i < 4 ? r0 : r1, i % 4) >= threshold;
+    o[i] = from_float<T>(keep ? __fmul_rn(to_float(in[i]), scale) : 0.0f);
+  }
+  return out;
+}
+
+__device__ __forceinline__ uint32_t word(const uint4& u, int i) {
+  return i == 0 ? u.x : i == 1 ? u.y : i == 2 ? u.z : u.w;
+}
+
+// dropout_linear: a warp owns 32 rows of x (two m-tiles) and walks one K range (the grid's y
+// splits K; the splits' float32 partial tiles are summed by sum_splits_kernel in a fixed order).
+// Per 32-element step lane (g, t) loads 16 bytes (elements 8t .. 8t + 7) of x rows g, g + 8,
+// g + 16, g + 24 and of w row 8n + g for each n-tile: a dot product may walk K in any order as
+// long as both operands walk it alike, so MMA half h takes words 2h, 2h + 1 of each load as its
+// (2t, 2t + 1) and (2t + 8, 2t + 9) pairs on both sides. No shuffles, 16-byte loads only. The
+// CTA's 4 warps walk the same K range, so w's rows come from L1 after the first warp.
+constexpr int kLinWarps = 4;
+constexpr int kLinRows = 32;  // rows of x a warp
+constexpr int kLinStep = 32;  // K elements a warp step
+
+template <typename T, int kNT>  // kNT n-tiles of 8: r <= 8 kNT
+__global__ void __launch_bounds__(kLinWarps * 32)
+    dropout_linear_kernel(const T* __restrict__ x, const T* __restrict__ w, float* __restrict__ partial, int M,
+                          int K, int r, int k_per_split, uint64_t seed_value,
+                          const int64_t* __restrict__ device_seed, uint32_t threshold, float scale) {
+  const uint64_t seed = device_seed != nullptr ? static_cast<uint64_t>(*device_seed) : seed_value;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int m0 = (static_cast<int>(blockIdx.x) * kLinWarps + warp) * kLinRows;
+  const int k_begin = static_cast<int>(blockIdx.y) * k_per_split;
+  const int k_end = min(K, k_begin + k_per_split);
+  const T* x_row[4];
+  bool row_ok[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int m = m0 + g + 8 * i;
+    row_ok[i] = m < M;
+    x_row[i] = x + static_cast<int64_t>(min(m, M - 1)) * K;
+  }
+  const T* w_row[kNT];
+  bool w_ok[kNT];
+#pragma unroll
+  for (int n = 0; n < kNT; ++n) {
+    const int j = 8 * n + g;
+    w_ok[n] = j < r;
+    w_row[n] = w + static_cast<int64_t>(min(j, r - 1)) * K;
+  }
+  float acc[2][kNT][4];
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int n = 0; n < kNT; ++n) acc[mt][n][0] = acc[mt][n][1] = acc[mt][n][2] = acc[mt][n][3] = 0.0f;
+  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+  // The next step's x loads go out before this step's Philox and MMAs (one step of x in flight
+  // per warp left the loop waiting on DRAM latency); w's rows come from L1 and are loaded in
+  // their step.
+  auto load_x = [&](int k_step, uint4 (&xs)[4]) {
+    const int k = k_step + 8 * t;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)  // x is read once: evict-first
+      xs[i] = k < k_end && row_ok[i] ? __ldcs(reinterpret_cast<const uint4*>(x_row[i] + k)) : zero;
+  };
+  uint4 xv[4];
+  load_x(k_begin, xv);
+  for (int k_step = k_begin; k_step < k_end; k_step += kLinStep) {  // warp-uniform
+    uint4 x_next[4];
+    load_x(k_step + kLinStep, x_next);
+    const int k = k_step + 8 * t;
+    const bool k_ok = k < k_end;
+    uint4 wv[kNT];
+#pragma unroll
+    for (int n = 0; n < kNT; ++n) wv[n] = k_ok && w_ok[n] ? __ldg(reinterpret_cast<const uint4*>(w_row[n] + k)) : zero;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      if (k_ok && row_ok[i])
+        xv[i] = dropout8<T>(xv[i], seed, static_cast<uint64_t>(m0 + g + 8 * i) * K + k, threshold, scale);
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        const uint32_t a[4] = {word(xv[2 * mt], 2 * h), word(xv[2 * mt + 1], 2 * h), word(xv[2 * mt], 2 * h + 1),
+                               word(xv[2 * mt + 1], 2 * h + 1)};
+#pragma unroll
+        for (int n = 0; n < kNT; ++n) mma_16816<T>(acc[mt][n], a, word(wv[n], 2 * h), word(wv[n], 2 * h + 1));
+      }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) xv[i] = x_next[i];
+  }
+  // Accumulators 0, 1: row g (+ 16 mt), columns 8n + 2t, + 1; 2, 3: row g + 8 (+ 16 mt).
+  constexpr int kRP = 8 * kNT;
+  float* out = partial + static_cast<int64_t>(blockIdx.y) * M * kRP;
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int m = m0 + 16 * mt + g + 8 * half;
+      if (m >= M) continue;
+#pragma unroll
+      for (int n = 0; n < kNT; ++n)
+        *reinterpret_cast<float2*>(out + static_cast<int64_t>(m) * kRP + 8 * n + 2 * t) =
+            make_float2(acc[mt][n][2 * half], acc[mt][n][2 * half + 1]);
+    }
+}
+
+// out[m, j] = sum over splits s (in order) of partial[s, m, j], for j < r, rounded to T.
+template <typename T>
+__global__ void sum_splits_kernel(const float* __restrict__ partial, T* __restrict__ out, int splits, int M, int r,
+                                  int rp) {
+  const int64_t n = static_cast<int64_t>(M) * r;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t m = i / r;
+    const int j = static_cast<int>(i - m * r);
+    float sum = 0.0f;
+    for (int s = 0; s < splits; ++s) sum += partial[(static_cast<int64_t>(s) * M + m) * rp + j];
+    out[i] = from_float<T>(sum);
+  }
+}
+
+// matmul_dropout: a CTA writes a [128 rows, 128 columns] tile of the output. It stages b's
+// [r, 128] tile in shared memory (rows padded with zeros to 16 kKS), and each of its 8 warps
+// a [16, 16 kKS] tile of a. B fragments come from b's tile by ldmatrix.trans (a row pitch of 272
+// bytes puts the 8 rows of each 8x8 matrix in 8 different 16-byte bank groups), A fragments from
+// the warp's tile of a. Epilogue: each accumulator is rounded to T, and the mask of element
+// (m, c) is output (e % 4) of Philox group e / 4, e = m K + c; lanes 2j and 2j + 1 hold the
+// same group's columns for rows g and g + 8, so each computes one group (the even lane row g's,
+// the odd lane row g + 8's) and they swap the halves they need: one Philox per 4 outputs, four
+// independent ones in flight per lane.
+constexpr int kMdWarps = 8;
+constexpr int kMdCols = 128;
+constexpr int kMdBPitch = kMdCols * 2 + 16;  // bytes
+
+template <int kKS>
+constexpr int md_a_pitch() { return 32 * kKS + 16; }  // bytes: 16 kKS elements + 16
+
+template <typename T, int kKS>  // kKS k-steps of 16: r <= 16 kKS
+__global__ void __launch_bounds__(kMdWarps * 32)
+    matmul_dropout_kernel(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ out, int M, int K,
+                          int r, int rows_per_cta, uint64_t seed_value, const int64_t* __restrict__ device_seed,
+                          uint32_t threshold, float scale) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // mma.sync bf16/f16 and ldmatrix: sm_80 and up (the host runs the unfused ops below that)
+#else
+  constexpr int kRP = 16 * kKS;
+  constexpr int kAPitch = md_a_pitch<kKS>();
+  __shared__ __align__(16) uint8_t s_b[kRP * kMdBPitch];
+  __shared__ __align__(16) uint8_t s_a[kMdWarps][16 * kAPitch];
+  const uint64_t seed = device_seed != nullptr ? static_cast<uint64_t>(*device_seed) : seed_value;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int c0 = static_cast<int>(blockIdx.x) * kMdCols;
+  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+  // b's tile: 16-byte pieces (K % 8 == 0: a piece is all in or all past K); zeros past r and K
+  for (int i = threadIdx.x; i < kRP * (kMdCols / 8); i += kMdWarps * 32) {
+    const int j = i / (kMdCols / 8), c = c0 + 8 * (i % (kMdCols / 8));
+    const uint4 v = j < r && c < K ? __ldg(reinterpret_cast<const uint4*>(b + static_cast<int64_t>(j) * K + c)) : zero;
+    *reinterpret_cast<uint4*>(s_b + j * kMdBPitch + 2 * (c - c0)) = v;
+  }
+  __syncthreads();
+  uint8_t* my_a = s_a[warp];
+  const bool a_vec = r % 8 == 0;  // a's rows on 16 bytes (a itself is)
+  const int m_begin = static_cast<int>(blockIdx.y) * rows_per_cta;
+  const int m_end = min(M, m_begin + rows_per_cta);
+  for (int m0 = m_begin + 16 * warp; m0 < m_end; m0 += 16 * kMdWarps) {  // warp-uniform
+    __syncwarp();  // the last chunk's reads of my_a are done
+    if (a_vec) {
+      for (int i = lane; i < 16 * (kRP / 8); i += 32) {
+        const int row = i / (kRP / 8), j = 8 * (i % (kRP / 8)), m = m0 + row;
+        const uint4 v = m < M && j < r ? __ldg(reinterpret_cast<const uint4*>(a + static_cast<int64_t>(m) * r + j)) : zero;
+        *reinterpret_cast<uint4*>(my_a + row * kAPitch + 2 * j) = v;
+      }
+    } else {
+      for (int i = lane; i < 16 * kRP; i += 32) {
+        const int row = i / kRP, j = i % kRP, m = m0 + row;
+        const T v = m < M && j < r ? a[static_cast<int64_t>(m) * r + j] : from_float<T>(0.0f);
+        *reinterpret_cast<T*>(my_a + row * kAPitch + 2 * j) = v;
+      }
+    }
+    __syncwarp();
+    float acc[kMdCols / 8][4];
+#pragma unroll
+    for (int n = 0; n < kMdCols / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+#pragma unroll
+    for (int ks = 0; ks < kKS; ++ks) {
+      uint32_t af[4];
+      af[0] = *reinterpret_cast<const uint32_t*>(my_a + g * kAPitch + 2 * (16 * ks + 2 * t));
+      af[1] = *reinterpret_cast<const uint32_t*>(my_a + (g + 8) * kAPitch + 2 * (16 * ks + 2 * t));
+      af[2] = *reinterpret_cast<const uint32_t*>(my_a + g * kAPitch + 2 * (16 * ks + 2 * t + 8));
+      af[3] = *reinterpret_cast<const uint32_t*>(my_a + (g + 8) * kAPitch + 2 * (16 * ks + 2 * t + 8));
+#pragma unroll
+      for (int n = 0; n < kMdCols / 8; n += 2) {
+        // matrices 0, 1: k rows 0-7, 8-15 of n-tile n; 2, 3: the same of n-tile n + 1
+        const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(
+            s_b + (16 * ks + (lane & 15)) * kMdBPitch + 16 * (n + (lane >> 4))));
+        uint32_t bf[4];
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(bf[0]), "=r"(bf[1]), "=r"(bf[2]), "=r"(bf[3])
+                     : "r"(addr));
+        mma_16816<T>(acc[n], af, bf[0], bf[1]);
+        mma_16816<T>(acc[n + 1], af, bf[2], bf[3]);
+      }
+    }
+    const bool odd = t & 1;
+    const int m_lo = m0 + g, m_hi = m0 + g + 8;
+    // Philox group of this lane's row (g for even t, g + 8 for odd) at n-tile 0; n-tile n's is 2n
+    // further (8 columns). K % 8 == 0 and c0 % 128 == 0, so the groups start on 4 columns.
+    const uint64_t group0 = (static_cast<uint64_t>(odd ? m_hi : m_lo) * K + c0 + 4 * (t >> 1)) / 4;
+    constexpr int kBatch = 4;  // Philox chains computed side by side (independent: ILP)
+#pragma unroll
+    for (int n0 = 0; n0 < kMdCols / 8; n0 += kBatch) {
+      uint4 mine[kBatch];
+#pragma unroll
+      for (int q = 0; q < kBatch; ++q) mine[q] = philox_group(seed, group0 + 2 * (n0 + q));
+#pragma unroll
+      for (int q = 0; q < kBatch; ++q) {
+        const int n = n0 + q;
+        const int c = c0 + 8 * n + 2 * t;  // this lane's two columns
+        const uint32_t send0 = odd ? mine[q].x : mine[q].z, send1 = odd ? mine[q].y : mine[q].w;
+        const uint32_t got0 = __shfl_xor_sync(0xffffffffu, send0, 1);
+        const uint32_t got1 = __shfl_xor_sync(0xffffffffu, send1, 1);
+        // randoms of (row g, c), (row g, c + 1), (row g + 8, c), (row g + 8, c + 1)
+        const uint32_t rnd[4] = {odd ? got0 : mine[q].x, odd ? got1 : mine[q].y, odd ? mine[q].z : got0,
+                                 odd ? mine[q].w : got1};
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          float v[2];
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            const float rounded = to_float(from_float<T>(acc[n][2 * half + i]));  // a @ b as cuBLAS stores it
+            v[i] = rnd[2 * half + i] >= threshold ? __fmul_rn(rounded, scale) : 0.0f;
+          }
+          const int m = half ? m_hi : m_lo;
+          if (m < M && c < K) *reinterpret_cast<uint32_t*>(out + static_cast<int64_t>(m) * K + c) = pack2<T>(v[0], v[1]);
+        }
+      }
+    }
+  }
+#endif
+}
+
 // Floats in messages formatted here, like integers (see num() in common.cuh).
 std::string fnum(double v) {
   char buf[40];
@@ -184,10 +460,136 @@ void dropout_backward_add(const at::Tensor& out, const at::Tensor& grad, int64_t
   launch<1>(grad, "grad", out, seed, seed_ptr, p);
 }
 
+// The fused kernels' conditions (see "Dropout fused into the LoRA matmuls"); the unfused ops
+// otherwise.
+bool fusable(const at::Tensor& big, const at::Tensor& small, int64_t r) {
+  const auto dt = big.scalar_type();
+  return (dt == at::kBFloat16 || dt == at::kHalf) && big.size(1) % 8 == 0 && r >= 1 && r <= 64 &&
+         is_aligned16(big.data_ptr()) && is_aligned16(small.data_ptr()) &&
+         compute_capability_major(big.get_device()) >= 8;
+}
+
+void check_2d(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2, name, ": expected a 2-D tensor, got shape ", dims(t.sizes()));
+}
+
+at::Tensor dropout_linear(const at::Tensor& x, const at::Tensor& weight, int64_t seed, double p,
+                          const std::optional<at::Tensor>& device_seed) {
+  check_cuda(x, "x");
+  check_contiguous(x, "x");
+  check_2d(x, "x");
+  check_operand(weight, "weight", x, "x");
+  check_2d(weight, "weight");
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight: expected the dtype of x (", x.scalar_type(),
+              "), got ", weight.scalar_type());
+  TORCH_CHECK(weight.size(1) == x.size(1), "weight: expected shape [r, ", num(x.size(1)), "] (K of x), got ",
+              dims(weight.sizes()));
+  check_p(p);
+  const int64_t* seed_ptr = device_seed_ptr(device_seed, x, "x");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t M = x.size(0), K = x.size(1), r = weight.size(0);
+  if (M == 0 || r == 0) return at::empty({M, r}, x.options());
+  if (K == 0) return at::zeros({M, r}, x.options());
+  if (!fusable(x, weight, r) || M > std::numeric_limits<int>::max() / 2 || K > std::numeric_limits<int>::max() / 2) {
+    at::Tensor dropped = at::empty_like(x);
+    launch<0>(x, "x", dropped, seed, seed_ptr, p);
+    return at::mm(dropped, weight.t());
+  }
+  const int nt = r <= 16 ? 2 : r <= 32 ? 4 : 8;
+  const int64_t row_blocks = ceil_div(M, kLinWarps * kLinRows);
+  const int device = x.get_device();
+  // splits of K: about 4 CTAs per SM in all, each at least 256 elements of K
+  const int64_t want = ceil_div(4 * multiprocessor_count(device), row_blocks);
+  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(want, K / 256));
+  const int64_t k_per_split = ceil_div(ceil_div(K, splits), kLinStep) * kLinStep;
+  const int64_t used_splits = ceil_div(K, k_per_split);
+  at::Tensor partial = at::empty({used_splits, M, 8 * nt}, x.options().dtype(at::kFloat));
+  at::Tensor out = at::empty({M, r}, x.options());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_float(x.scalar_type(), "x", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if constexpr (!std::is_same_v<T, float>) {
+      const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(used_splits));
+      auto args = std::make_tuple(reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const T*>(weight.data_ptr()),
+                                  partial.data_ptr<float>(), static_cast<int>(M), static_cast<int>(K),
+                                  static_cast<int>(r), static_cast<int>(k_per_split), static_cast<uint64_t>(seed),
+                                  seed_ptr, threshold_of(p), scale_of(p));
+      auto run = [&](auto kernel) {
+        std::apply([&](auto... a) { kernel<<<grid, kLinWarps * 32, 0, stream>>>(a...); }, args);
+      };
+      if (nt == 2) run(dropout_linear_kernel<T, 2>);
+      else if (nt == 4) run(dropout_linear_kernel<T, 4>);
+      else run(dropout_linear_kernel<T, 8>);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      auto sum = sum_splits_kernel<T>;
+      const int sum_grid = grid_size(sum, 256, ceil_div(M * r, 256));
+      sum<<<sum_grid, 256, 0, stream>>>(partial.data_ptr<float>(), reinterpret_cast<T*>(out.data_ptr()),
+                                        static_cast<int>(used_splits), static_cast<int>(M), static_cast<int>(r),
+                                        8 * nt);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return out;
+}
+
+at::Tensor matmul_dropout(const at::Tensor& a, const at::Tensor& b, int64_t seed, double p,
+                          const std::optional<at::Tensor>& device_seed) {
+  check_cuda(a, "a");
+  check_contiguous(a, "a");
+  check_2d(a, "a");
+  check_operand(b, "b", a, "a");
+  check_2d(b, "b");
+  TORCH_CHECK(b.scalar_type() == a.scalar_type(), "b: expected the dtype of a (", a.scalar_type(), "), got ",
+              b.scalar_type());
+  TORCH_CHECK(b.size(0) == a.size(1), "b: expected shape [", num(a.size(1)), ", K] (r of a), got ",
+              dims(b.sizes()));
+  check_p(p);
+  const int64_t* seed_ptr = device_seed_ptr(device_seed, a, "a");
+  const c10::cuda::CUDAGuard guard(a.device());
+  const int64_t M = a.size(0), r = a.size(1), K = b.size(1);
+  const at::Tensor b_c = b.contiguous();
+  if (M == 0 || K == 0) return at::empty({M, K}, a.options());
+  if (r == 0) return at::zeros({M, K}, a.options());
+  if (!fusable(b_c, a, r) || M > std::numeric_limits<int>::max() / 2 || K > std::numeric_limits<int>::max() / 2) {
+    at::Tensor prod = at::mm(a, b_c);
+    at::Tensor out = at::empty_like(prod);
+    launch<0>(prod, "a @ b", out, seed, seed_ptr, p);
+    return out;
+  }
+  at::Tensor out = at::empty({M, K}, a.options());
+  const int ks = r <= 16 ? 1 : r <= 32 ? 2 : 4;
+  const int64_t col_blocks = ceil_div(K, kMdCols);
+  // One 16-row chunk per warp: a CTA writes a [128, 128] tile. CTAs that walked 1024 rows of
+  // their 128 columns (b's tile staged once for more rows) wrote 4096 x 22016 in 256 us against
+  // 194 (H100).
+  const int64_t rows_per_cta = 16 * kMdWarps;
+  const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(ceil_div(M, rows_per_cta)));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_float(a.scalar_type(), "a", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if constexpr (!std::is_same_v<T, float>) {
+      auto args = std::make_tuple(reinterpret_cast<const T*>(a.data_ptr()), reinterpret_cast<const T*>(b_c.data_ptr()),
+                                  reinterpret_cast<T*>(out.data_ptr()), static_cast<int>(M), static_cast<int>(K),
+                                  static_cast<int>(r), static_cast<int>(rows_per_cta), static_cast<uint64_t>(seed),
+                                  seed_ptr, threshold_of(p), scale_of(p));
+      auto run = [&](auto kernel) {
+        std::apply([&](auto... v) { kernel<<<grid, kMdWarps * 32, 0, stream>>>(v...); }, args);
+      };
+      if (ks == 1) run(matmul_dropout_kernel<T, 1>);
+      else if (ks == 2) run(matmul_dropout_kernel<T, 2>);
+      else run(matmul_dropout_kernel<T, 4>);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace qlora_kernels
 
 TORCH_LIBRARY_IMPL(qlora_kernels, CUDA, m) {
   m.impl("dropout_forward", &qlora_kernels::dropout_forward);
   m.impl("dropout_backward_add", &qlora_kernels::dropout_backward_add);
+  m.impl("dropout_linear", &qlora_kernels::dropout_linear);
+  m.impl("matmul_dropout", &qlora_kernels::matmul_dropout);
 }

@@ -79,30 +79,6 @@ struct Pair<__nv_bfloat16> {
   using type = __nv_bfloat162;
 };
 
-// One m16n8k16 MMA, float32 accumulate. a: the four A registers (rows g / g+8, cols 2t / 2t+8);
-// b0, b1: the B registers (k 2t, 2t+1 and 2t+8, 2t+9 of token g).
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                          uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-  __trap();  // bf16/f16 m16n8k16 needs sm_80; the host refuses older GPUs before launching
-#else
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-#endif
-}
-
 // What one warp step reads from global memory for one lane: 16 bytes of each of its two weight
 // rows and the raw absmax of both chunks (the float32 bits, or the 8-bit code and its nested
 // absmax). Loaded two steps ahead of its use, so that the loads of the next steps are in flight

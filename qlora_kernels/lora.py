@@ -10,7 +10,9 @@ through them, using the fake kernels below for shapes). In eager mode the same t
 run under a plain ``torch.autograd.Function`` (``_EagerLoRA``), which costs less Python per call:
 
 * ``qlora_kernels::matmul_4bit_lora`` (forward) -> ``(Y, xa)`` with ``xa = dropout(x) @ A.T``
-  ``[M, r]``. The base GEMM is our ``dequantize_4bit`` into a bf16/fp16 buffer, then cuBLAS: the
+  ``[M, r]`` (with dropout one fused op, ``ops.dropout_linear``: the CUDA kernel reads x once,
+  masking it as it multiplies, instead of a dropout pass writing the dropped-out x for a GEMM
+  to read back). The base GEMM is our ``dequantize_4bit`` into a bf16/fp16 buffer, then cuBLAS: the
   dequantize kernel runs at 95% of copy bandwidth on an H100, so at training sizes (M in the
   thousands) it costs a few percent of the GEMM. A fused GEMM decoding 4-bit tiles in its
   mainloop is out of scope for now. The buffer is freed right after its GEMM; the caching
@@ -20,8 +22,8 @@ run under a plain ``torch.autograd.Function`` (``_EagerLoRA``), which costs less
   it (``Y.addmm_(x, W.T)``, cuBLAS beta = 1), whose epilogue reads Y under its arithmetic.
 * ``qlora_kernels::matmul_4bit_lora_backward`` -> ``(dX, dA, dB)``: ``g = scale * dY @ B``
   ``[M, r]`` is computed once and shared by ``dA = g.T @ dropout(x)`` and
-  ``dX = dY @ W + dropout_backward(g @ A)`` (the LoRA term first, masked by the dropout
-  kernel, then the base GEMM with beta = 1 on top); ``dB = scale * dY.T @ xa``.
+  ``dX = dY @ W + dropout_backward(g @ A)`` (the LoRA term first, ``ops.matmul_dropout``:
+  written once, masked as it is stored; then the base GEMM with beta = 1 on top); ``dB = scale * dY.T @ xa``.
   Gradients not needed are not computed (dX when x needs none: no dequantize at all).
 
 Saved for backward: x, the small ``xa`` and the dropout seed (a CPU int64 scalar); never a
@@ -78,12 +80,25 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _seed_args(seed: Tensor) -> tuple[int, Optional[Tensor]]:
+    """``seed`` as the dropout ops take it, (seed, device_seed): a CPU scalar is passed by value;
+    a seed on the device is read by the kernel (under a CUDA graph, each replay then uses the
+    value the tensor holds)."""
+    return (int(seed), None) if seed.device.type == "cpu" else (0, seed)
+
+
 def _dropout(t: Tensor, seed: Tensor, p: float) -> Tensor:
-    """The dropout op with ``seed``: a CPU scalar is passed by value; a seed on the device is
-    read by the kernel (under a CUDA graph, each replay then uses the value the tensor holds)."""
-    if seed.device.type == "cpu":
-        return ops.dropout_forward(t, int(seed), p)
-    return ops.dropout_forward(t, 0, p, seed)
+    seed_value, device_seed = _seed_args(seed)
+    return ops.dropout_forward(t, seed_value, p, device_seed)
+
+
+def _down(x2: Tensor, A: Tensor, seed: Optional[Tensor], p: float) -> Tensor:
+    """``dropout(x2) @ A.T`` ``[M, r]``: with dropout, one fused op (the CUDA kernel reads x once
+    instead of a dropout pass that writes the dropped-out x and a GEMM that reads it back)."""
+    if p == 0.0:
+        return x2 @ A.T
+    seed_value, device_seed = _seed_args(seed)
+    return ops.dropout_linear(x2.contiguous(), A.contiguous(), seed_value, p, device_seed)
 
 
 def _dropped(x2: Tensor, seed: Optional[Tensor], p: float) -> Tensor:
@@ -101,7 +116,7 @@ def _forward_impl(x: Tensor, packed: Tensor, absmax: Tensor, blocksize: int, qua
     dt = x.dtype
     x2 = x.reshape(-1, K)
     # The dropped-out x lives only until xa is computed (before W's buffer is allocated).
-    xa = _dropped(x2, seed, p) @ _as(A, dt).T
+    xa = _down(x2, _as(A, dt), seed, p)
     # The LoRA term (and bias) first, then the base GEMM with beta = 1: cuBLAS adds the LoRA
     # term in its epilogue, where reading Y hides under the arithmetic of the big GEMM. (The
     # other order, base GEMM then Y += LoRA, costs one more full read and write of Y.)
@@ -171,9 +186,11 @@ def _backward_impl(dY: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, blocks
         if need_dx:
             # as in forward: the LoRA term (through the dropout: the same mask scales the
             # gradient) first, then dX += dY @ W with the big GEMM's beta = 1
-            dX = torch.mm(g, A_)
-            if p != 0.0:
-                dX = _dropout(dX, seed, p)
+            if p != 0.0:  # one fused op: dX's LoRA term written once, masked as it is stored
+                seed_value, device_seed = _seed_args(seed)
+                dX = ops.matmul_dropout(g, A_.contiguous(), seed_value, p, device_seed)
+            else:
+                dX = torch.mm(g, A_)
             W = _dequantize(packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code,
                             offset, nested_blocksize, dt)
             dX.addmm_(dY2, W)

@@ -113,6 +113,16 @@ def _(out, grad, seed, p, device_seed=None):
     return None
 
 
+@torch.library.register_fake("qlora_kernels::dropout_linear")
+def _(x, weight, seed, p, device_seed=None):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
+@torch.library.register_fake("qlora_kernels::matmul_dropout")
+def _(a, b, seed, p, device_seed=None):
+    return a.new_empty((a.shape[0], b.shape[1]))
+
+
 @torch.library.register_fake("qlora_kernels::adamw_step")
 def _(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, bias_correction1,
       bias_correction2):
@@ -127,4 +137,6 @@ matmul_4bit = torch.ops.qlora_kernels.matmul_4bit.default
 matmul_4bit_grouped = torch.ops.qlora_kernels.matmul_4bit_grouped.default
 dropout_forward = torch.ops.qlora_kernels.dropout_forward.default
 dropout_backward_add = torch.ops.qlora_kernels.dropout_backward_add.default
+dropout_linear = torch.ops.qlora_kernels.dropout_linear.default
+matmul_dropout = torch.ops.qlora_kernels.matmul_dropout.default
 adamw_step = torch.ops.qlora_kernels.adamw_step.default

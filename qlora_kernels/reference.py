@@ -242,6 +242,41 @@ def dropout_backward_add(out: torch.Tensor, grad: torch.Tensor, seed: int, p: fl
     out.copy_((out.to(cdt) + add).to(out.dtype))
 
 
+def check_thin_matmul(first_name: str, first: torch.Tensor, second_name: str, second: torch.Tensor,
+                      first_dim: int, second_dim: int, what: str) -> None:
+    """The operands of ``dropout_linear`` / ``matmul_dropout``: two 2-D tensors of one dtype and
+    device whose dims ``first_dim`` and ``second_dim`` agree (``what`` names that size)."""
+    for name, t in ((first_name, first), (second_name, second)):
+        if t.dim() != 2:
+            raise ValueError(f"{name}: expected a 2-D tensor, got shape {list(t.shape)}")
+    if second.dtype != first.dtype:
+        raise ValueError(f"{second_name}: expected the dtype of {first_name} ({first.dtype}), got {second.dtype}")
+    if second.device != first.device:
+        raise ValueError(f"{second_name}: expected a tensor on {first.device} (the device of {first_name}), "
+                         f"got one on {second.device}")
+    if second.shape[second_dim] != first.shape[first_dim]:
+        raise ValueError(f"{second_name}: expected dim {second_dim} to be {first.shape[first_dim]} ({what} of "
+                         f"{first_name}), got shape {list(second.shape)}")
+
+
+def dropout_linear(x: torch.Tensor, weight: torch.Tensor, seed: int, p: float,
+                   device_seed: torch.Tensor | None = None) -> torch.Tensor:
+    """``dropout_forward(x) @ weight.T``: x ``[M, K]``, weight ``[r, K]`` -> ``[M, r]``, the LoRA
+    down-projection of the dropped-out x (the CUDA kernel fuses the two: the same mask and
+    roundings, float32 sums in another order)."""
+    check_thin_matmul("x", x, "weight", weight, 1, 1, "K")
+    return dropout_forward(x, seed, p, device_seed) @ weight.T
+
+
+def matmul_dropout(a: torch.Tensor, b: torch.Tensor, seed: int, p: float,
+                   device_seed: torch.Tensor | None = None) -> torch.Tensor:
+    """``dropout_forward(a @ b)``: a ``[M, r]``, b ``[r, K]`` -> ``[M, K]``, the LoRA term of dX
+    through the dropout (the product rounded to a's dtype, then masked and scaled, as the
+    unfused ops; the CUDA kernel fuses them)."""
+    check_thin_matmul("a", a, "b", b, 1, 0, "r")
+    return dropout_forward(a @ b, seed, p, device_seed)
+
+
 def grouped(matmul):
     """``matmul_4bit_grouped`` (several weights times the same x) from a single-weight
     ``matmul_4bit``: one call per weight. The reference and Triton backends run it this way;

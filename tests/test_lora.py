@@ -251,6 +251,120 @@ def test_cuda_dropout_host_checks_raise():
 
 
 # ---------------------------------------------------------------------------------------------
+# The dropout fused into the LoRA matmuls: dropout_linear (dropout(x) @ w.T) and matmul_dropout
+# (dropout(a @ b))
+
+# (M, K, r): sizes the fused CUDA kernels take (K % 8 == 0, r <= 64), with tails in M, K and
+# r, and sizes they hand to the unfused ops (K % 8 != 0, r > 64)
+THIN_SHAPES = [(1, 8, 1), (7, 264, 16), (130, 4160, 64), (33, 520, 40), (300, 1032, 5), (65, 257, 8), (20, 96, 80)]
+
+
+def thin_impls(device):
+    """(name, dropout_linear, matmul_dropout) for every implementation that serves `device`."""
+    impls = [("op", ops.dropout_linear, ops.matmul_dropout)]
+    if device == "cuda":
+        from qlora_kernels.triton import dropout as T
+
+        impls.append(("triton", T.dropout_linear, T.matmul_dropout))
+    return impls
+
+
+def misaligned(t):
+    """A contiguous copy of t that starts 2 bytes past a 16-byte boundary."""
+    flat = torch.empty(t.numel() + 8, dtype=t.dtype, device=t.device)
+    out = flat[1:1 + t.numel()].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dropout_linear_masks_and_rounds_like_dropout_forward(dtype, rng):
+    # weight rows that each pick one column of x: out[:, i] = dropout_forward(x)[:, cols[i]]
+    # exactly (one product by 1 per sum), so every element's mask and rounding is checked
+    for M, K in ((130, 264), (5, 64), (67, 4160), (9, 100)):
+        x = randn((M, K), dtype, "cuda", rng)
+        seed, p = seed_of(rng), 0.3
+        want = reference.dropout_forward(x, seed, p)
+        for name, dropout_linear, _ in thin_impls("cuda"):
+            for first in range(0, K, 64):
+                cols = torch.arange(first, min(first + 64, K))
+                weight = torch.zeros((len(cols), K), dtype=dtype)
+                weight[torch.arange(len(cols)), cols] = 1.0
+                got = dropout_linear(x, weight.to("cuda"), seed, p)
+                assert torch.equal(got, want[:, cols.cuda()]), (name, M, K, first)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_dropout_matmuls_against_float64(device, dtype, rng):
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    shapes = THIN_SHAPES if device == "cuda" else THIN_SHAPES[:2] + THIN_SHAPES[-2:]
+    for M, K, r in shapes:
+        seed, p = seed_of(rng), 0.2
+        x = randn((M, K), dtype, device, rng)
+        w = randn((r, K), dtype, device, rng, scale=0.1)
+        g = randn((M, r), dtype, device, rng)
+        keep = reference.dropout_keep(M * K, seed, p, device).view(M, K)
+        xd = reference.dropout_forward(x, seed, p).double()
+        want_down = xd @ w.double().T
+        prod = g.double() @ w.double()  # exact: products of 16-bit floats, summed in float64
+        want_up = torch.where(keep, prod * reference.dropout_scale(p), 0.0)
+        # where a kept product is clearly nonzero, so is its output (a few sums of 16-bit
+        # products cancel exactly, and fp16 flushes |a @ b| < 2^-25 to zero: those say nothing)
+        clear = prod.abs() > 1e-6
+        for name, dropout_linear, matmul_dropout in thin_impls(device):
+            for variant, (x_, w_, g_) in (("aligned", (x, w, g)), ("misaligned", (misaligned(x), w, misaligned(g)))):
+                down = dropout_linear(x_, w_, seed, p)
+                assert down.shape == (M, r) and down.dtype == dtype
+                torch.testing.assert_close(down.double(), want_down, rtol=tol, atol=tol * want_down.abs().max(),
+                                           msg=lambda m: f"{name} {variant} dropout_linear {M}x{K} r={r}: {m}")
+                up = matmul_dropout(g_, w_, seed, p)
+                assert up.shape == (M, K) and up.dtype == dtype
+                # an output is zero exactly where dropped
+                assert torch.equal((up != 0)[clear], keep[clear]), (name, variant, M, K, r)
+                torch.testing.assert_close(up.double(), want_up, rtol=tol, atol=tol * want_up.abs().max(),
+                                           msg=lambda m: f"{name} {variant} matmul_dropout {M}x{K} r={r}: {m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_dropout_matmuls_device_seed_and_opcheck(device, rng):
+    x = randn((37, 136), torch.bfloat16, device, rng)
+    w = randn((16, 136), torch.bfloat16, device, rng)
+    g = randn((37, 16), torch.bfloat16, device, rng)
+    seed = seed_of(rng)
+    held = torch.tensor([seed], dtype=torch.int64, device=device)
+    assert torch.equal(ops.dropout_linear(x, w, seed + 1, 0.4, held), ops.dropout_linear(x, w, seed, 0.4))
+    assert torch.equal(ops.matmul_dropout(g, w, seed + 1, 0.4, held), ops.matmul_dropout(g, w, seed, 0.4))
+    assert not torch.equal(ops.matmul_dropout(g, w, seed + 1, 0.4), ops.matmul_dropout(g, w, seed, 0.4))
+    torch.library.opcheck(ops.dropout_linear, (x, w, seed, 0.4))
+    torch.library.opcheck(ops.matmul_dropout, (g, w, seed, 0.4))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_dropout_matmuls_bad_input_names_the_argument(device, rng):
+    x = randn((6, 24), torch.bfloat16, device, rng)
+    w = randn((4, 24), torch.bfloat16, device, rng)
+    g = randn((6, 4), torch.bfloat16, device, rng)
+    err = (ValueError, RuntimeError)
+    with pytest.raises(err, match="weight: expected"):
+        ops.dropout_linear(x, w[:, :16].contiguous(), 1, 0.5)
+    with pytest.raises(err, match="weight: expected the dtype of x"):
+        ops.dropout_linear(x, w.half(), 1, 0.5)
+    with pytest.raises(err, match="x: expected a 2-D tensor"):
+        ops.dropout_linear(x.view(2, 3, 24), w, 1, 0.5)
+    with pytest.raises(err, match="b: expected"):
+        ops.matmul_dropout(g, w[:3].contiguous(), 1, 0.5)
+    with pytest.raises(err, match="b: expected the dtype of a"):
+        ops.matmul_dropout(g, w.float(), 1, 0.5)
+    if device == "cuda" and qk.backend() == "cuda":
+        with pytest.raises(RuntimeError, match=r"p: expected a dropout probability in \[0, 1\)"):
+            ops.matmul_dropout(g, w, 1, 1.0)
+        with pytest.raises(RuntimeError, match="weight: expected a CUDA tensor"):
+            ops.dropout_linear(x, w.cpu(), 1, 0.5)
+
+
+# ---------------------------------------------------------------------------------------------
 # matmul_4bit_lora: gradients
 
 

@@ -7,8 +7,9 @@ compute-sanitizer:
 
 Checks nothing itself (tests/test_lora.py does); it only has to touch every code path: every
 dtype, sizes around the 4- and 8-element vectors, 16-byte aligned and unaligned views (the
-vector and the element-by-element paths), seeds by value and in device memory, and one
-training step of matmul_4bit_lora.
+vector and the element-by-element paths), seeds by value and in device memory, the fused
+dropout matmuls (dropout_linear, matmul_dropout) at every r tile and with tails in M, K and r,
+and one training step of matmul_4bit_lora.
 """
 
 import sys
@@ -36,6 +37,17 @@ for n in (1, 3, 4, 5, 7, 8, 9, 15, 17, 1000, 4099, 65543):
                 # the seed read from device memory (CUDA graphs)
                 held = torch.tensor([n - 5], dtype=torch.int64, device="cuda")
                 ops.dropout_backward_add(out[1:], ops.dropout_forward(x, 0, p, held), 0, p, held)
+for M, K, r in ((1, 8, 1), (7, 264, 16), (33, 520, 40), (130, 4160, 64), (300, 1032, 5), (1100, 64, 24)):
+    print("M, K, r =", (M, K, r), flush=True)
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.randn(M, K, device="cuda", generator=g).to(dtype)
+        w = torch.randn(r, K, device="cuda", generator=g).to(dtype)
+        a = torch.randn(M, r, device="cuda", generator=g).to(dtype)
+        held = torch.tensor([M * K], dtype=torch.int64, device="cuda")
+        ops.dropout_linear(x, w, 99, 0.1)
+        ops.dropout_linear(x, w, 0, 0.1, held)
+        ops.matmul_dropout(a, w, 99, 0.1)
+        ops.matmul_dropout(a, w, 0, 0.1, held)
 if sys.argv[1:] != ["triton"]:
     W = torch.randn(257, 4160, device="cuda") * 0.02
     packed, state = qk.quantize_4bit(W)

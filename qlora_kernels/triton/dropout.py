@@ -96,3 +96,19 @@ def dropout_backward_add(out: torch.Tensor, grad: torch.Tensor, seed: int, p: fl
     _launch(_dropout_backward_add_kernel, target, grad.contiguous(), out.numel(), seed, p, device_seed)
     if target is not out:
         out.copy_(target)
+
+
+# The LoRA branch's dropout matmuls (see ``reference.dropout_linear``): the Triton dropout kernel,
+# then cuBLAS; only the CUDA extension fuses them.
+def dropout_linear(x: torch.Tensor, weight: torch.Tensor, seed: int, p: float,
+                   device_seed: torch.Tensor | None = None) -> torch.Tensor:
+    """``dropout_forward(x) @ weight.T``."""
+    reference.check_thin_matmul("x", x, "weight", weight, 1, 1, "K")
+    return dropout_forward(x, seed, p, device_seed) @ weight.T
+
+
+def matmul_dropout(a: torch.Tensor, b: torch.Tensor, seed: int, p: float,
+                   device_seed: torch.Tensor | None = None) -> torch.Tensor:
+    """``dropout_forward(a @ b)``."""
+    reference.check_thin_matmul("a", a, "b", b, 1, 0, "r")
+    return dropout_forward(a @ b, seed, p, device_seed)
