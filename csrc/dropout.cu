@@ -1,12 +1,15 @@
 // Dropout whose mask is never stored: it is regenerated from a seed in forward and backward
 // (LoRA's dropout on x in qlora_kernels.matmul_4bit_lora).
 //
-// Element i keeps its value when Philox4x32-10 output (i % 4) of the counter (g_lo, g_hi, 0, 0),
-// g = i / 4, under the key (seed_lo, seed_hi), is >= floor(p * 2^32) (an integer compare: no
-// float conversion, P(drop) = p to 2^-32); kept values are multiplied by 1 / (1 - p) in float32,
+// Element i keeps its value when its 16-bit random number, half (i % 2) (low first) of
+// Philox4x32-10 output ((i / 2) % 4) of the counter (g_lo, g_hi, 0, 0), g = i / 8, under the key
+// (seed_lo, seed_hi), is >= floor(p * 2^16) (an integer compare: no float conversion, P(drop) =
+// p to 2^-16); kept values are multiplied by 1 / (1 - p) in float32,
 // dropped ones are +0. The same function as qlora_kernels/reference.py (dropout_forward,
 // dropout_backward_add) and the Triton kernels (tl.randint4x has this counter layout), so all
-// three backends draw the same mask, tested bit for bit. The mask of an element depends only
+// three backends draw the same mask, tested bit for bit. One Philox call decides 8 elements
+// (it had decided 4 with 32-bit randoms; the kernels that fuse the mask into a matmul are bound
+// by Philox's integer multiplies). The mask of an element depends only
 // on its flat index, not on how a thread reaches it: the vector and the scalar paths agree.
 // The seed is an int argument, or (device_seed) an int64 tensor the kernel reads, which is what
 // a captured CUDA graph needs to draw a new mask at every replay.
@@ -59,11 +62,15 @@ __device__ __forceinline__ uint32_t component(const uint4& r, int j) {
   return j == 0 ? r.x : j == 1 ? r.y : j == 2 ? r.z : r.w;
 }
 
-// One 16-byte vector of T: 8 bf16/fp16 values (two Philox groups) or 4 fp32 values (one).
+// The 16-bit random number of element j (0..7) of a Philox group.
+__device__ __forceinline__ uint32_t random16(const uint4& r, int j) {
+  return (component(r, j >> 1) >> (16 * (j & 1))) & 0xffffu;
+}
+
+// One 16-byte vector of T: 8 bf16/fp16 values (one Philox group) or 4 fp32 values (half of one).
 template <typename T>
 struct Vec {
   static constexpr int kElems = 16 / static_cast<int>(sizeof(T));
-  static constexpr int kGroups = kElems / 4;
 };
 
 // kMode 0: out = keep ? x * scale : 0 (forward). kMode 1: out = out + (keep ? grad * scale : 0)
@@ -85,9 +92,9 @@ __global__ void __launch_bounds__(kDropoutThreads)
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; c < nvec; c += stride) {
     const int64_t e0 = c * kElems;
-    uint4 r[V::kGroups];
-#pragma unroll
-    for (int j = 0; j < V::kGroups; ++j) r[j] = philox_group(seed, static_cast<uint64_t>(e0 / 4 + j));
+    // the vector's elements are all in Philox group e0 / 8 (kElems divides 8)
+    const uint4 r = philox_group(seed, static_cast<uint64_t>(e0 / 8));
+    const int j0 = static_cast<int>(e0 % 8);
     if (vec && c < nfull) {
       const uint4 a = __ldcs(reinterpret_cast<const uint4*>(in + e0));  // read once: evict-first
       uint4 o = make_uint4(0u, 0u, 0u, 0u);
@@ -96,7 +103,7 @@ __global__ void __launch_bounds__(kDropoutThreads)
       T* ov = reinterpret_cast<T*>(&o);
 #pragma unroll
       for (int i = 0; i < kElems; ++i) {
-        const bool keep = component(r[i / 4], i % 4) >= threshold;
+        const bool keep = random16(r, j0 + i) >= threshold;
         const float d = keep ? __fmul_rn(to_float(av[i]), scale) : 0.0f;
         ov[i] = from_float<T>(kMode == 1 ? __fadd_rn(to_float(ov[i]), d) : d);
       }
@@ -105,7 +112,7 @@ __global__ void __launch_bounds__(kDropoutThreads)
       const int64_t end = e0 + kElems < n ? e0 + kElems : n;
       for (int64_t e = e0; e < end; ++e) {
         const int i = static_cast<int>(e - e0);
-        const bool keep = component(r[i / 4], i % 4) >= threshold;
+        const bool keep = random16(r, j0 + i) >= threshold;
         const float d = keep ? __fmul_rn(to_float(in[e]), scale) : 0.0f;
         out[e] = from_float<T>(kMode == 1 ? __fadd_rn(to_float(out[e]), d) : d);
       }
@@ -130,18 +137,18 @@ __global__ void __launch_bounds__(kDropoutThreads)
 // Both need K % 8 == 0 (16-byte rows, Philox groups that start on a row's 4-element groups),
 // 16-byte aligned operands, r <= 64, 16-bit T and sm_80; the host runs the unfused ops otherwise.
 
-// Keeps or drops the 8 elements of v (elements e .. e + 7, e % 4 == 0) and rounds the kept
-// ones, as dropout_kernel does: 4 words of two T each.
+// Keeps or drops the 8 elements of v (elements e .. e + 7, e % 8 == 0: one Philox group) and
+// rounds the kept ones, as dropout_kernel does: 4 words of two T each.
 template <typename T>
 __device__ __forceinline__ uint4 dropout8(const uint4& v, uint64_t seed, uint64_t e, uint32_t threshold,
                                           float scale) {
-  const uint4 r0 = philox_group(seed, e / 4), r1 = philox_group(seed, e / 4 + 1);
+  const uint4 r = philox_group(seed, e / 8);
   const T* in = reinterpret_cast<const T*>(&v);
   uint4 out;
   T* o = reinterpret_cast<T*>(&out);
 #pragma unroll
   for (int i = 0; i < 8; ++i) {
-    const bool keep = component(i < 4 ? r0 : r1, i % 4) >= threshold;
+    const bool keep = random16(r, i) >= threshold;
     o[i] = from_float<T>(keep ? __fmul_rn(to_float(in[i]), scale) : 0.0f);
   }
   return out;
@@ -163,7 +170,7 @@ constexpr int kLinRows = 32;  // rows of x a warp
 constexpr int kLinStep = 32;  // K elements a warp step
 
 template <typename T, int kNT>  // kNT n-tiles of 8: r <= 8 kNT
-__global__ void __launch_bounds__(kLinWarps * 32)
+__global__ void __launch_bounds__(kLinWarps * 32, 3)  // 3 CTAs an SM: 178 registers left 2 (H100: r = 64)
     dropout_linear_kernel(const T* __restrict__ x, const T* __restrict__ w, float* __restrict__ partial, int M,
                           int K, int r, int k_per_split, uint64_t seed_value,
                           const int64_t* __restrict__ device_seed, uint32_t threshold, float scale) {
@@ -278,7 +285,7 @@ template <int kKS>
 constexpr int md_a_pitch() { return 32 * kKS + 16; }  // bytes: 16 kKS elements + 16
 
 template <typename T, int kKS>  // kKS k-steps of 16: r <= 16 kKS
-__global__ void __launch_bounds__(kMdWarps * 32)
+__global__ void __launch_bounds__(kMdWarps * 32, 2)  // 2 CTAs an SM (143 registers left 1)
     matmul_dropout_kernel(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ out, int M, int K,
                           int r, int rows_per_cta, uint64_t seed_value, const int64_t* __restrict__ device_seed,
                           uint32_t threshold, float scale) {
@@ -344,34 +351,35 @@ __global__ void __launch_bounds__(kMdWarps * 32)
         mma_16816<T>(acc[n + 1], af, bf[2], bf[3]);
       }
     }
-    const bool odd = t & 1;
     const int m_lo = m0 + g, m_hi = m0 + g + 8;
-    // Philox group of this lane's row (g for even t, g + 8 for odd) at n-tile 0; n-tile n's is 2n
-    // further (8 columns). K % 8 == 0 and c0 % 128 == 0, so the groups start on 4 columns.
-    const uint64_t group0 = (static_cast<uint64_t>(odd ? m_hi : m_lo) * K + c0 + 4 * (t >> 1)) / 4;
-    constexpr int kBatch = 4;  // Philox chains computed side by side (independent: ILP)
+    // The Philox group of (row m, n-tile n) is (m K + c0 + 8n) / 8: 8 columns (K % 8 == 0, c0 %
+    // 128 == 0), of which lane t needs word t (its columns 2t, 2t + 1, low half first), for rows
+    // g and g + 8. Lane t computes the group of row g (even t) or g + 8 (odd t) and takes word t
+    // of the other row's from lane t ^ 1, which sends its word t ^ 1: one shuffle. (The quad's
+    // 4 lanes computing 4 distinct groups, half the Philox calls, then 4 shuffle rounds, wrote
+    // 4096 x 22016 at r = 64 in 242 us against 200 with this: H100.)
+    const bool odd = t & 1;
+    const uint64_t my_group0 = (static_cast<uint64_t>(odd ? m_hi : m_lo) * K + c0) / 8;
+    constexpr int kBatch = 4;  // n-tiles whose Philox chains run side by side (ILP)
 #pragma unroll
     for (int n0 = 0; n0 < kMdCols / 8; n0 += kBatch) {
       uint4 mine[kBatch];
 #pragma unroll
-      for (int q = 0; q < kBatch; ++q) mine[q] = philox_group(seed, group0 + 2 * (n0 + q));
+      for (int q = 0; q < kBatch; ++q) mine[q] = philox_group(seed, my_group0 + n0 + q);
 #pragma unroll
       for (int q = 0; q < kBatch; ++q) {
         const int n = n0 + q;
         const int c = c0 + 8 * n + 2 * t;  // this lane's two columns
-        const uint32_t send0 = odd ? mine[q].x : mine[q].z, send1 = odd ? mine[q].y : mine[q].w;
-        const uint32_t got0 = __shfl_xor_sync(0xffffffffu, send0, 1);
-        const uint32_t got1 = __shfl_xor_sync(0xffffffffu, send1, 1);
-        // randoms of (row g, c), (row g, c + 1), (row g + 8, c), (row g + 8, c + 1)
-        const uint32_t rnd[4] = {odd ? got0 : mine[q].x, odd ? got1 : mine[q].y, odd ? mine[q].z : got0,
-                                 odd ? mine[q].w : got1};
+        const uint32_t own = component(mine[q], t);
+        const uint32_t other = __shfl_xor_sync(0xffffffffu, component(mine[q], t ^ 1), 1);
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
+          const uint32_t rnd = (half == 0) != odd ? own : other;  // row g: own for even t
           float v[2];
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
             const float rounded = to_float(from_float<T>(acc[n][2 * half + i]));  // a @ b as cuBLAS stores it
-            v[i] = rnd[2 * half + i] >= threshold ? __fmul_rn(rounded, scale) : 0.0f;
+            v[i] = ((rnd >> (16 * i)) & 0xffffu) >= threshold ? __fmul_rn(rounded, scale) : 0.0f;
           }
           const int m = half ? m_hi : m_lo;
           if (m < M && c < K) *reinterpret_cast<uint32_t*>(out + static_cast<int64_t>(m) * K + c) = pack2<T>(v[0], v[1]);
@@ -393,11 +401,11 @@ void check_p(double p) {
   TORCH_CHECK(p >= 0.0 && p < 1.0, "p: expected a dropout probability in [0, 1), got ", fnum(p));
 }
 
-// floor(p * 2^32) (exact: scaling by a power of two), and 1 / (1 - p) rounded to float32:
+// floor(p * 2^16) (exact: scaling by a power of two), and 1 / (1 - p) rounded to float32:
 // reference.dropout_threshold / dropout_scale.
 uint32_t threshold_of(double p) {
-  const double t = p * 4294967296.0;
-  return t >= 4294967295.0 ? 0xffffffffu : static_cast<uint32_t>(t);
+  const double t = p * 65536.0;
+  return t >= 65535.0 ? 0xffffu : static_cast<uint32_t>(t);
 }
 
 float scale_of(double p) { return static_cast<float>(1.0 / (1.0 - p)); }

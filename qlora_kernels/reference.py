@@ -139,9 +139,12 @@ def matmul_4bit(
 # ---------------------------------------------------------------------------------------------
 # Dropout with a mask regenerated from a seed (LoRA's dropout on x, never stored).
 #
-# Element i of the flattened tensor keeps its value when the uint32 random number
-# ``philox4x32_10(counter=(g_lo, g_hi, 0, 0), key=(seed_lo, seed_hi))[i % 4]``, g = i // 4, is
-# >= ``dropout_threshold(p)``; kept values are scaled by ``dropout_scale(p)`` (float32). The CUDA
+# Element i of the flattened tensor keeps its value when the 16-bit random number
+# ``(philox4x32_10(counter=(g_lo, g_hi, 0, 0), key=(seed_lo, seed_hi))[j] >> 16 h) & 0xffff``,
+# g = i // 8, j = (i // 2) % 4, h = i % 2 (each 32-bit output serves two elements, low half
+# first), is >= ``dropout_threshold(p)``; kept values are scaled by ``dropout_scale(p)``
+# (float32). One Philox call thus decides 8 elements: the kernels that fuse the dropout into a
+# matmul are bound by Philox's arithmetic, and 16 bits give P(drop) to 2^-16. The CUDA
 # kernel (cuRAND's Philox), the Triton kernel (tl.randint4x) and this reference compute the same
 # function, so the three backends draw identical masks and are tested against each other bit
 # for bit.
@@ -152,8 +155,9 @@ _MASK32 = 0xFFFFFFFF
 
 
 def dropout_threshold(p: float) -> int:
-    """floor(p * 2^32): a uint32 random number below it drops its element (P = p to 2^-32)."""
-    return min(int(p * 4294967296.0), _MASK32)
+    """floor(p * 2^16): a 16-bit random number below it drops its element (P(drop) =
+    floor(p * 2^16) / 2^16, p to 2^-16)."""
+    return min(int(p * 65536.0), 0xFFFF)
 
 
 @functools.lru_cache(maxsize=None)
@@ -191,9 +195,10 @@ def philox4x32_10(counter_lo: torch.Tensor, counter_hi: torch.Tensor, seed: int)
 
 def dropout_keep(numel: int, seed: int, p: float, device) -> torch.Tensor:
     """The bool keep-mask of ``numel`` elements (flat) for ``seed`` and ``p``."""
-    groups = torch.arange(-(-numel // 4), dtype=torch.int64, device=device)
-    r = philox4x32_10(groups & _MASK32, groups >> 32, seed).reshape(-1)[:numel]
-    return r >= dropout_threshold(p)
+    groups = torch.arange(-(-numel // 8), dtype=torch.int64, device=device)
+    r = philox4x32_10(groups & _MASK32, groups >> 32, seed)  # [groups, 4]
+    halves = torch.stack([r & 0xFFFF, r >> 16], dim=2).reshape(-1)[:numel]  # 8 g + 2 j + h
+    return halves >= dropout_threshold(p)
 
 
 def _dropout_compute_dtype(dtype: torch.dtype) -> torch.dtype:
