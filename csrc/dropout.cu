@@ -31,6 +31,9 @@
 
 #include <cstdio>
 #include <limits>
+#include <mutex>
+#include <utility>
+#include <vector>
 #include <tuple>
 #include <type_traits>
 
@@ -41,7 +44,7 @@ namespace {
 
 constexpr int kDropoutThreads = 256;
 
-// The four uint32 randoms of Philox group g (elements 4g .. 4g + 3).
+// The four uint32 outputs of Philox group g: the 16-bit randoms of elements 8g .. 8g + 7.
 __device__ __forceinline__ uint4 philox_group(uint64_t seed, uint64_t g) {
 #ifdef QLORA_KERNELS_CURAND_PHILOX
   return curand_Philox4x32_10(make_uint4(static_cast<uint32_t>(g), static_cast<uint32_t>(g >> 32), 0u, 0u),
@@ -272,11 +275,9 @@ __global__ void sum_splits_kernel(const float* __restrict__ partial, T* __restri
 // [r, 128] tile in shared memory (rows padded with zeros to 16 kKS), and each of its 8 warps
 // a [16, 16 kKS] tile of a. B fragments come from b's tile by ldmatrix.trans (a row pitch of 272
 // bytes puts the 8 rows of each 8x8 matrix in 8 different 16-byte bank groups), A fragments from
-// the warp's tile of a. Epilogue: each accumulator is rounded to T, and the mask of element
-// (m, c) is output (e % 4) of Philox group e / 4, e = m K + c; lanes 2j and 2j + 1 hold the
-// same group's columns for rows g and g + 8, so each computes one group (the even lane row g's,
-// the odd lane row g + 8's) and they swap the halves they need: one Philox per 4 outputs, four
-// independent ones in flight per lane.
+// the warp's tile of a. Epilogue: each accumulator is rounded to T and masked; a lane computes
+// the Philox group of one of its two rows and swaps the other row's randoms with its neighbour
+// (four independent Philox chains in flight per lane).
 constexpr int kMdWarps = 8;
 constexpr int kMdCols = 128;
 constexpr int kMdBPitch = kMdCols * 2 + 16;  // bytes
@@ -468,13 +469,31 @@ void dropout_backward_add(const at::Tensor& out, const at::Tensor& grad, int64_t
   launch<1>(grad, "grad", out, seed, seed_ptr, p);
 }
 
+// Whether the fused kernels run on this device: sm_80 and up, and a binary of this build made
+// for it (a build for 7.5+PTX JIT-compiled on an sm_80 GPU would have only their __trap branch).
+// Asked once per device.
+bool fused_kernels_run(int device) {
+  static std::mutex mutex;
+  static std::vector<std::pair<int, bool>> known;
+  std::lock_guard<std::mutex> lock(mutex);
+  for (const auto& [d, ok] : known)
+    if (d == device) return ok;
+  cudaFuncAttributes attr;
+  const bool found =
+      cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(matmul_dropout_kernel<__nv_bfloat16, 1>)) ==
+      cudaSuccess;
+  if (!found) (void)cudaGetLastError();  // this query's error only
+  const bool ok = found && compute_capability_major(device) >= 8 && attr.ptxVersion >= 80 && attr.binaryVersion >= 80;
+  known.emplace_back(device, ok);
+  return ok;
+}
+
 // The fused kernels' conditions (see "Dropout fused into the LoRA matmuls"); the unfused ops
 // otherwise.
 bool fusable(const at::Tensor& big, const at::Tensor& small, int64_t r) {
   const auto dt = big.scalar_type();
   return (dt == at::kBFloat16 || dt == at::kHalf) && big.size(1) % 8 == 0 && r >= 1 && r <= 64 &&
-         is_aligned16(big.data_ptr()) && is_aligned16(small.data_ptr()) &&
-         compute_capability_major(big.get_device()) >= 8;
+         is_aligned16(big.data_ptr()) && is_aligned16(small.data_ptr()) && fused_kernels_run(big.get_device());
 }
 
 void check_2d(const at::Tensor& t, const char* name) {
@@ -555,10 +574,11 @@ at::Tensor matmul_dropout(const at::Tensor& a, const at::Tensor& b, int64_t seed
   const int64_t* seed_ptr = device_seed_ptr(device_seed, a, "a");
   const c10::cuda::CUDAGuard guard(a.device());
   const int64_t M = a.size(0), r = a.size(1), K = b.size(1);
-  const at::Tensor b_c = b.contiguous();
+  const at::Tensor& b_c = b;  // contiguous (check_operand)
   if (M == 0 || K == 0) return at::empty({M, K}, a.options());
   if (r == 0) return at::zeros({M, K}, a.options());
-  if (!fusable(b_c, a, r) || M > std::numeric_limits<int>::max() / 2 || K > std::numeric_limits<int>::max() / 2) {
+  // (grid.y, one CTA per 128 rows, is at most 65535)
+  if (!fusable(b_c, a, r) || M > 65535LL * 16 * kMdWarps || K > std::numeric_limits<int>::max() / 2) {
     at::Tensor prod = at::mm(a, b_c);
     at::Tensor out = at::empty_like(prod);
     launch<0>(prod, "a @ b", out, seed, seed_ptr, p);

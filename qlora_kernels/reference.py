@@ -156,7 +156,8 @@ _MASK32 = 0xFFFFFFFF
 
 def dropout_threshold(p: float) -> int:
     """floor(p * 2^16): a 16-bit random number below it drops its element (P(drop) =
-    floor(p * 2^16) / 2^16, p to 2^-16)."""
+    floor(p * 2^16) / 2^16, p to 2^-16; a p below 2^-16 drops nothing, and kept values are still
+    scaled by 1 / (1 - p), by at most 1 + 1.5e-5)."""
     return min(int(p * 65536.0), 0xFFFF)
 
 
@@ -264,13 +265,20 @@ def check_thin_matmul(first_name: str, first: torch.Tensor, second_name: str, se
                          f"{first_name}), got shape {list(second.shape)}")
 
 
+def _dispatched_dropout_forward(x, seed, p, device_seed):
+    """The dropout op as the dispatcher runs it for x's device. The compositions below stand in
+    for kernels an extension may lack (one built from older sources): drawing their mask with
+    the installed dropout_forward keeps it the mask of every other dropout call of the process."""
+    return torch.ops.qlora_kernels.dropout_forward.default(x, seed, p, device_seed)
+
+
 def dropout_linear(x: torch.Tensor, weight: torch.Tensor, seed: int, p: float,
                    device_seed: torch.Tensor | None = None) -> torch.Tensor:
     """``dropout_forward(x) @ weight.T``: x ``[M, K]``, weight ``[r, K]`` -> ``[M, r]``, the LoRA
     down-projection of the dropped-out x (the CUDA kernel fuses the two: the same mask and
     roundings, float32 sums in another order)."""
     check_thin_matmul("x", x, "weight", weight, 1, 1, "K")
-    return dropout_forward(x, seed, p, device_seed) @ weight.T
+    return _dispatched_dropout_forward(x, seed, p, device_seed) @ weight.T
 
 
 def matmul_dropout(a: torch.Tensor, b: torch.Tensor, seed: int, p: float,
@@ -279,7 +287,7 @@ def matmul_dropout(a: torch.Tensor, b: torch.Tensor, seed: int, p: float,
     through the dropout (the product rounded to a's dtype, then masked and scaled, as the
     unfused ops; the CUDA kernel fuses them)."""
     check_thin_matmul("a", a, "b", b, 1, 0, "r")
-    return dropout_forward(a @ b, seed, p, device_seed)
+    return _dispatched_dropout_forward(a @ b, seed, p, device_seed)
 
 
 def grouped(matmul):

@@ -101,17 +101,7 @@ def dropout_backward_add(out: torch.Tensor, grad: torch.Tensor, seed: int, p: fl
         out.copy_(target)
 
 
-# The LoRA branch's dropout matmuls (see ``reference.dropout_linear``): the Triton dropout kernel,
-# then cuBLAS; only the CUDA extension fuses them.
-def dropout_linear(x: torch.Tensor, weight: torch.Tensor, seed: int, p: float,
-                   device_seed: torch.Tensor | None = None) -> torch.Tensor:
-    """``dropout_forward(x) @ weight.T``."""
-    reference.check_thin_matmul("x", x, "weight", weight, 1, 1, "K")
-    return dropout_forward(x, seed, p, device_seed) @ weight.T
-
-
-def matmul_dropout(a: torch.Tensor, b: torch.Tensor, seed: int, p: float,
-                   device_seed: torch.Tensor | None = None) -> torch.Tensor:
-    """``dropout_forward(a @ b)``."""
-    reference.check_thin_matmul("a", a, "b", b, 1, 0, "r")
-    return dropout_forward(a @ b, seed, p, device_seed)
+# The LoRA branch's dropout matmuls: the composed ops of the reference (the installed dropout op,
+# the Triton kernel when Triton is the backend, then cuBLAS); only the CUDA extension fuses them.
+dropout_linear = reference.dropout_linear
+matmul_dropout = reference.matmul_dropout
