@@ -18,6 +18,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <tuple>
@@ -331,22 +332,28 @@ inline bool pdl_enabled(int device) {
   return env != nullptr && *env != '\0' && std::atoi(env) != 0 && compute_capability_major(device) >= 9;
 }
 
-// Whether a kernel, as it runs on this device, was compiled with its pdl_wait: from sm_90 code
-// (a build for 8.x alone runs on an H100 from compute_80 PTX, where pdl_wait is empty, and must
-// not overlap the kernel before). Asked once per (kernel, device).
-inline bool kernel_has_pdl(const void* kernel, int device) {
+// Whether this build's code of `kernel` for `device` is for compute capability `version` (90 for
+// sm_90) or later, as PTX and as binary, asked once per (kernel, device): a build for older GPUs
+// that runs JIT-compiled from PTX has only the kernel's fallback branch (an empty pdl_wait, or a
+// __trap), so the host must not take the paths that need the newer code.
+inline bool kernel_built_for(const void* kernel, int device, int version) {
   static std::mutex mutex;
-  static std::vector<std::tuple<const void*, int, bool>> known;
+  static std::vector<std::tuple<const void*, int, int>> known;  // kernel, device, lower of the two versions
   std::lock_guard<std::mutex> lock(mutex);
-  for (const auto& [k, d, has] : known)
-    if (k == kernel && d == device) return has;
+  for (const auto& [k, d, v] : known)
+    if (k == kernel && d == device) return v >= version;
   cudaFuncAttributes attr;
   const bool found = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess;
   if (!found) (void)cudaGetLastError();  // this query's error only: not one pending from elsewhere
-  const bool has = found && attr.ptxVersion >= 90 && attr.binaryVersion >= 90;
-  known.emplace_back(kernel, device, has);
-  return has;
+  const int v = found ? std::min(attr.ptxVersion, attr.binaryVersion) : 0;
+  known.emplace_back(kernel, device, v);
+  return v >= version;
 }
+
+// Whether a kernel, as it runs on this device, was compiled with its pdl_wait: from sm_90 code
+// (a build for 8.x alone runs on an H100 from compute_80 PTX, where pdl_wait is empty, and must
+// not overlap the kernel before). Asked once per (kernel, device).
+inline bool kernel_has_pdl(const void* kernel, int device) { return kernel_built_for(kernel, device, 90); }
 
 // kernel<<<grid, block, smem, current stream>>>(args...), with programmatic stream
 // serialization where pdl_enabled and the kernel has its pdl_wait: the kernel must keep the

@@ -31,10 +31,6 @@
 
 #include <cstdio>
 #include <limits>
-#include <mutex>
-#include <utility>
-#include <vector>
-#include <tuple>
 #include <type_traits>
 
 #include "common.cuh"
@@ -471,21 +467,9 @@ void dropout_backward_add(const at::Tensor& out, const at::Tensor& grad, int64_t
 
 // Whether the fused kernels run on this device: sm_80 and up, and a binary of this build made
 // for it (a build for 7.5+PTX JIT-compiled on an sm_80 GPU would have only their __trap branch).
-// Asked once per device.
 bool fused_kernels_run(int device) {
-  static std::mutex mutex;
-  static std::vector<std::pair<int, bool>> known;
-  std::lock_guard<std::mutex> lock(mutex);
-  for (const auto& [d, ok] : known)
-    if (d == device) return ok;
-  cudaFuncAttributes attr;
-  const bool found =
-      cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(matmul_dropout_kernel<__nv_bfloat16, 1>)) ==
-      cudaSuccess;
-  if (!found) (void)cudaGetLastError();  // this query's error only
-  const bool ok = found && compute_capability_major(device) >= 8 && attr.ptxVersion >= 80 && attr.binaryVersion >= 80;
-  known.emplace_back(device, ok);
-  return ok;
+  return compute_capability_major(device) >= 8 &&
+         kernel_built_for(reinterpret_cast<const void*>(matmul_dropout_kernel<__nv_bfloat16, 1>), device, 80);
 }
 
 // The fused kernels' conditions (see "Dropout fused into the LoRA matmuls"); the unfused ops
@@ -537,12 +521,11 @@ at::Tensor dropout_linear(const at::Tensor& x, const at::Tensor& weight, int64_t
     using T = typename decltype(tag)::type;
     if constexpr (!std::is_same_v<T, float>) {
       const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(used_splits));
-      auto args = std::make_tuple(reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const T*>(weight.data_ptr()),
-                                  partial.data_ptr<float>(), static_cast<int>(M), static_cast<int>(K),
-                                  static_cast<int>(r), static_cast<int>(k_per_split), static_cast<uint64_t>(seed),
-                                  seed_ptr, threshold_of(p), scale_of(p));
       auto run = [&](auto kernel) {
-        std::apply([&](auto... a) { kernel<<<grid, kLinWarps * 32, 0, stream>>>(a...); }, args);
+        kernel<<<grid, kLinWarps * 32, 0, stream>>>(
+            reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const T*>(weight.data_ptr()),
+            partial.data_ptr<float>(), static_cast<int>(M), static_cast<int>(K), static_cast<int>(r),
+            static_cast<int>(k_per_split), static_cast<uint64_t>(seed), seed_ptr, threshold_of(p), scale_of(p));
       };
       if (nt == 2) run(dropout_linear_kernel<T, 2>);
       else if (nt == 4) run(dropout_linear_kernel<T, 4>);
@@ -574,12 +557,11 @@ at::Tensor matmul_dropout(const at::Tensor& a, const at::Tensor& b, int64_t seed
   const int64_t* seed_ptr = device_seed_ptr(device_seed, a, "a");
   const c10::cuda::CUDAGuard guard(a.device());
   const int64_t M = a.size(0), r = a.size(1), K = b.size(1);
-  const at::Tensor& b_c = b;  // contiguous (check_operand)
   if (M == 0 || K == 0) return at::empty({M, K}, a.options());
   if (r == 0) return at::zeros({M, K}, a.options());
   // (grid.y, one CTA per 128 rows, is at most 65535)
-  if (!fusable(b_c, a, r) || M > 65535LL * 16 * kMdWarps || K > std::numeric_limits<int>::max() / 2) {
-    at::Tensor prod = at::mm(a, b_c);
+  if (!fusable(b, a, r) || M > 65535LL * 16 * kMdWarps || K > std::numeric_limits<int>::max() / 2) {
+    at::Tensor prod = at::mm(a, b);
     at::Tensor out = at::empty_like(prod);
     launch<0>(prod, "a @ b", out, seed, seed_ptr, p);
     return out;
@@ -596,12 +578,11 @@ at::Tensor matmul_dropout(const at::Tensor& a, const at::Tensor& b, int64_t seed
   dispatch_float(a.scalar_type(), "a", [&](auto tag) {
     using T = typename decltype(tag)::type;
     if constexpr (!std::is_same_v<T, float>) {
-      auto args = std::make_tuple(reinterpret_cast<const T*>(a.data_ptr()), reinterpret_cast<const T*>(b_c.data_ptr()),
-                                  reinterpret_cast<T*>(out.data_ptr()), static_cast<int>(M), static_cast<int>(K),
-                                  static_cast<int>(r), static_cast<int>(rows_per_cta), static_cast<uint64_t>(seed),
-                                  seed_ptr, threshold_of(p), scale_of(p));
       auto run = [&](auto kernel) {
-        std::apply([&](auto... v) { kernel<<<grid, kMdWarps * 32, 0, stream>>>(v...); }, args);
+        kernel<<<grid, kMdWarps * 32, 0, stream>>>(
+            reinterpret_cast<const T*>(a.data_ptr()), reinterpret_cast<const T*>(b.data_ptr()),
+            reinterpret_cast<T*>(out.data_ptr()), static_cast<int>(M), static_cast<int>(K), static_cast<int>(r),
+            static_cast<int>(rows_per_cta), static_cast<uint64_t>(seed), seed_ptr, threshold_of(p), scale_of(p));
       };
       if (ks == 1) run(matmul_dropout_kernel<T, 1>);
       else if (ks == 2) run(matmul_dropout_kernel<T, 2>);

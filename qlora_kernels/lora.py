@@ -101,6 +101,15 @@ def _down(x2: Tensor, A: Tensor, seed: Optional[Tensor], p: float) -> Tensor:
     return ops.dropout_linear(x2.contiguous(), A.contiguous(), seed_value, p, device_seed)
 
 
+def _up(g: Tensor, A: Tensor, seed: Optional[Tensor], p: float) -> Tensor:
+    """``dropout_backward(g @ A)`` ``[M, K]``, dX's LoRA term: with dropout, one fused op (the
+    CUDA kernel writes it once, masked as it is stored)."""
+    if p == 0.0:
+        return torch.mm(g, A)
+    seed_value, device_seed = _seed_args(seed)
+    return ops.matmul_dropout(g, A.contiguous(), seed_value, p, device_seed)
+
+
 def _dropped(x2: Tensor, seed: Optional[Tensor], p: float) -> Tensor:
     # p == 0 is exactly the no-dropout path: no kernel, no copy
     return x2 if p == 0.0 else _dropout(x2.contiguous(), seed, p)
@@ -186,11 +195,7 @@ def _backward_impl(dY: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, blocks
         if need_dx:
             # as in forward: the LoRA term (through the dropout: the same mask scales the
             # gradient) first, then dX += dY @ W with the big GEMM's beta = 1
-            if p != 0.0:  # one fused op: dX's LoRA term written once, masked as it is stored
-                seed_value, device_seed = _seed_args(seed)
-                dX = ops.matmul_dropout(g, A_.contiguous(), seed_value, p, device_seed)
-            else:
-                dX = torch.mm(g, A_)
+            dX = _up(g, A_, seed, p)
             W = _dequantize(packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code,
                             offset, nested_blocksize, dt)
             dX.addmm_(dY2, W)
