@@ -2,8 +2,7 @@
 
 Two paths, chosen by the number of rows M of x (all leading dims flattened):
 
-* M <= ``fused_max_m()`` (decode: a few tokens; 64 with the CUDA extension, 1 with Triton
-  alone): the fused kernel (op ``matmul_4bit``), which reads each 4-bit weight byte once and
+* M <= ``fused_max_m()`` (decode: a few tokens; 64): the fused kernel (op ``matmul_4bit``), which reads each 4-bit weight byte once and
   decodes the codes and the (8-bit) absmax in registers. There the layer is bound by the bytes
   of W, and 4-bit W is a quarter of bf16's. On compute capability 9.0+ the CUDA kernels stream
   W into shared memory by the TMA first: at M <= 8 as contiguous 512-byte row pieces (the bulk
@@ -36,22 +35,18 @@ FUSED_K_MULTIPLE = 32
 
 _ENV_MAX_M = "QLORA_KERNELS_FUSED_MAX_M"
 # Crossover measured on an H100 (benchmarks/bench_matmul_4bit.py): above this many rows the
-# dequantize + cuBLAS path is faster than the fused kernel.
+# dequantize + cuBLAS path is faster than the fused kernel. The same holds for the Triton
+# kernels (used when the CUDA extension is not built): up to 64 rows they beat Triton's
+# dequantize + cuBLAS on every measured shape, by 1.06-2.8x (experiments/
+# matmul_4bit_triton_dot_configs.json under benchmarks/results/NVIDIA-H100-80GB-HBM3/).
 _DEFAULT_FUSED_MAX_M = 64
-# The Triton fused kernel (used when the CUDA extension is not built) is only worth it at one
-# row: on an H100 it runs at 1.0-1.1x bf16 there, but its tl.dot path for 2..64 rows runs at
-# 0.06-0.09x bf16 (benchmarks/results/NVIDIA-H100-80GB-HBM3/matmul_4bit.txt, the triton
-# rows), where Triton's dequantize (61-65 us for 4096^2 and 8192^2 weights, quant.txt) plus
-# cuBLAS takes a fraction of that.
-_TRITON_FUSED_MAX_M = 1
 
 
 def fused_max_m() -> int:
-    """The largest M that takes the fused kernel (``QLORA_KERNELS_FUSED_MAX_M`` overrides; with
-    the Triton backend on a GPU the default is 1)."""
+    """The largest M that takes the fused kernel: 64, or ``QLORA_KERNELS_FUSED_MAX_M``."""
     value = os.environ.get(_ENV_MAX_M, "")
     if not value:
-        return _TRITON_FUSED_MAX_M if ops.BACKEND == "triton" else _DEFAULT_FUSED_MAX_M
+        return _DEFAULT_FUSED_MAX_M
     try:
         return int(value)
     except ValueError:
@@ -60,7 +55,8 @@ def fused_max_m() -> int:
 
 @functools.lru_cache(maxsize=None)
 def _has_16bit_mma(device_index: int) -> bool:
-    # The CUDA kernel's bf16/fp16 tensor-core MMA (m16n8k16) needs compute capability 8.0+.
+    # bf16/fp16 tensor-core MMAs (the CUDA kernels' m16n8k16, Triton's bf16 tl.dot) need
+    # compute capability 8.0+.
     return torch.cuda.get_device_capability(device_index) >= (8, 0)
 
 
@@ -68,9 +64,11 @@ def uses_fused_kernel(x: torch.Tensor, state: QuantState) -> bool:
     """Whether ``matmul_4bit(x, packed, state)`` takes the fused kernel."""
     K = state.shape[-1]
     M = x.numel() // K if K else 0
-    if x.is_cuda and ops.BACKEND == "cuda" and not _has_16bit_mma(
+    if x.is_cuda and ops.BACKEND in ("cuda", "triton") and not _has_16bit_mma(
             x.device.index if x.device.index is not None else torch.cuda.current_device()):
-        return False
+        # Without 16-bit MMAs only Triton's M = 1 kernel (CUDA cores) is left.
+        if ops.BACKEND == "cuda" or M != 1:
+            return False
     return (
         x.dtype in (torch.float16, torch.bfloat16)
         and K % FUSED_K_MULTIPLE == 0

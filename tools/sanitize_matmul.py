@@ -3,6 +3,7 @@ compute-sanitizer:
 
     compute-sanitizer --tool memcheck  python tools/sanitize_matmul.py
     compute-sanitizer --tool racecheck python tools/sanitize_matmul.py
+    compute-sanitizer --tool memcheck  python tools/sanitize_matmul.py triton   (the Triton kernels)
 
 Checks nothing itself (tests/test_matmul_4bit.py does); it only has to touch every code path:
 each n-tile count (M = 1, 9, 17, 33 and 65, which also takes a second token tile), N not a
@@ -14,14 +15,21 @@ its configurations runs, and the register kernel in its place.
 """
 
 import os
+import sys
 
 import torch
 
 import qlora_kernels as qk
 from qlora_kernels.matmul import _nested_args, matmul_4bit_group
 
-assert qk.backend() == "cuda", f"the CUDA extension is not loaded (backend {qk.backend()})"
-op = torch.ops.qlora_kernels.matmul_4bit
+TRITON = sys.argv[1:] == ["triton"]
+if TRITON:
+    # The same shapes through the Triton kernels: M = 1 the matvec kernel, the rest the dot one
+    # (M = 65 a second token tile), with and without K splits.
+    from qlora_kernels.triton.matmul import matmul_4bit as op
+else:
+    assert qk.backend() == "cuda", f"the CUDA extension is not loaded (backend {qk.backend()})"
+    op = torch.ops.qlora_kernels.matmul_4bit
 g = torch.Generator(device="cuda").manual_seed(0)
 for N, K in ((7, 32), (33, 160), (257, 4160)):
     print(f"N={N} K={K}", flush=True)
@@ -35,6 +43,10 @@ for N, K in ((7, 32), (33, 160), (257, 4160)):
                     x = torch.randn(M, K, device="cuda", generator=g).to(dtype)
                     op(x, packed, st.absmax, bs, qt, N, *_nested_args(st), bias)
                     op(x, packed, st.absmax, bs, qt, N, *_nested_args(st), None)
+if TRITON:
+    torch.cuda.synchronize()
+    print("sanitize_matmul triton: all paths ran")
+    sys.exit(0)
 # the register kernel at 1-8 tokens, where sm_90 takes the bulk-copy kernel
 os.environ["QLORA_KERNELS_MM_BULK"] = "0"
 W = torch.randn(257, 4160, device="cuda", generator=g)

@@ -6,18 +6,28 @@ CUDA extension is absent); runs in the Triton interpreter on CPU tensors for the
 
 How the work is laid out, for decode batches (M = 1..64 rows of x):
 
-* The packed bytes are read as ``[BLOCK_N, G, 16]`` tiles: G groups of 16 bytes (32 weights)
-  per row of W, one 16-byte load each. K % 32 == 0 makes every group lie inside one row and
-  one absmax block (a row starts at a multiple of 32 elements, blocks are multiples of 32), so
-  the scale is fetched (and, with double quant, decoded) once per group, not per weight.
-* The high nibble of byte j is element 2j, the low one 2j+1. Rather than interleaving the
-  decoded weights, x is read de-interleaved (even and odd columns), which costs nothing: x is
-  a few KB and sits in L1/L2.
-* M == 1: a dot-product form (products summed within each 32-weight group, then scaled).
-  M > 1: ``tl.dot`` with W as the left operand (``[BLOCK_N, K] @ [K, BLOCK_M]``, the token dim
-  padded to 16), so each decoded weight serves every row of x on the tensor cores.
+* W is read in groups of 16 bytes (32 weights) per row, one 16-byte load each. K % 32 == 0
+  makes every group lie inside one row and one absmax block (a row starts at a multiple of 32
+  elements, blocks are multiples of 32), so the scale is fetched (and, with double quant,
+  decoded) once per group, not per weight.
+* M == 1 (``_matvec_4bit_kernel``): a dot-product form, products summed within each group,
+  then scaled. The high nibble of byte j is element 2j, the low one 2j+1: rather than
+  interleaving the decoded weights, x is read de-interleaved (even and odd columns), which
+  costs nothing: x is a few KB and sits in L1/L2.
+* M > 1 (``_matmul_4bit_dot_kernel``): ``tl.dot`` with W as the left operand (``[BLOCK_N, 32]
+  @ [32, BLOCK_M]``, the token dim padded to 16), so each decoded weight serves every row of x
+  on the tensor cores. Three choices made it 11-17x faster than a first version that scaled
+  each weight before the dot and decoded nibbles one gather each (H100, 8192x22016 at 16
+  tokens: 1911 -> 112 us, bf16 ``F.linear`` 133 us; 4096x4096 at 4 tokens: 192 -> 17 us):
+  - a byte decodes to its two codes with one lookup in a 256-entry table of 16-bit pairs,
+    held by the program and read with ``tl.gather``; ``tl.join`` puts the pair in order;
+  - the codes go into the dot unscaled (exact in bf16/fp16), and the group's absmax scales
+    the dot's float32 result: one FMA per output instead of a multiply per weight (a group
+    lies in one absmax block, so the scale is one value per row of the dot);
+  - the packed bytes are loaded as 16-byte vectors of 4 words.
+  ``tl.gather`` needs triton >= 3.2.
 * Split-K: a layer with N = 4096 has only 4096 / BLOCK_N row tiles, too few to keep 132 SMs
-  streaming. K is split so the grid holds about ``_CTAS_PER_SM`` programs per SM. Partial sums
+  streaming. K is split so the grid holds a few programs per SM (``_config``). Partial sums
   go to a float32 workspace ``[SPLIT, M, N]`` and a second small kernel adds them up (plus the
   bias) and rounds once to x's dtype. Why two passes rather than ``tl.atomic_add``: the sum
   order is fixed, so results are bit-for-bit repeatable (a CUDA-graph replay equals eager);
@@ -44,9 +54,6 @@ from .quant import _on_device, kernel_absmax_args
 #: Bytes per group (one 16-byte load), i.e. 32 weights; K must be a multiple of GROUP_K.
 GROUP_BYTES = 16
 GROUP_K = 2 * GROUP_BYTES
-#: Target grid size: enough resident programs per SM to keep loads in flight (each program
-#: has only one or two 16-byte loads per thread outstanding per iteration).
-_CTAS_PER_SM = 8
 #: A split covers at least this many K tiles, so its prologue and epilogue stay amortized.
 _MIN_TILES_PER_SPLIT = 4
 #: SMs assumed for CPU tensors (the interpreter), an H100's, so tests exercise split-K.
@@ -54,29 +61,22 @@ _DEFAULT_SMS = 132
 
 
 @triton.jit
-def _matmul_4bit_kernel(
+def _matvec_4bit_kernel(
     x_ptr, packed_ptr, absmax_ptr, table_ptr, nested_ptr, code8_ptr, offset_ptr, bias_ptr,
     out_ptr, ws_ptr,
-    M, N, K, k_per_split,
+    N, K, k_per_split,
     BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, USE_DOT: tl.constexpr,
-    DOT_IN_FP32: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
 ):
+    """M == 1: ``BLOCK_N`` outputs per program, as dot products."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    pid_m = tl.program_id(2)
     BLOCK_K: tl.constexpr = GROUPS * 32
-    HALF_K: tl.constexpr = GROUPS * 16
 
     n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     # Rows past N read row N-1 (valid memory) instead of masking: the loads stay unmasked
     # along N and the extra results are never stored.
     n_safe = tl.minimum(n, N - 1).to(tl.int64)
-    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_mask = m < M
-    x_row = x_ptr + m.to(tl.int64) * K
-
     g = tl.arange(0, GROUPS)
     t = tl.arange(0, 16)
     row_bytes = n_safe * (K // 2)
@@ -84,12 +84,7 @@ def _matmul_4bit_kernel(
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
 
-    if USE_DOT:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        j = tl.arange(0, HALF_K)
-    else:
-        acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
-
+    acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
         gk = k0 + g * 32                      # first element (column) of each group
         g_mask = gk < k_end                   # whole groups only: k_end is a multiple of 32
@@ -112,45 +107,96 @@ def _matmul_4bit_kernel(
         # Masked groups get scale 0 (and x 0), so they add exact zeros.
         scale = tl.where(g_mask[None, :], scale, 0.0)
 
-        if USE_DOT:
-            # W scaled in float32, rounded once to x's 16-bit type for the tensor cores.
-            w_hi = tl.reshape(hi * scale[:, :, None], (BLOCK_N, HALF_K)).to(x_ptr.dtype.element_ty)
-            w_lo = tl.reshape(lo * scale[:, :, None], (BLOCK_N, HALF_K)).to(x_ptr.dtype.element_ty)
-            col = k0 + 2 * j                   # the even columns of this K tile
-            xm = m_mask[None, :] & (col < k_end)[:, None]
-            x_even = tl.load(x_row[None, :] + col[:, None], mask=xm, other=0.0)
-            x_odd = tl.load(x_row[None, :] + (col + 1)[:, None], mask=xm, other=0.0)
-            if DOT_IN_FP32:
-                # The interpreter's bfloat16 tl.dot is wrong (triton 3.x): same roundings of
-                # W and x, products in exact float32 instead.
-                acc = tl.dot(w_hi.to(tl.float32), x_even.to(tl.float32), acc, input_precision="ieee")
-                acc = tl.dot(w_lo.to(tl.float32), x_odd.to(tl.float32), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(w_hi, x_even, acc)
-                acc = tl.dot(w_lo, x_odd, acc)
-        else:
-            col = gk[:, None] + 2 * t[None, :]
-            xm = g_mask[:, None]
-            x_even = tl.load(x_ptr + pid_m * K + col, mask=xm, other=0.0).to(tl.float32)
-            x_odd = tl.load(x_ptr + pid_m * K + col + 1, mask=xm, other=0.0).to(tl.float32)
-            # Sum the 32 products of each group first (in registers: a thread holds a whole
-            # 16-byte group), then apply the group's scale once.
-            dots = tl.sum(hi * x_even[None, :, :] + lo * x_odd[None, :, :], axis=2)
-            acc += dots * scale
+        col = gk[:, None] + 2 * t[None, :]
+        x_even = tl.load(x_ptr + col, mask=g_mask[:, None], other=0.0).to(tl.float32)
+        x_odd = tl.load(x_ptr + col + 1, mask=g_mask[:, None], other=0.0).to(tl.float32)
+        # Sum the 32 products of each group first (in registers: a thread holds a whole
+        # 16-byte group), then apply the group's scale once.
+        dots = tl.sum(hi * x_even[None, :, :] + lo * x_odd[None, :, :], axis=2)
+        acc += dots * scale
 
-    if USE_DOT:
-        result = acc
+    result = tl.sum(acc, axis=1)
+    n_mask = n < N
+    if SPLIT:
+        tl.store(ws_ptr + pid_k.to(tl.int64) * N + n, result, mask=n_mask)
     else:
-        result = tl.sum(acc, axis=1)[:, None]
+        if HAS_BIAS:
+            result += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + n, result.to(out_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _matmul_4bit_dot_kernel(
+    x_ptr, words_ptr, absmax_ptr, pair_ptr, nested_ptr, code8_ptr, offset_ptr, bias_ptr,
+    out_ptr, ws_ptr,
+    M, N, K, k_per_split,
+    BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+):
+    """M > 1: ``[BLOCK_N, BLOCK_M]`` of out^T per program, one tl.dot per 32-column group."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_m = tl.program_id(2)
+
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_safe = tl.minimum(n, N - 1).to(tl.int64)   # rows past N read row N - 1, never stored
+    m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = m < M
+    x_row = x_ptr + m.to(tl.int64) * K
+    row_words = n_safe * (K // 8)                # a row is K / 8 32-bit words (K % 32 == 0)
+    row_elems = n_safe * K
+    word = tl.arange(0, 4)                       # a group's 4 words
+    byte_shift = 8 * tl.arange(0, 4)             # a word's 4 bytes, little-endian
+    e = tl.arange(0, 32)                         # a group's 32 elements
+    # Byte -> its two codes as one int32 (x's 16-bit type, element 2j in the low half). Held by
+    # the program and read with tl.gather (shared memory): a global gather per byte instead
+    # cost two 64-bit address instructions and a cp.async each (H100: 8192x22016 at 16 tokens
+    # 125 -> 110 us).
+    pair_table = tl.load(pair_ptr + tl.arange(0, 256))
+    k_begin = pid_k * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, K)
+
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, 32 * GROUPS):
+        for g in tl.static_range(GROUPS):
+            gk = k0 + 32 * g
+            ok = gk < k_end                      # whole groups: k_end is a multiple of 32
+            # A row's group is 4 words on a 16-byte boundary: one vector load. evict_first:
+            # every weight byte is read once; keep L2 for x and the workspace.
+            group_words = tl.multiple_of(row_words + gk // 8, 4)
+            words = tl.load(words_ptr + group_words[:, None] + word[None, :], mask=ok, other=0,
+                            eviction_policy="evict_first")
+            b = tl.reshape((words[:, :, None] >> byte_shift[None, None, :]) & 0xFF, (BLOCK_N * 16,))
+            pair = tl.reshape(tl.gather(pair_table, b, 0), (BLOCK_N, 16))
+            even = (pair & 0xFFFF).to(tl.uint16).to(x_ptr.dtype.element_ty, bitcast=True)
+            odd = (pair >> 16).to(tl.uint16).to(x_ptr.dtype.element_ty, bitcast=True)
+            w = tl.reshape(tl.join(even, odd), (BLOCK_N, 32))   # the group's codes, in order
+            xg = tl.load(x_row[None, :] + (gk + e)[:, None], mask=m_mask[None, :] & ok, other=0.0)
+            if DOT_IN_FP32:
+                # The interpreter's bfloat16 tl.dot is wrong (triton 3.x): same values, float32.
+                d = tl.dot(w.to(tl.float32), xg.to(tl.float32), input_precision="ieee")
+            else:
+                d = tl.dot(w, xg)
+            # The group's absmax, applied to the dot's float32 result (x = 0 past K_end).
+            blk = (row_elems + gk) // BLOCKSIZE
+            if NESTED:
+                q = tl.load(absmax_ptr + blk, mask=ok, other=0).to(tl.int32)
+                c2 = tl.load(nested_ptr + blk // NESTED_BLOCKSIZE, mask=ok, other=0.0)
+                scale = tl.load(code8_ptr + q) * c2 + tl.load(offset_ptr)
+            else:
+                scale = tl.load(absmax_ptr + blk, mask=ok, other=0.0)
+            acc += d * scale[:, None]
+
     n_mask = n < N
     mask = n_mask[:, None] & m_mask[None, :]
     idx = m.to(tl.int64)[None, :] * N + n[:, None]
     if SPLIT:
-        tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + idx, result, mask=mask)
+        tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + idx, acc, mask=mask)
     else:
         if HAS_BIAS:
-            result += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-        tl.store(out_ptr + idx, result.to(out_ptr.dtype.element_ty), mask=mask)
+            acc += tl.load(bias_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        tl.store(out_ptr + idx, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -194,24 +240,46 @@ def _config(M: int, N: int, K: int, device: torch.device) -> Config:
     """Block sizes for one call, from the shape alone (no autotuning).
 
     M == 1: 16 rows x 256 columns per K tile (2 KB of W, one 16-byte load per thread with 4
-    warps); 72 registers on sm_90, so ~7 programs fit per SM. M > 1: 32 rows x 64 columns, the
-    tokens padded to a power of two >= 16 (at most 64 per program), 3 pipeline stages. Wider
-    K tiles put the de-interleaved x pointers over the register budget (ptxas on sm_90: 167
-    registers at 128 columns, 255 and spills at 64 tokens; 72-96 at 64 columns).
+    warps); 72 registers on sm_90, so ~7 programs fit per SM; K split for ~8 programs per SM.
+    M > 1: 128 rows x 64 columns (two dots of 32) per K tile, the tokens padded to a power of
+    two >= 16 (at most 64 per program), 4 warps (the 128 rows are one wgmma M on sm_90), 3
+    stages, K split for ~4 programs per SM. Chosen on an H100 from 54 configurations (64, 128,
+    256 rows; 1, 2, 4 groups; 2, 3 stages; three decoders), then against nine finalists at 1-64
+    tokens on six LLaMA shapes: within 10% of the best on 36 of 42 cases, the misses being
+    4096x4096 at 64 tokens (1.18x) and 22016x8192 at 1-8 tokens (1.10-1.14x). Source:
+    benchmarks/results/NVIDIA-H100-80GB-HBM3/experiments/matmul_4bit_triton_dot_configs.json.
     """
     if M == 1:
-        block_m, block_n, groups, num_warps, num_stages = 1, 16, 8, 4, 1
+        block_m, block_n, groups, num_warps, num_stages, per_sm = 1, 16, 8, 4, 1, 8
     else:
         block_m = min(64, max(16, triton.next_power_of_2(M)))
-        block_n, groups, num_warps, num_stages = 32, 2, 4, 3
+        block_n, groups, num_warps, num_stages, per_sm = 128, 2, 4, 3, 4
     block_k = 32 * groups
     k_tiles = triton.cdiv(K, block_k)
     programs = triton.cdiv(N, block_n) * triton.cdiv(M, block_m)
-    target = _CTAS_PER_SM * _sm_count(device)
+    target = per_sm * _sm_count(device)
     split = max(1, min(triton.cdiv(target, programs), k_tiles // _MIN_TILES_PER_SPLIT))
     k_per_split = triton.cdiv(k_tiles, split) * block_k
     split = triton.cdiv(K, k_per_split)   # rounding may leave fewer (never empty) splits
     return Config(block_m, block_n, groups, split, k_per_split, num_warps, num_stages)
+
+
+@functools.lru_cache(maxsize=None)
+def _pair_table(quant_type: str, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """Byte b -> its two codes in x's 16-bit type as one int32: element 2j (the high nibble)
+    in the low half, element 2j + 1 in the high half (the order tl.join puts them in)."""
+    bits = codes.code_tensor(quant_type).to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
+    b = torch.arange(256)
+    return (bits[b >> 4] | (bits[b & 15] << 16)).to(device)
+
+
+def _as_words(packed: torch.Tensor, words: int) -> torch.Tensor:
+    """The first ``words`` 32-bit words of the packed bytes (a copy only where the bytes do not
+    start on a 16-byte boundary, which the kernel's vector loads want)."""
+    packed = packed[: 4 * words]
+    if packed.data_ptr() % 16:
+        packed = packed.clone()
+    return packed.view(torch.int32)
 
 
 def _check(x: torch.Tensor, packed: torch.Tensor, N: int) -> None:
@@ -261,17 +329,19 @@ def matmul_4bit(
     split = cfg.split > 1
     ws = torch.empty((cfg.split, M, N), dtype=torch.float32, device=x.device) if split else out
     grid = (triton.cdiv(N, cfg.block_n), cfg.split, triton.cdiv(M, cfg.block_m))
+    common = dict(BLOCKSIZE=blocksize, NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize,
+                  HAS_BIAS=has_bias, SPLIT=split, BLOCK_N=cfg.block_n, GROUPS=cfg.groups,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     with _on_device(x):
-        _matmul_4bit_kernel[grid](
-            x, packed, absmax, codes.code_tensor(quant_type, str(x.device)),
-            nested_absmax, nested_code, offset, bias_arg, out, ws,
-            M, N, K, cfg.k_per_split,
-            BLOCKSIZE=blocksize, NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize,
-            HAS_BIAS=has_bias, SPLIT=split,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, GROUPS=cfg.groups, USE_DOT=cfg.use_dot,
-            DOT_IN_FP32=not x.is_cuda,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+        if cfg.use_dot:
+            _matmul_4bit_dot_kernel[grid](
+                x, _as_words(packed, N * K // 8), absmax, _pair_table(quant_type, x.dtype, str(x.device)),
+                nested_absmax, nested_code, offset, bias_arg, out, ws, M, N, K, cfg.k_per_split,
+                BLOCK_M=cfg.block_m, DOT_IN_FP32=not x.is_cuda, **common)
+        else:
+            _matvec_4bit_kernel[grid](
+                x, packed, absmax, codes.code_tensor(quant_type, str(x.device)),
+                nested_absmax, nested_code, offset, bias_arg, out, ws, N, K, cfg.k_per_split, **common)
         if split:
             tile = 1024
             _reduce_splits_kernel[(triton.cdiv(M * N, tile),)](
