@@ -240,7 +240,9 @@ def _config(M: int, N: int, K: int, device: torch.device) -> Config:
     """Block sizes for one call, from the shape alone (no autotuning).
 
     M == 1: 16 rows x 256 columns per K tile (2 KB of W, one 16-byte load per thread with 4
-    warps); 72 registers on sm_90, so ~7 programs fit per SM; K split for ~8 programs per SM.
+    warps); 72 registers on sm_90, so ~7 programs fit per SM; K split for ~16 programs per SM
+    (3-7% faster than 8 on an H100 from 8192x8192 up; a variant with 16-byte word loads and
+    a 256-entry pair table ran 1.2-1.6x slower: experiments/matmul_4bit_triton_m1.json).
     M > 1: 128 rows x 64 columns (two dots of 32) per K tile, the tokens padded to a power of
     two >= 16 (at most 64 per program), 4 warps (the 128 rows are one wgmma M on sm_90), 3
     stages, K split for ~4 programs per SM. Chosen on an H100 from 54 configurations (64, 128,
@@ -250,7 +252,7 @@ def _config(M: int, N: int, K: int, device: torch.device) -> Config:
     benchmarks/results/NVIDIA-H100-80GB-HBM3/experiments/matmul_4bit_triton_dot_configs.json.
     """
     if M == 1:
-        block_m, block_n, groups, num_warps, num_stages, per_sm = 1, 16, 8, 4, 1, 8
+        block_m, block_n, groups, num_warps, num_stages, per_sm = 1, 16, 8, 4, 1, 16
     else:
         block_m = min(64, max(16, triton.next_power_of_2(M)))
         block_n, groups, num_warps, num_stages, per_sm = 128, 2, 4, 3, 4
