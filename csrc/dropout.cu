@@ -14,9 +14,9 @@
 // The seed is an int argument, or (device_seed) an int64 tensor the kernel reads, which is what
 // a captured CUDA graph needs to draw a new mask at every replay.
 //
-// The same mask fused into the LoRA branch's two thin matmuls (see "Dropout fused into the
-// LoRA matmuls" below): dropout_linear (forward, dropout(x) @ A.T) and matmul_dropout
-// (backward, dropout(g @ A)).
+// The same mask fused into the LoRA branch's three thin matmuls (see "Dropout fused into the
+// LoRA matmuls" below): dropout_linear (forward, dropout(x) @ A.T), matmul_dropout (backward,
+// dropout(g @ A)) and dropout_grad_weight (backward, dA = g.T @ dropout(x)).
 #include <torch/library.h>
 
 // cuRAND's counter-based Philox (one call, no per-thread state). A toolkit without cuRAND's
@@ -124,16 +124,18 @@ __global__ void __launch_bounds__(kDropoutThreads)
 //
 //   dropout_linear(x, w) = dropout_forward(x) @ w.T   x [M, K], w [r, K] -> [M, r]  (forward)
 //   matmul_dropout(a, b) = dropout_forward(a @ b)     a [M, r], b [r, K] -> [M, K]  (backward: dX)
+//   dropout_grad_weight(g, x) = g.T @ dropout_forward(x)  g [M, r], x [M, K] -> [r, K]  (backward: dA)
 //
 // Unfused, each is a dropout pass over an [M, K] tensor (a read and a write) beside a GEMM that
-// reads or writes it once more; fused, the [M, K] tensor is read (dropout_linear) or written
-// (matmul_dropout) once and the mask costs only its Philox arithmetic. With r <= 64 both are
+// reads or writes it once more; fused, the [M, K] tensor is read (dropout_linear,
+// dropout_grad_weight) or written (matmul_dropout) once and the mask costs only its Philox
+// arithmetic. With r <= 64 both are
 // bound by those [M, K] bytes, not by the r-wide products, which mma.sync m16n8k16 does
 // (float32 accumulators). Same mask, same roundings as the unfused ops: a dropped-out x element
 // is rounded to T before it is multiplied (as dropout_forward stores it), and a @ b is rounded
 // to T before the mask's scale (as cuBLAS stores it); only the order of the float32 sums differs.
 //
-// Both need K % 8 == 0 (16-byte rows, Philox groups that start on a row's 4-element groups),
+// All three need K % 8 == 0 (16-byte rows, Philox groups that start on a row's 4-element groups),
 // 16-byte aligned operands, r <= 64, 16-bit T and sm_80; the host runs the unfused ops otherwise.
 
 // Keeps or drops the 8 elements of v (elements e .. e + 7, e % 8 == 0: one Philox group) and
@@ -387,6 +389,135 @@ __global__ void __launch_bounds__(kMdWarps * 32, 2)  // 2 CTAs an SM (143 regist
 #endif
 }
 
+// dropout_grad_weight: g.T @ dropout_forward(x), the weight gradient of dropout_linear (the
+// LoRA branch's dA): g [M, r], x [M, K] -> [r, K], a sum over the M tokens. A CTA owns 128
+// columns of K and a range of tokens (the grid's y splits M; the float32 partial tiles are
+// summed by sum_splits_kernel in a fixed order). Per chunk of 32 tokens it stages in shared
+// memory x's [32, 128] tile, masked and rounded as dropout_forward stores it (a 16-byte piece
+// of x is one Philox group), and g's [32, r] tile; warp w computes columns 16 w .. 16 w + 15
+// for all r rows. Tokens are the MMA's k, so both operands come by ldmatrix.trans: A = g.T from
+// g's tile, B = the masked x from x's tile (x's row pitch of 272 bytes and g's of 16 r + 16
+// put the 8 rows of each 8x8 matrix in 8 different 16-byte bank groups). The next chunk's
+// global loads are in flight during this chunk's MMAs; two buffers, one barrier a chunk.
+constexpr int kGwWarps = 8;
+constexpr int kGwCols = 128;                  // columns of x a CTA: 16 a warp
+constexpr int kGwTokens = 32;                 // tokens a chunk: two MMA k-steps
+constexpr int kGwXPitch = kGwCols * 2 + 16;   // bytes
+constexpr int kGwXPieces = kGwTokens * kGwCols / 8 / (kGwWarps * 32);  // 16-byte pieces of x a thread: 2
+
+template <int kMT>
+constexpr int gw_g_pitch() { return 32 * kMT + 16; }  // bytes: 16 kMT elements + 16
+
+template <typename T, int kMT>  // kMT m-tiles of 16: r <= 16 kMT
+__global__ void __launch_bounds__(kGwWarps * 32, 3)  // 3 CTAs an SM: 80 registers at r = 64, no spills (H100)
+    dropout_grad_weight_kernel(const T* __restrict__ g, const T* __restrict__ x, float* __restrict__ partial, int M,
+                               int K, int r, int tokens_per_cta, uint64_t seed_value,
+                               const int64_t* __restrict__ device_seed, uint32_t threshold, float scale) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // mma.sync bf16/f16 and ldmatrix: sm_80 and up (the host runs the unfused ops below that)
+#else
+  constexpr int kRP = 16 * kMT;
+  constexpr int kGPitch = gw_g_pitch<kMT>();
+  constexpr int kGPieces = kGwTokens * kRP / 8;  // 16-byte pieces of g's tile: 64 kMT <= 256 threads
+  __shared__ __align__(16) uint8_t s_x[2][kGwTokens * kGwXPitch];
+  __shared__ __align__(16) uint8_t s_g[2][kGwTokens * kGPitch];
+  const uint64_t seed = device_seed != nullptr ? static_cast<uint64_t>(*device_seed) : seed_value;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int c0 = static_cast<int>(blockIdx.x) * kGwCols;
+  const int m_begin = static_cast<int>(blockIdx.y) * tokens_per_cta;
+  const int m_end = min(M, m_begin + tokens_per_cta);
+  const bool g_vec = r % 8 == 0;  // g's rows on 16 bytes (g itself is)
+  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+  // This thread's pieces: x pieces tid + 256 q (token i / 16, columns 8 (i % 16) ..), and g
+  // piece tid (token tid / (kRP / 8), r columns 8 (tid % (kRP / 8)) ..) where tid < kGPieces.
+  auto load = [&](int m0, uint4 (&xv)[kGwXPieces], uint4& gv) {
+#pragma unroll
+    for (int q = 0; q < kGwXPieces; ++q) {
+      const int i = tid + kGwWarps * 32 * q, m = m0 + i / 16, c = c0 + 8 * (i % 16);
+      xv[q] = m < m_end && c < K ? __ldcs(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(m) * K + c)) : zero;
+    }
+    gv = zero;
+    if (tid < kGPieces) {
+      const int m = m0 + tid / (kRP / 8), j = 8 * (tid % (kRP / 8));
+      if (m < m_end && j < r) {
+        const T* src = g + static_cast<int64_t>(m) * r + j;
+        if (g_vec) {
+          gv = __ldg(reinterpret_cast<const uint4*>(src));
+        } else {
+          T* v = reinterpret_cast<T*>(&gv);
+          for (int e = 0; e < 8 && j + e < r; ++e) v[e] = src[e];
+        }
+      }
+    }
+  };
+  float acc[kMT][2][4];
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int n = 0; n < 2; ++n) acc[mt][n][0] = acc[mt][n][1] = acc[mt][n][2] = acc[mt][n][3] = 0.0f;
+  uint4 xv[kGwXPieces], gv;
+  load(m_begin, xv, gv);
+  int buf = 0;
+  for (int m0 = m_begin; m0 < m_end; m0 += kGwTokens, buf ^= 1) {  // CTA-uniform
+    // This chunk into buffer buf: x masked as dropout_forward stores it. (Every warp is past
+    // the MMAs that last read buf: they came before the previous chunk's barrier.)
+#pragma unroll
+    for (int q = 0; q < kGwXPieces; ++q) {
+      const int i = tid + kGwWarps * 32 * q, m = m0 + i / 16, c = c0 + 8 * (i % 16);
+      const uint4 v = m < m_end && c < K ? dropout8<T>(xv[q], seed, static_cast<uint64_t>(m) * K + c, threshold, scale)
+                                         : zero;
+      *reinterpret_cast<uint4*>(s_x[buf] + (i / 16) * kGwXPitch + 16 * (i % 16)) = v;
+    }
+    if (tid < kGPieces)
+      *reinterpret_cast<uint4*>(s_g[buf] + (tid / (kRP / 8)) * kGPitch + 16 * (tid % (kRP / 8))) = gv;
+    __syncthreads();
+    load(m0 + kGwTokens, xv, gv);  // the next chunk, in flight during these MMAs
+#pragma unroll
+    for (int ks = 0; ks < kGwTokens / 16; ++ks) {
+      // B: n-tiles 2 warp, 2 warp + 1 (matrices: tokens 0-7 and 8-15 of each)
+      const uint32_t b_addr = static_cast<uint32_t>(__cvta_generic_to_shared(
+          s_x[buf] + (16 * ks + (lane & 15)) * kGwXPitch + 16 * (2 * warp + (lane >> 4))));
+      uint32_t bf[4];
+      asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                   : "=r"(bf[0]), "=r"(bf[1]), "=r"(bf[2]), "=r"(bf[3])
+                   : "r"(b_addr));
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        // A = g.T: matrices (r rows 0-7, tokens 0-7), (r 8-15, tokens 0-7), (r 0-7, tokens 8-15),
+        // (r 8-15, tokens 8-15); lane L gives row L % 8 of matrix L / 8, a token row of g's tile
+        const int quad = lane >> 3;
+        const uint32_t a_addr = static_cast<uint32_t>(__cvta_generic_to_shared(
+            s_g[buf] + (16 * ks + (lane & 7) + 8 * (quad >> 1)) * kGPitch + 2 * (16 * mt + 8 * (quad & 1))));
+        uint32_t af[4];
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(af[0]), "=r"(af[1]), "=r"(af[2]), "=r"(af[3])
+                     : "r"(a_addr));
+        mma_16816<T>(acc[mt][0], af, bf[0], bf[1]);
+        mma_16816<T>(acc[mt][1], af, bf[2], bf[3]);
+      }
+    }
+  }
+  // Accumulators 0, 1: row (of r) 16 mt + lane / 4, columns 16 warp + 8 n + 2 (lane % 4), + 1;
+  // 2, 3: the row 8 further. K % 8 == 0: a column pair is all in or all past K.
+  float* out = partial + static_cast<int64_t>(blockIdx.y) * r * K;
+  const int gq = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int j = 16 * mt + gq + 8 * half;
+      if (j >= r) continue;
+#pragma unroll
+      for (int n = 0; n < 2; ++n) {
+        const int c = c0 + 16 * warp + 8 * n + 2 * t;
+        if (c < K)
+          *reinterpret_cast<float2*>(out + static_cast<int64_t>(j) * K + c) =
+              make_float2(acc[mt][n][2 * half], acc[mt][n][2 * half + 1]);
+      }
+    }
+#endif
+}
+
 // Floats in messages formatted here, like integers (see num() in common.cuh).
 std::string fnum(double v) {
   char buf[40];
@@ -593,6 +724,68 @@ at::Tensor matmul_dropout(const at::Tensor& a, const at::Tensor& b, int64_t seed
   return out;
 }
 
+
+at::Tensor dropout_grad_weight(const at::Tensor& g, const at::Tensor& x, int64_t seed, double p,
+                               const std::optional<at::Tensor>& device_seed) {
+  check_cuda(g, "g");
+  check_contiguous(g, "g");
+  check_2d(g, "g");
+  check_operand(x, "x", g, "g");
+  check_2d(x, "x");
+  TORCH_CHECK(x.scalar_type() == g.scalar_type(), "x: expected the dtype of g (", g.scalar_type(), "), got ",
+              x.scalar_type());
+  TORCH_CHECK(x.size(0) == g.size(0), "x: expected shape [", num(g.size(0)), ", K] (M of g), got ",
+              dims(x.sizes()));
+  check_p(p);
+  const int64_t* seed_ptr = device_seed_ptr(device_seed, g, "g");
+  const c10::cuda::CUDAGuard guard(g.device());
+  const int64_t M = g.size(0), r = g.size(1), K = x.size(1);
+  if (r == 0 || K == 0) return at::empty({r, K}, g.options());
+  if (M == 0) return at::zeros({r, K}, g.options());
+  // (grid.x, one CTA per 128 columns, is below 2^31 for any int K)
+  if (!fusable(x, g, r) || M > std::numeric_limits<int>::max() / 2 || K > std::numeric_limits<int>::max() / 2) {
+    at::Tensor dropped = at::empty_like(x);
+    launch<0>(x, "x", dropped, seed, seed_ptr, p);
+    return at::mm(g.t(), dropped);
+  }
+  const int mt = r <= 16 ? 1 : r <= 32 ? 2 : 4;
+  const int64_t col_blocks = ceil_div(K, kGwCols);
+  at::Tensor out = at::empty({r, K}, x.options());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  dispatch_float(x.scalar_type(), "x", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if constexpr (!std::is_same_v<T, float>) {
+      auto run = [&](auto kernel) {
+        // Splits of M: as many as fit in one wave with the column blocks (each at least 256
+        // tokens). A second, partial wave cost about as much as a full one: at r = 64 (2 CTAs
+        // an SM, before the kernel fit 3) 4096 x 22016 took 244 us in 344 CTAs on 264 slots.
+        const int64_t slots = grid_size(kernel, kGwWarps * 32, std::numeric_limits<int64_t>::max());
+        const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(slots / col_blocks, M / 256));
+        const int64_t tokens_per_cta = ceil_div(ceil_div(M, splits), kGwTokens) * kGwTokens;
+        const int64_t used_splits = ceil_div(M, tokens_per_cta);
+        at::Tensor partial = at::empty({used_splits, r, K}, x.options().dtype(at::kFloat));
+        const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(used_splits));
+        kernel<<<grid, kGwWarps * 32, 0, stream>>>(
+            reinterpret_cast<const T*>(g.data_ptr()), reinterpret_cast<const T*>(x.data_ptr()),
+            partial.data_ptr<float>(), static_cast<int>(M), static_cast<int>(K), static_cast<int>(r),
+            static_cast<int>(tokens_per_cta), static_cast<uint64_t>(seed), seed_ptr, threshold_of(p), scale_of(p));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        // out [r, K] = the splits' sum: sum_splits_kernel's rows are out's r rows, its columns K
+        auto sum = sum_splits_kernel<T>;
+        const int sum_grid = grid_size(sum, 256, ceil_div(r * K, 256));
+        sum<<<sum_grid, 256, 0, stream>>>(partial.data_ptr<float>(), reinterpret_cast<T*>(out.data_ptr()),
+                                          static_cast<int>(used_splits), static_cast<int>(r), static_cast<int>(K),
+                                          static_cast<int>(K));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (mt == 1) run(dropout_grad_weight_kernel<T, 1>);
+      else if (mt == 2) run(dropout_grad_weight_kernel<T, 2>);
+      else run(dropout_grad_weight_kernel<T, 4>);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace qlora_kernels
 
@@ -601,4 +794,5 @@ TORCH_LIBRARY_IMPL(qlora_kernels, CUDA, m) {
   m.impl("dropout_backward_add", &qlora_kernels::dropout_backward_add);
   m.impl("dropout_linear", &qlora_kernels::dropout_linear);
   m.impl("matmul_dropout", &qlora_kernels::matmul_dropout);
+  m.impl("dropout_grad_weight", &qlora_kernels::dropout_grad_weight);
 }

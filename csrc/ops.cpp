@@ -27,6 +27,7 @@ TORCH_LIBRARY(qlora_kernels, m) {
   m.def("dropout_backward_add(Tensor(a!) out, Tensor grad, int seed, float p, Tensor? device_seed=None) -> ()");
   m.def("dropout_linear(Tensor x, Tensor weight, int seed, float p, Tensor? device_seed=None) -> Tensor");
   m.def("matmul_dropout(Tensor a, Tensor b, int seed, float p, Tensor? device_seed=None) -> Tensor");
+  m.def("dropout_grad_weight(Tensor g, Tensor x, int seed, float p, Tensor? device_seed=None) -> Tensor");
   m.def(
       "adamw_step(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
       "float lr, float beta1, float beta2, float eps, float weight_decay, "

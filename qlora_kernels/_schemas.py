@@ -30,6 +30,9 @@ SCHEMAS = {
     "dropout_backward_add": "dropout_backward_add(Tensor(a!) out, Tensor grad, int seed, float p, Tensor? device_seed=None) -> ()",
     "dropout_linear": "dropout_linear(Tensor x, Tensor weight, int seed, float p, Tensor? device_seed=None) -> Tensor",
     "matmul_dropout": "matmul_dropout(Tensor a, Tensor b, int seed, float p, Tensor? device_seed=None) -> Tensor",
+    "dropout_grad_weight": (
+        "dropout_grad_weight(Tensor g, Tensor x, int seed, float p, Tensor? device_seed=None) -> Tensor"
+    ),
     "adamw_step": (
         "adamw_step(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
         "float lr, float beta1, float beta2, float eps, float weight_decay, "

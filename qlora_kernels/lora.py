@@ -21,7 +21,8 @@ run under a plain ``torch.autograd.Function`` (``_EagerLoRA``), which costs less
   written first (``Y = scale * xa @ B.T (+ bias)``, small), and the base GEMM accumulates onto
   it (``Y.addmm_(x, W.T)``, cuBLAS beta = 1), whose epilogue reads Y under its arithmetic.
 * ``qlora_kernels::matmul_4bit_lora_backward`` -> ``(dX, dA, dB)``: ``g = scale * dY @ B``
-  ``[M, r]`` is computed once and shared by ``dA = g.T @ dropout(x)`` and
+  ``[M, r]`` is computed once and shared by ``dA = g.T @ dropout(x)`` (with dropout one fused
+  op, ``ops.dropout_grad_weight``: x read once, masked on its way into the sum) and
   ``dX = dY @ W + dropout_backward(g @ A)`` (the LoRA term first, ``ops.matmul_dropout``:
   written once, masked as it is stored; then the base GEMM with beta = 1 on top); ``dB = scale * dY.T @ xa``.
   Gradients not needed are not computed (dX when x needs none: no dequantize at all).
@@ -87,11 +88,6 @@ def _seed_args(seed: Tensor) -> tuple[int, Optional[Tensor]]:
     return (int(seed), None) if seed.device.type == "cpu" else (0, seed)
 
 
-def _dropout(t: Tensor, seed: Tensor, p: float) -> Tensor:
-    seed_value, device_seed = _seed_args(seed)
-    return ops.dropout_forward(t, seed_value, p, device_seed)
-
-
 def _down(x2: Tensor, A: Tensor, seed: Optional[Tensor], p: float) -> Tensor:
     """``dropout(x2) @ A.T`` ``[M, r]``: with dropout, one fused op (the CUDA kernel reads x once
     instead of a dropout pass that writes the dropped-out x and a GEMM that reads it back)."""
@@ -110,9 +106,13 @@ def _up(g: Tensor, A: Tensor, seed: Optional[Tensor], p: float) -> Tensor:
     return ops.matmul_dropout(g, A.contiguous(), seed_value, p, device_seed)
 
 
-def _dropped(x2: Tensor, seed: Optional[Tensor], p: float) -> Tensor:
-    # p == 0 is exactly the no-dropout path: no kernel, no copy
-    return x2 if p == 0.0 else _dropout(x2.contiguous(), seed, p)
+def _grad_down(g: Tensor, x2: Tensor, seed: Optional[Tensor], p: float) -> Tensor:
+    """``g.T @ dropout(x2)`` ``[r, K]``, dA: with dropout, one fused op (the CUDA kernel reads x
+    once and masks it on the way into the sum over the tokens)."""
+    if p == 0.0:
+        return torch.mm(g.T, x2)
+    seed_value, device_seed = _seed_args(seed)
+    return ops.dropout_grad_weight(g, x2.contiguous(), seed_value, p, device_seed)
 
 
 def _forward_impl(x: Tensor, packed: Tensor, absmax: Tensor, blocksize: int, quant_type: str, N: int,
@@ -191,7 +191,7 @@ def _backward_impl(dY: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, blocks
         A_ = _as(A, dt)
         g = _scaled_mm(dY2, _as(B, dt), scale)  # shared by dA and dX
         if need_dA:
-            dA = _as(torch.mm(g.T, _dropped(x2, seed, p)), A.dtype)
+            dA = _as(_grad_down(g, x2, seed, p), A.dtype)
         if need_dx:
             # as in forward: the LoRA term (through the dropout: the same mask scales the
             # gradient) first, then dX += dY @ W with the big GEMM's beta = 1

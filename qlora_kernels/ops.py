@@ -123,6 +123,11 @@ def _(a, b, seed, p, device_seed=None):
     return a.new_empty((a.shape[0], b.shape[1]))
 
 
+@torch.library.register_fake("qlora_kernels::dropout_grad_weight")
+def _(g, x, seed, p, device_seed=None):
+    return g.new_empty((g.shape[1], x.shape[1]))
+
+
 @torch.library.register_fake("qlora_kernels::adamw_step")
 def _(param, grad, exp_avg, exp_avg_sq, lr, beta1, beta2, eps, weight_decay, bias_correction1,
       bias_correction2):
@@ -139,4 +144,5 @@ dropout_forward = torch.ops.qlora_kernels.dropout_forward.default
 dropout_backward_add = torch.ops.qlora_kernels.dropout_backward_add.default
 dropout_linear = torch.ops.qlora_kernels.dropout_linear.default
 matmul_dropout = torch.ops.qlora_kernels.matmul_dropout.default
+dropout_grad_weight = torch.ops.qlora_kernels.dropout_grad_weight.default
 adamw_step = torch.ops.qlora_kernels.adamw_step.default

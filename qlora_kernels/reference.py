@@ -290,6 +290,15 @@ def matmul_dropout(a: torch.Tensor, b: torch.Tensor, seed: int, p: float,
     return _dispatched_dropout_forward(a @ b, seed, p, device_seed)
 
 
+def dropout_grad_weight(g: torch.Tensor, x: torch.Tensor, seed: int, p: float,
+                        device_seed: torch.Tensor | None = None) -> torch.Tensor:
+    """``g.T @ dropout_forward(x)``: g ``[M, r]``, x ``[M, K]`` -> ``[r, K]``, the weight gradient
+    of ``dropout_linear`` (the LoRA branch's dA; the CUDA kernel fuses the mask into the sum
+    over the tokens: the same mask and roundings, float32 sums in another order)."""
+    check_thin_matmul("g", g, "x", x, 0, 0, "M")
+    return g.T @ _dispatched_dropout_forward(x, seed, p, device_seed)
+
+
 def grouped(matmul):
     """``matmul_4bit_grouped`` (several weights times the same x) from a single-weight
     ``matmul_4bit``: one call per weight. The reference and Triton backends run it this way;

@@ -251,8 +251,8 @@ def test_cuda_dropout_host_checks_raise():
 
 
 # ---------------------------------------------------------------------------------------------
-# The dropout fused into the LoRA matmuls: dropout_linear (dropout(x) @ w.T) and matmul_dropout
-# (dropout(a @ b))
+# The dropout fused into the LoRA matmuls: dropout_linear (dropout(x) @ w.T), matmul_dropout
+# (dropout(a @ b)) and dropout_grad_weight (g.T @ dropout(x))
 
 # (M, K, r): sizes the fused CUDA kernels take (K % 8 == 0, r <= 64), with tails in M, K and
 # r, and sizes they hand to the unfused ops (K % 8 != 0, r > 64)
@@ -267,6 +267,16 @@ def thin_impls(device):
         from qlora_kernels.triton import dropout as T
 
         impls.append(("triton", T.dropout_linear, T.matmul_dropout))
+    return impls
+
+
+def grad_weight_impls(device):
+    """(name, dropout_grad_weight) for every implementation that serves `device`."""
+    impls = [("op", ops.dropout_grad_weight)]
+    if device == "cuda":
+        from qlora_kernels.triton import dropout as T
+
+        impls.append(("triton", T.dropout_grad_weight))
     return impls
 
 
@@ -312,6 +322,24 @@ def test_matmul_dropout_rounds_like_dropout_forward(dtype, rng):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dropout_grad_weight_masks_and_rounds_like_dropout_forward(dtype, rng):
+    # g with one 1 per column, in distinct rows: row j of g.T @ dropout(x) is dropout_forward(x)
+    # at row m_j exactly (one product by 1, the rest exact zeros), so every chosen row's mask and
+    # rounding is checked; M >= 512 takes the kernel's split over the tokens
+    for M, K, r in ((130, 264, 64), (37, 4160, 24), (9, 64, 5), (700, 264, 16), (1100, 8, 3), (300, 1032, 40)):
+        x = randn((M, K), dtype, "cuda", rng)
+        seed, p = seed_of(rng), 0.3
+        want = reference.dropout_forward(x, seed, p)
+        rows = torch.randperm(M, generator=rng)[:r].cuda()
+        g = torch.zeros((M, r), dtype=dtype, device="cuda")
+        g[rows, torch.arange(r, device="cuda")] = 1.0
+        for name, grad_weight in grad_weight_impls("cuda"):
+            got = grad_weight(g, x, seed, p)
+            assert torch.equal(got, want[rows]), (name, M, K, r)
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(qk.backend() != "cuda", reason="the CUDA extension is not loaded")
 def test_fused_dropout_kernels_run_where_they_should():
     # the fused kernels, not the unfused fallback, on a fusable size; the fallback on K % 8 != 0
@@ -326,9 +354,12 @@ def test_fused_dropout_kernels_run_where_they_should():
     g = torch.randn(64, 16, device="cuda", dtype=torch.bfloat16)
     assert "dropout_linear_kernel" in kernels(lambda: ops.dropout_linear(x, w, 1, 0.1))
     assert "matmul_dropout_kernel" in kernels(lambda: ops.matmul_dropout(g, w, 1, 0.1))
+    assert "dropout_grad_weight_kernel" in kernels(lambda: ops.dropout_grad_weight(g, x, 1, 0.1))
     x_odd, w_odd = x[:, :255].contiguous(), w[:, :255].contiguous()
     names = kernels(lambda: ops.dropout_linear(x_odd, w_odd, 1, 0.1))
     assert "dropout_linear_kernel" not in names and "dropout_kernel" in names
+    names = kernels(lambda: ops.dropout_grad_weight(g, x_odd, 1, 0.1))
+    assert "dropout_grad_weight_kernel" not in names and "dropout_kernel" in names
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -363,6 +394,13 @@ def test_fused_dropout_matmuls_against_float64(device, dtype, rng):
                 assert torch.equal((up != 0)[clear], keep[clear]), (name, variant, M, K, r)
                 torch.testing.assert_close(up.double(), want_up, rtol=tol, atol=tol * want_up.abs().max(),
                                            msg=lambda m: f"{name} {variant} matmul_dropout {M}x{K} r={r}: {m}")
+        want_gw = g.double().T @ xd
+        for name, grad_weight in grad_weight_impls(device):
+            for variant, (g_, x_) in (("aligned", (g, x)), ("misaligned", (misaligned(g), misaligned(x)))):
+                gw = grad_weight(g_, x_, seed, p)
+                assert gw.shape == (r, K) and gw.dtype == dtype
+                torch.testing.assert_close(gw.double(), want_gw, rtol=tol, atol=tol * want_gw.abs().max(),
+                                           msg=lambda m: f"{name} {variant} dropout_grad_weight {M}x{K} r={r}: {m}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -375,8 +413,11 @@ def test_fused_dropout_matmuls_device_seed_and_opcheck(device, rng):
     assert torch.equal(ops.dropout_linear(x, w, seed + 1, 0.4, held), ops.dropout_linear(x, w, seed, 0.4))
     assert torch.equal(ops.matmul_dropout(g, w, seed + 1, 0.4, held), ops.matmul_dropout(g, w, seed, 0.4))
     assert not torch.equal(ops.matmul_dropout(g, w, seed + 1, 0.4), ops.matmul_dropout(g, w, seed, 0.4))
+    assert torch.equal(ops.dropout_grad_weight(g, x, seed + 1, 0.4, held), ops.dropout_grad_weight(g, x, seed, 0.4))
+    assert not torch.equal(ops.dropout_grad_weight(g, x, seed + 1, 0.4), ops.dropout_grad_weight(g, x, seed, 0.4))
     torch.library.opcheck(ops.dropout_linear, (x, w, seed, 0.4))
     torch.library.opcheck(ops.matmul_dropout, (g, w, seed, 0.4))
+    torch.library.opcheck(ops.dropout_grad_weight, (g, x, seed, 0.4))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -395,11 +436,19 @@ def test_fused_dropout_matmuls_bad_input_names_the_argument(device, rng):
         ops.matmul_dropout(g, w[:3].contiguous(), 1, 0.5)
     with pytest.raises(err, match="b: expected the dtype of a"):
         ops.matmul_dropout(g, w.float(), 1, 0.5)
+    with pytest.raises(err, match="x: expected"):
+        ops.dropout_grad_weight(g, x[:5].contiguous(), 1, 0.5)
+    with pytest.raises(err, match="x: expected the dtype of g"):
+        ops.dropout_grad_weight(g, x.half(), 1, 0.5)
+    with pytest.raises(err, match="g: expected a 2-D tensor"):
+        ops.dropout_grad_weight(g.view(2, 3, 4), x, 1, 0.5)
     if device == "cuda" and qk.backend() == "cuda":
         with pytest.raises(RuntimeError, match=r"p: expected a dropout probability in \[0, 1\)"):
             ops.matmul_dropout(g, w, 1, 1.0)
         with pytest.raises(RuntimeError, match="weight: expected a CUDA tensor"):
             ops.dropout_linear(x, w.cpu(), 1, 0.5)
+        with pytest.raises(RuntimeError, match="x: expected a CUDA tensor"):
+            ops.dropout_grad_weight(g, x.cpu(), 1, 0.5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,7 +567,7 @@ def test_p0_is_exactly_the_no_dropout_path(rng, monkeypatch):
     def no_kernel(*args):
         raise AssertionError("p == 0 launched a dropout kernel")
 
-    for name in ("dropout_forward", "dropout_backward_add", "dropout_linear", "matmul_dropout"):
+    for name in ("dropout_forward", "dropout_backward_add", "dropout_linear", "matmul_dropout", "dropout_grad_weight"):
         monkeypatch.setattr(ops, name, no_kernel)
     rng_state = torch.get_rng_state()
     y = qk.matmul_4bit_lora(x, packed, state, Ab, Bb, 0.5, 0.0, b)

@@ -8,8 +8,9 @@ compute-sanitizer:
 Checks nothing itself (tests/test_lora.py does); it only has to touch every code path: every
 dtype, sizes around the 4- and 8-element vectors, 16-byte aligned and unaligned views (the
 vector and the element-by-element paths), seeds by value and in device memory, the fused
-dropout matmuls (dropout_linear, matmul_dropout) at every r tile and with tails in M, K and r,
-and one training step of matmul_4bit_lora.
+dropout matmuls (dropout_linear, matmul_dropout, dropout_grad_weight) at every r tile and with
+tails in M, K and r (dropout_grad_weight also split over the tokens: M = 1100, and r not a
+multiple of 8: g's element-by-element path), and one training step of matmul_4bit_lora.
 """
 
 import sys
@@ -48,6 +49,8 @@ for M, K, r in ((1, 8, 1), (7, 264, 16), (33, 520, 40), (130, 4160, 64), (300, 1
         ops.dropout_linear(x, w, 0, 0.1, held)
         ops.matmul_dropout(a, w, 99, 0.1)
         ops.matmul_dropout(a, w, 0, 0.1, held)
+        ops.dropout_grad_weight(a, x, 99, 0.1)
+        ops.dropout_grad_weight(a, x, 0, 0.1, held)
 if sys.argv[1:] != ["triton"]:
     W = torch.randn(257, 4160, device="cuda") * 0.02
     packed, state = qk.quantize_4bit(W)

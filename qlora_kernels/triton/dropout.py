@@ -105,3 +105,4 @@ def dropout_backward_add(out: torch.Tensor, grad: torch.Tensor, seed: int, p: fl
 # the Triton kernel when Triton is the backend, then cuBLAS); only the CUDA extension fuses them.
 dropout_linear = reference.dropout_linear
 matmul_dropout = reference.matmul_dropout
+dropout_grad_weight = reference.dropout_grad_weight
