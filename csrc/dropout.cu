@@ -129,7 +129,7 @@ __global__ void __launch_bounds__(kDropoutThreads)
 // Unfused, each is a dropout pass over an [M, K] tensor (a read and a write) beside a GEMM that
 // reads or writes it once more; fused, the [M, K] tensor is read (dropout_linear,
 // dropout_grad_weight) or written (matmul_dropout) once and the mask costs only its Philox
-// arithmetic. With r <= 64 both are
+// arithmetic. With r <= 64 all three are
 // bound by those [M, K] bytes, not by the r-wide products, which mma.sync m16n8k16 does
 // (float32 accumulators). Same mask, same roundings as the unfused ops: a dropped-out x element
 // is rounded to T before it is multiplied (as dropout_forward stores it), and a @ b is rounded
@@ -396,7 +396,7 @@ __global__ void __launch_bounds__(kMdWarps * 32, 2)  // 2 CTAs an SM (143 regist
 // memory x's [32, 128] tile, masked and rounded as dropout_forward stores it (a 16-byte piece
 // of x is one Philox group), and g's [32, r] tile; warp w computes columns 16 w .. 16 w + 15
 // for all r rows. Tokens are the MMA's k, so both operands come by ldmatrix.trans: A = g.T from
-// g's tile, B = the masked x from x's tile (x's row pitch of 272 bytes and g's of 16 r + 16
+// g's tile, B = the masked x from x's tile (x's row pitch of 272 bytes and g's of 32 kMT + 16
 // put the 8 rows of each 8x8 matrix in 8 different 16-byte bank groups). The next chunk's
 // global loads are in flight during this chunk's MMAs; two buffers, one barrier a chunk.
 constexpr int kGwWarps = 8;
@@ -410,8 +410,8 @@ constexpr int gw_g_pitch() { return 32 * kMT + 16; }  // bytes: 16 kMT elements 
 
 template <typename T, int kMT>  // kMT m-tiles of 16: r <= 16 kMT
 __global__ void __launch_bounds__(kGwWarps * 32, 3)  // 3 CTAs an SM: 80 registers at r = 64, no spills (H100)
-    dropout_grad_weight_kernel(const T* __restrict__ g, const T* __restrict__ x, float* __restrict__ partial, int M,
-                               int K, int r, int tokens_per_cta, uint64_t seed_value,
+    dropout_grad_weight_kernel(const T* __restrict__ g, const T* __restrict__ x, float* __restrict__ partial,
+                               T* __restrict__ direct, int M, int K, int r, int tokens_per_cta, uint64_t seed_value,
                                const int64_t* __restrict__ device_seed, uint32_t threshold, float scale) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // mma.sync bf16/f16 and ldmatrix: sm_80 and up (the host runs the unfused ops below that)
@@ -498,7 +498,8 @@ __global__ void __launch_bounds__(kGwWarps * 32, 3)  // 3 CTAs an SM: 80 registe
     }
   }
   // Accumulators 0, 1: row (of r) 16 mt + lane / 4, columns 16 warp + 8 n + 2 (lane % 4), + 1;
-  // 2, 3: the row 8 further. K % 8 == 0: a column pair is all in or all past K.
+  // 2, 3: the row 8 further. K % 8 == 0: a column pair is all in or all past K. With one split
+  // (direct) the sums are final: rounded to T here, no partial buffer and no sum pass.
   float* out = partial + static_cast<int64_t>(blockIdx.y) * r * K;
   const int gq = lane >> 2, t = lane & 3;
 #pragma unroll
@@ -510,9 +511,12 @@ __global__ void __launch_bounds__(kGwWarps * 32, 3)  // 3 CTAs an SM: 80 registe
 #pragma unroll
       for (int n = 0; n < 2; ++n) {
         const int c = c0 + 16 * warp + 8 * n + 2 * t;
-        if (c < K)
-          *reinterpret_cast<float2*>(out + static_cast<int64_t>(j) * K + c) =
-              make_float2(acc[mt][n][2 * half], acc[mt][n][2 * half + 1]);
+        if (c >= K) continue;
+        const int64_t at = static_cast<int64_t>(j) * K + c;
+        if (direct != nullptr)
+          *reinterpret_cast<uint32_t*>(direct + at) = pack2<T>(acc[mt][n][2 * half], acc[mt][n][2 * half + 1]);
+        else
+          *reinterpret_cast<float2*>(out + at) = make_float2(acc[mt][n][2 * half], acc[mt][n][2 * half + 1]);
       }
     }
 #endif
@@ -763,13 +767,16 @@ at::Tensor dropout_grad_weight(const at::Tensor& g, const at::Tensor& x, int64_t
         const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(slots / col_blocks, M / 256));
         const int64_t tokens_per_cta = ceil_div(ceil_div(M, splits), kGwTokens) * kGwTokens;
         const int64_t used_splits = ceil_div(M, tokens_per_cta);
-        at::Tensor partial = at::empty({used_splits, r, K}, x.options().dtype(at::kFloat));
+        const bool direct = used_splits == 1;
+        at::Tensor partial = direct ? at::Tensor() : at::empty({used_splits, r, K}, x.options().dtype(at::kFloat));
         const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(used_splits));
         kernel<<<grid, kGwWarps * 32, 0, stream>>>(
             reinterpret_cast<const T*>(g.data_ptr()), reinterpret_cast<const T*>(x.data_ptr()),
-            partial.data_ptr<float>(), static_cast<int>(M), static_cast<int>(K), static_cast<int>(r),
-            static_cast<int>(tokens_per_cta), static_cast<uint64_t>(seed), seed_ptr, threshold_of(p), scale_of(p));
+            direct ? nullptr : partial.data_ptr<float>(), direct ? reinterpret_cast<T*>(out.data_ptr()) : nullptr,
+            static_cast<int>(M), static_cast<int>(K), static_cast<int>(r), static_cast<int>(tokens_per_cta),
+            static_cast<uint64_t>(seed), seed_ptr, threshold_of(p), scale_of(p));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if (direct) return;
         // out [r, K] = the splits' sum: sum_splits_kernel's rows are out's r rows, its columns K
         auto sum = sum_splits_kernel<T>;
         const int sum_grid = grid_size(sum, 256, ceil_div(r * K, 256));

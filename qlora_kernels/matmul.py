@@ -2,8 +2,10 @@
 
 Two paths, chosen by the number of rows M of x (all leading dims flattened):
 
-* M <= ``fused_max_m()`` (decode: a few tokens; 64): the fused kernel (op ``matmul_4bit``), which reads each 4-bit weight byte once and
-  decodes the codes and the (8-bit) absmax in registers. There the layer is bound by the bytes
+* M <= ``fused_max_m()`` (decode: a few tokens; 64): the fused kernel (op ``matmul_4bit``),
+  which reads each 4-bit weight byte once and decodes the codes and the (8-bit) absmax in
+  registers (the Triton backend: M = 1 only on GPUs below compute capability 8.0 or with a
+  triton older than 3.2). There the layer is bound by the bytes
   of W, and 4-bit W is a quarter of bf16's. On compute capability 9.0+ the CUDA kernels stream
   W into shared memory by the TMA first: at M <= 8 as contiguous 512-byte row pieces (the bulk
   kernel, ``QLORA_KERNELS_MM_BULK=0`` turns it off; the same sums in the same order as the
@@ -60,6 +62,14 @@ def _has_16bit_mma(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index) >= (8, 0)
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_dot_kernel() -> bool:
+    # Triton's M > 1 kernel needs tl.gather (triton 3.2+); older ones fuse one row only.
+    from .triton.matmul import HAS_DOT_KERNEL
+
+    return HAS_DOT_KERNEL
+
+
 def uses_fused_kernel(x: torch.Tensor, state: QuantState) -> bool:
     """Whether ``matmul_4bit(x, packed, state)`` takes the fused kernel."""
     K = state.shape[-1]
@@ -69,6 +79,8 @@ def uses_fused_kernel(x: torch.Tensor, state: QuantState) -> bool:
         # Without 16-bit MMAs only Triton's M = 1 kernel (CUDA cores) is left.
         if ops.BACKEND == "cuda" or M != 1:
             return False
+    if ops.BACKEND == "triton" and M > 1 and x.is_cuda and not _triton_dot_kernel():
+        return False
     return (
         x.dtype in (torch.float16, torch.bfloat16)
         and K % FUSED_K_MULTIPLE == 0

@@ -250,8 +250,9 @@ def dropout_backward_add(out: torch.Tensor, grad: torch.Tensor, seed: int, p: fl
 
 def check_thin_matmul(first_name: str, first: torch.Tensor, second_name: str, second: torch.Tensor,
                       first_dim: int, second_dim: int, what: str) -> None:
-    """The operands of ``dropout_linear`` / ``matmul_dropout``: two 2-D tensors of one dtype and
-    device whose dims ``first_dim`` and ``second_dim`` agree (``what`` names that size)."""
+    """The operands of the fused dropout matmuls (``dropout_linear``, ``matmul_dropout``,
+    ``dropout_grad_weight``): two 2-D tensors of one dtype and device whose dims ``first_dim``
+    and ``second_dim`` agree (``what`` names that size)."""
     for name, t in ((first_name, first), (second_name, second)):
         if t.dim() != 2:
             raise ValueError(f"{name}: expected a 2-D tensor, got shape {list(t.shape)}")

@@ -256,8 +256,8 @@ def test_cuda_dropout_host_checks_raise():
 
 # (M, K, r): sizes the fused CUDA kernels take (K % 8 == 0, r <= 64), with tails in M, K and
 # r, and sizes they hand to the unfused ops (K % 8 != 0, r > 64)
-THIN_SHAPES = [(1, 8, 1), (7, 264, 16), (130, 4160, 64), (33, 520, 40), (300, 1032, 5), (45, 392, 24), (65, 257, 8),
-               (20, 96, 80)]
+THIN_SHAPES = [(1, 8, 1), (7, 264, 16), (130, 4160, 64), (33, 520, 40), (300, 1032, 5), (45, 392, 24),
+               (1100, 264, 24), (65, 257, 8), (20, 96, 80)]  # 1100: dropout_grad_weight splits the tokens
 
 
 def thin_impls(device):
@@ -395,6 +395,7 @@ def test_fused_dropout_matmuls_against_float64(device, dtype, rng):
                 torch.testing.assert_close(up.double(), want_up, rtol=tol, atol=tol * want_up.abs().max(),
                                            msg=lambda m: f"{name} {variant} matmul_dropout {M}x{K} r={r}: {m}")
         want_gw = g.double().T @ xd
+        # (misaligned operands take the CUDA op's unfused path: that path is checked too)
         for name, grad_weight in grad_weight_impls(device):
             for variant, (g_, x_) in (("aligned", (g, x)), ("misaligned", (misaligned(g), misaligned(x)))):
                 gw = grad_weight(g_, x_, seed, p)

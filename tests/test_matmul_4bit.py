@@ -137,6 +137,51 @@ def test_triton_kernel_rejects_bad_input(rng):
         triton_matmul(random_x((2, 96), torch.float32, rng), packed, state)
     with pytest.raises(ValueError, match="x: expected a 2-D"):
         triton_matmul(random_x((2, 1, 96), torch.bfloat16, rng), packed, state)
+    with pytest.raises(ValueError, match="packed: expected dtype uint8"):
+        triton_matmul(random_x((2, 96), torch.bfloat16, rng), packed.view(torch.int8), state)
+
+
+def offset_copy(packed, offset):
+    """packed's bytes in a buffer that starts ``offset`` bytes past an allocation."""
+    flat = packed.reshape(-1)
+    buf = torch.empty(flat.numel() + offset, dtype=torch.uint8, device=flat.device)
+    out = buf[offset:]
+    out.copy_(flat)
+    return out
+
+
+@pytest.mark.skipif(not HAS_CUDA and not INTERPRET, reason="needs a GPU or the Triton interpreter")
+@pytest.mark.parametrize("offset", [1, 3, 4, 8])
+def test_triton_kernel_packed_off_its_alignment(offset, rng):
+    # packed bytes that start anywhere: the M > 1 kernel's 16-byte word loads copy them to an
+    # aligned buffer first (the int32 view needs it too); the M = 1 kernel reads bytes
+    device = "cuda" if HAS_CUDA else "cpu"
+    packed, state = quantized_weight(33, 160, "nf4", 64, True, rng, device)
+    for M in (1, 5):
+        x = random_x((M, 160), torch.bfloat16, rng, device)
+        out = triton_matmul(x, offset_copy(packed, offset), state)
+        assert rel_err(out, expected(x, packed, state)) < TOL[torch.bfloat16], (offset, M)
+
+
+@pytest.mark.gpu
+def test_triton_tables_under_graph_capture_say_what_to_do(rng, monkeypatch):
+    # the first call of a (format, dtype, device) copies the code tables to the GPU, which a
+    # CUDA-graph capture cannot take: it says so and how to avoid it (one call before capture)
+    from qlora_kernels.triton import matmul as TM
+
+    monkeypatch.setattr(TM, "_TABLES", {})
+    packed, state = quantized_weight(64, 64, "nf4", 64, True, rng, "cuda")
+    x = random_x((4, 64), torch.float16, rng, "cuda")
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="call it once before capturing"):
+        with torch.cuda.graph(graph):
+            triton_matmul(x, packed, state)
+    triton_matmul(x, packed, state)  # the warm-up call
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = triton_matmul(x, packed, state)
+    graph.replay()
+    assert rel_err(out, expected(x, packed, state)) < TOL[torch.float16]
 
 
 def _shaped(state, N, K):

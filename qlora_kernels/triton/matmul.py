@@ -21,8 +21,8 @@ How the work is laid out, for decode batches (M = 1..64 rows of x):
   tokens: 1911 -> 112 us, bf16 ``F.linear`` 133 us; 4096x4096 at 4 tokens: 192 -> 17 us):
   - a byte decodes to its two codes with one lookup in a 256-entry table of 16-bit pairs,
     held by the program and read with ``tl.gather``; ``tl.join`` puts the pair in order;
-  - the codes go into the dot unscaled (exact in bf16/fp16), and the group's absmax scales
-    the dot's float32 result: one FMA per output instead of a multiply per weight (a group
+  - the codes go into the dot unscaled (rounded once to x's type), and the group's absmax
+    scales the dot's float32 result: one FMA per output instead of a multiply per weight (a group
     lies in one absmax block, so the scale is one value per row of the dot);
   - the packed bytes are loaded as 16-byte vectors of 4 words.
   ``tl.gather`` needs triton >= 3.2.
@@ -244,7 +244,7 @@ def _config(M: int, N: int, K: int, device: torch.device) -> Config:
     (3-7% faster than 8 on an H100 from 8192x8192 up; a variant with 16-byte word loads and
     a 256-entry pair table ran 1.2-1.6x slower: experiments/matmul_4bit_triton_m1.json).
     M > 1: 128 rows x 64 columns (two dots of 32) per K tile, the tokens padded to a power of
-    two >= 16 (at most 64 per program), 4 warps (the 128 rows are one wgmma M on sm_90), 3
+    two >= 16 (at most 64 per program), 4 warps (one warpgroup: two wgmma M tiles on sm_90), 3
     stages, K split for ~4 programs per SM. Chosen on an H100 from 54 configurations (64, 128,
     256 rows; 1, 2, 4 groups; 2, 3 stages; three decoders), then against nine finalists at 1-64
     tokens on six LLaMA shapes: within 10% of the best on 36 of 42 cases, the misses being
@@ -266,20 +266,40 @@ def _config(M: int, N: int, K: int, device: torch.device) -> Config:
     return Config(block_m, block_n, groups, split, k_per_split, num_warps, num_stages)
 
 
-@functools.lru_cache(maxsize=None)
-def _pair_table(quant_type: str, dtype: torch.dtype, device: str) -> torch.Tensor:
-    """Byte b -> its two codes in x's 16-bit type as one int32: element 2j (the high nibble)
-    in the low half, element 2j + 1 in the high half (the order tl.join puts them in)."""
-    bits = codes.code_tensor(quant_type).to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
-    b = torch.arange(256)
-    return (bits[b >> 4] | (bits[b & 15] << 16)).to(device)
+#: Whether this triton has ``tl.gather`` (3.2 and up), which the M > 1 kernel needs; without it
+#: the Triton backend fuses one row only (``qlora_kernels.matmul.uses_fused_kernel``).
+HAS_DOT_KERNEL = hasattr(tl, "gather")
+
+# The kernels' code tables on each device, made on first use. Made on the host and copied, so
+# not under CUDA-graph capture (a pageable copy is not capturable): the first call of each
+# (format, dtype, device) has to come before, as any warm-up call does.
+_TABLES: dict = {}
+
+
+def _tables(quant_type: str, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the 16 codes as float32, the 256-entry pair table) on ``device``. Pair table entry b
+    holds byte b's two codes in x's 16-bit type as one int32: element 2j (the high nibble) in
+    the low half, element 2j + 1 in the high half (the order tl.join puts them in)."""
+    key = (quant_type, dtype, str(device))
+    if key not in _TABLES:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"matmul_4bit (Triton): the first call for {quant_type} with {dtype} x on {device} is under "
+                "CUDA-graph capture, where its code tables cannot be copied to the device; call it once "
+                "before capturing (a warm-up call)")
+        code = codes.code_tensor(quant_type)
+        bits = code.to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
+        b = torch.arange(256)
+        _TABLES[key] = (code.to(device), (bits[b >> 4] | (bits[b & 15] << 16)).to(device))
+    return _TABLES[key]
 
 
 def _as_words(packed: torch.Tensor, words: int) -> torch.Tensor:
     """The first ``words`` 32-bit words of the packed bytes (a copy only where the bytes do not
-    start on a 16-byte boundary, which the kernel's vector loads want)."""
+    start on a 16-byte boundary, which the kernel's vector loads want, or where the view to
+    int32 needs it)."""
     packed = packed[: 4 * words]
-    if packed.data_ptr() % 16:
+    if packed.data_ptr() % 16 or packed.storage_offset() % 4:
         packed = packed.clone()
     return packed.view(torch.int32)
 
@@ -294,6 +314,8 @@ def _check(x: torch.Tensor, packed: torch.Tensor, N: int) -> None:
         raise ValueError(
             f"K: the fused kernel needs K (x.shape[1]) to be a multiple of {GROUP_K}, got {K}; "
             "qlora_kernels.matmul_4bit takes the dequantize path for such shapes")
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"packed: expected dtype uint8 (two 4-bit codes a byte), got {packed.dtype}")
     if packed.numel() * 2 < N * K:
         raise ValueError(f"packed: has {packed.numel()} bytes, W [{N}, {K}] needs {N * K // 2}")
 
@@ -334,15 +356,16 @@ def matmul_4bit(
     common = dict(BLOCKSIZE=blocksize, NESTED=nested, NESTED_BLOCKSIZE=nested_blocksize,
                   HAS_BIAS=has_bias, SPLIT=split, BLOCK_N=cfg.block_n, GROUPS=cfg.groups,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    code, pairs = _tables(quant_type, x.dtype, x.device)
     with _on_device(x):
         if cfg.use_dot:
             _matmul_4bit_dot_kernel[grid](
-                x, _as_words(packed, N * K // 8), absmax, _pair_table(quant_type, x.dtype, str(x.device)),
+                x, _as_words(packed, N * K // 8), absmax, pairs,
                 nested_absmax, nested_code, offset, bias_arg, out, ws, M, N, K, cfg.k_per_split,
                 BLOCK_M=cfg.block_m, DOT_IN_FP32=not x.is_cuda, **common)
         else:
             _matvec_4bit_kernel[grid](
-                x, packed, absmax, codes.code_tensor(quant_type, str(x.device)),
+                x, packed, absmax, code,
                 nested_absmax, nested_code, offset, bias_arg, out, ws, N, K, cfg.k_per_split, **common)
         if split:
             tile = 1024
