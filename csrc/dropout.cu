@@ -128,14 +128,14 @@ __global__ void __launch_bounds__(kDropoutThreads)
 //
 // Unfused, each is a dropout pass over an [M, K] tensor (a read and a write) beside a GEMM that
 // reads or writes it once more; fused, the [M, K] tensor is read (dropout_linear,
-// dropout_grad_weight) or written (matmul_dropout) once and the mask costs only its Philox
-// arithmetic. With r <= 64 all three are
-// bound by those [M, K] bytes, not by the r-wide products, which mma.sync m16n8k16 does
-// (float32 accumulators). Same mask, same roundings as the unfused ops: a dropped-out x element
+// dropout_grad_weight) or written (matmul_dropout) once. The r-wide products (r <= 64) run on
+// mma.sync m16n8k16 with float32 accumulators; what bounds the kernels is Philox's integer
+// arithmetic and the MMAs, not those bytes (H100, 4096 x 22016, r = 64: 165-211 us where the
+// bytes alone take ~70). Same mask, same roundings as the unfused ops: a dropped-out x element
 // is rounded to T before it is multiplied (as dropout_forward stores it), and a @ b is rounded
 // to T before the mask's scale (as cuBLAS stores it); only the order of the float32 sums differs.
 //
-// All three need K % 8 == 0 (16-byte rows, Philox groups that start on a row's 4-element groups),
+// All three need K % 8 == 0 (16-byte rows, each starting a Philox group of 8 elements),
 // 16-byte aligned operands, r <= 64, 16-bit T and sm_80; the host runs the unfused ops otherwise.
 
 // Keeps or drops the 8 elements of v (elements e .. e + 7, e % 8 == 0: one Philox group) and
@@ -619,17 +619,26 @@ void check_2d(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 2, name, ": expected a 2-D tensor, got shape ", dims(t.sizes()));
 }
 
+// The operands of a fused dropout matmul (reference.check_thin_matmul, same words): CUDA,
+// contiguous, 2-D, one dtype and device, first's dim first_dim equal to second's dim second_dim
+// (`what` names that size).
+void check_thin_operands(const at::Tensor& first, const char* first_name, const at::Tensor& second,
+                         const char* second_name, int first_dim, int second_dim, const char* what) {
+  check_cuda(first, first_name);
+  check_contiguous(first, first_name);
+  check_2d(first, first_name);
+  check_operand(second, second_name, first, first_name);
+  check_2d(second, second_name);
+  TORCH_CHECK(second.scalar_type() == first.scalar_type(), second_name, ": expected the dtype of ", first_name,
+              " (", first.scalar_type(), "), got ", second.scalar_type());
+  TORCH_CHECK(second.size(second_dim) == first.size(first_dim), second_name, ": expected dim ", second_dim,
+              " to be ", num(first.size(first_dim)), " (", what, " of ", first_name, "), got shape ",
+              dims(second.sizes()));
+}
+
 at::Tensor dropout_linear(const at::Tensor& x, const at::Tensor& weight, int64_t seed, double p,
                           const std::optional<at::Tensor>& device_seed) {
-  check_cuda(x, "x");
-  check_contiguous(x, "x");
-  check_2d(x, "x");
-  check_operand(weight, "weight", x, "x");
-  check_2d(weight, "weight");
-  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "weight: expected the dtype of x (", x.scalar_type(),
-              "), got ", weight.scalar_type());
-  TORCH_CHECK(weight.size(1) == x.size(1), "weight: expected shape [r, ", num(x.size(1)), "] (K of x), got ",
-              dims(weight.sizes()));
+  check_thin_operands(x, "x", weight, "weight", 1, 1, "K");
   check_p(p);
   const int64_t* seed_ptr = device_seed_ptr(device_seed, x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
@@ -679,15 +688,7 @@ at::Tensor dropout_linear(const at::Tensor& x, const at::Tensor& weight, int64_t
 
 at::Tensor matmul_dropout(const at::Tensor& a, const at::Tensor& b, int64_t seed, double p,
                           const std::optional<at::Tensor>& device_seed) {
-  check_cuda(a, "a");
-  check_contiguous(a, "a");
-  check_2d(a, "a");
-  check_operand(b, "b", a, "a");
-  check_2d(b, "b");
-  TORCH_CHECK(b.scalar_type() == a.scalar_type(), "b: expected the dtype of a (", a.scalar_type(), "), got ",
-              b.scalar_type());
-  TORCH_CHECK(b.size(0) == a.size(1), "b: expected shape [", num(a.size(1)), ", K] (r of a), got ",
-              dims(b.sizes()));
+  check_thin_operands(a, "a", b, "b", 1, 0, "r");
   check_p(p);
   const int64_t* seed_ptr = device_seed_ptr(device_seed, a, "a");
   const c10::cuda::CUDAGuard guard(a.device());
@@ -728,18 +729,9 @@ at::Tensor matmul_dropout(const at::Tensor& a, const at::Tensor& b, int64_t seed
   return out;
 }
 
-
 at::Tensor dropout_grad_weight(const at::Tensor& g, const at::Tensor& x, int64_t seed, double p,
                                const std::optional<at::Tensor>& device_seed) {
-  check_cuda(g, "g");
-  check_contiguous(g, "g");
-  check_2d(g, "g");
-  check_operand(x, "x", g, "g");
-  check_2d(x, "x");
-  TORCH_CHECK(x.scalar_type() == g.scalar_type(), "x: expected the dtype of g (", g.scalar_type(), "), got ",
-              x.scalar_type());
-  TORCH_CHECK(x.size(0) == g.size(0), "x: expected shape [", num(g.size(0)), ", K] (M of g), got ",
-              dims(x.sizes()));
+  check_thin_operands(g, "g", x, "x", 0, 0, "M");
   check_p(p);
   const int64_t* seed_ptr = device_seed_ptr(device_seed, g, "g");
   const c10::cuda::CUDAGuard guard(g.device());

@@ -74,13 +74,15 @@ def uses_fused_kernel(x: torch.Tensor, state: QuantState) -> bool:
     """Whether ``matmul_4bit(x, packed, state)`` takes the fused kernel."""
     K = state.shape[-1]
     M = x.numel() // K if K else 0
-    if x.is_cuda and ops.BACKEND in ("cuda", "triton") and not _has_16bit_mma(
-            x.device.index if x.device.index is not None else torch.cuda.current_device()):
-        # Without 16-bit MMAs only Triton's M = 1 kernel (CUDA cores) is left.
-        if ops.BACKEND == "cuda" or M != 1:
+    if x.is_cuda and ops.BACKEND != "torch":
+        # The CUDA kernels and Triton's M > 1 kernel run on 16-bit MMAs (the latter also needs
+        # tl.gather); Triton's M = 1 kernel runs on CUDA cores.
+        on_mma = ops.BACKEND == "cuda" or M > 1
+        if on_mma and not _has_16bit_mma(x.device.index if x.device.index is not None
+                                          else torch.cuda.current_device()):
             return False
-    if ops.BACKEND == "triton" and M > 1 and x.is_cuda and not _triton_dot_kernel():
-        return False
+        if ops.BACKEND == "triton" and M > 1 and not _triton_dot_kernel():
+            return False
     return (
         x.dtype in (torch.float16, torch.bfloat16)
         and K % FUSED_K_MULTIPLE == 0

@@ -227,6 +227,35 @@ def test_uses_fused_kernel(rng):
     assert not uses_fused_kernel(random_x((1, 64), torch.float32, rng), state)
 
 
+def test_fused_path_on_gpus_without_16bit_mma_and_old_triton(monkeypatch, rng):
+    # The GPU side of uses_fused_kernel, on a stand-in for a CUDA x: the CUDA kernels and
+    # Triton's M > 1 kernel need 16-bit MMAs, Triton's M > 1 kernel also tl.gather; Triton's
+    # M = 1 kernel needs neither
+    from types import SimpleNamespace
+
+    from qlora_kernels import matmul as MM
+    from qlora_kernels import ops
+
+    _, state = quantized_weight(8, 64, "nf4", 64, True, rng)
+
+    def cuda_x(M):
+        return SimpleNamespace(numel=lambda: M * 64, is_cuda=True, device=SimpleNamespace(index=0),
+                               dtype=torch.bfloat16)
+
+    monkeypatch.delenv("QLORA_KERNELS_FUSED_MAX_M", raising=False)
+    for backend, mma, gather, fused in (("cuda", True, True, {1: True, 4: True}),
+                                        ("cuda", False, True, {1: False, 4: False}),
+                                        ("triton", False, True, {1: True, 4: False}),
+                                        ("triton", True, False, {1: True, 4: False}),
+                                        ("triton", True, True, {1: True, 4: True}),
+                                        ("torch", False, False, {1: True, 4: True})):
+        monkeypatch.setattr(ops, "BACKEND", backend)
+        monkeypatch.setattr(MM, "_has_16bit_mma", lambda index, mma=mma: mma)
+        monkeypatch.setattr(MM, "_triton_dot_kernel", lambda gather=gather: gather)
+        for M, want in fused.items():
+            assert uses_fused_kernel(cuda_x(M), state) == want, (backend, mma, gather, M)
+
+
 def test_fused_max_m_per_backend(monkeypatch):
     """64 rows with the CUDA extension and with Triton alone (its tl.dot kernel beats dequantize
     + cuBLAS up to there); the environment variable wins over both."""

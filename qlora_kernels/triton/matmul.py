@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from .. import codes, reference
-from .quant import _on_device, kernel_absmax_args
+from .quant import _on_device, block_scale, kernel_absmax_args
 
 #: Bytes per group (one 16-byte load), i.e. 32 weights; K must be a multiple of GROUP_K.
 GROUP_BYTES = 16
@@ -97,6 +97,8 @@ def _matvec_4bit_kernel(
         lo = tl.load(table_ptr + (b & 0xF))
 
         # One absmax per (row, group): the group's first element names its block.
+        # (block_scale's body, written out: called, it compiles for sm_90 to the same instructions
+        # in another schedule, which has not been timed on a GPU)
         blk = (row_elems[:, None] + gk[None, :]) // BLOCKSIZE
         if NESTED:
             q = tl.load(absmax_ptr + blk, mask=g_mask[None, :], other=0).to(tl.int32)
@@ -180,12 +182,7 @@ def _matmul_4bit_dot_kernel(
                 d = tl.dot(w, xg)
             # The group's absmax, applied to the dot's float32 result (x = 0 past K_end).
             blk = (row_elems + gk) // BLOCKSIZE
-            if NESTED:
-                q = tl.load(absmax_ptr + blk, mask=ok, other=0).to(tl.int32)
-                c2 = tl.load(nested_ptr + blk // NESTED_BLOCKSIZE, mask=ok, other=0.0)
-                scale = tl.load(code8_ptr + q) * c2 + tl.load(offset_ptr)
-            else:
-                scale = tl.load(absmax_ptr + blk, mask=ok, other=0.0)
+            scale = block_scale(absmax_ptr, nested_ptr, code8_ptr, offset_ptr, blk, ok, NESTED, NESTED_BLOCKSIZE)
             acc += d * scale[:, None]
 
     n_mask = n < N
@@ -287,10 +284,10 @@ def _tables(quant_type: str, dtype: torch.dtype, device: torch.device) -> tuple[
                 f"matmul_4bit (Triton): the first call for {quant_type} with {dtype} x on {device} is under "
                 "CUDA-graph capture, where its code tables cannot be copied to the device; call it once "
                 "before capturing (a warm-up call)")
-        code = codes.code_tensor(quant_type)
-        bits = code.to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
+        bits = codes.code_tensor(quant_type).to(dtype).view(torch.int16).to(torch.int32) & 0xFFFF
         b = torch.arange(256)
-        _TABLES[key] = (code.to(device), (bits[b >> 4] | (bits[b & 15] << 16)).to(device))
+        pairs = (bits[b >> 4] | (bits[b & 15] << 16)).to(device)
+        _TABLES[key] = (codes.code_tensor(quant_type, str(device)), pairs)
     return _TABLES[key]
 
 

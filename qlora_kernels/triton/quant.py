@@ -151,6 +151,20 @@ def quantize_4bit(A: torch.Tensor, blocksize: int, quant_type: str) -> tuple[tor
 
 
 @triton.jit
+def block_scale(absmax_ptr, nested_ptr, code8_ptr, offset_ptr, blk, mask,
+                NESTED: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
+    """The absmax of blocks ``blk`` (masked ones: 0, or with double quant the offset): the
+    float32 value, or double quant decoded in place, code8[q] * nested_absmax + offset (two
+    roundings where the launch disables FMA contraction). No float32 absmax is ever written."""
+    if NESTED:
+        q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+        c2 = tl.load(nested_ptr + blk // NESTED_BLOCKSIZE, mask=mask, other=0.0)
+        return tl.load(code8_ptr + q) * c2 + tl.load(offset_ptr)
+    else:
+        return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+
+
+@triton.jit
 def _dequantize_4bit_kernel(
     packed_ptr, absmax_ptr, table_ptr, out_ptr, nested_ptr, code8_ptr, offset_ptr,
     numel, nbytes, nblocks,
@@ -175,14 +189,7 @@ def _dequantize_4bit_kernel(
 
     blk = row // HALF
     in_range = blk < nblocks
-    if NESTED:
-        # Double quant decoded in place: code8[q] * nested_absmax + offset, two roundings
-        # (the launch disables FMA contraction). No float32 absmax is ever written.
-        q = tl.load(absmax_ptr + blk, mask=in_range, other=0).to(tl.int32)
-        c2 = tl.load(nested_ptr + blk // NESTED_BLOCKSIZE, mask=in_range, other=0.0)
-        scale = tl.load(code8_ptr + q) * c2 + tl.load(offset_ptr)
-    else:
-        scale = tl.load(absmax_ptr + blk, mask=in_range, other=0.0)
+    scale = block_scale(absmax_ptr, nested_ptr, code8_ptr, offset_ptr, blk, in_range, NESTED, NESTED_BLOCKSIZE)
 
     # High nibble = element 2j: interleaving (hi, lo) gives the output order, and the whole
     # [ROWS, 2 * COLS] tile is one contiguous run of outputs (vectorized stores).
