@@ -1317,7 +1317,12 @@ bool bulk_wanted(int64_t M) {
 // * at 1-8 tokens (one n-tile) it beat the bulk kernel on the largest layers: 8192 x 22016 at one
 //   token 45.2 against 52.4 us, at 8 tokens 45.9 against 66.2; 28672 x 8192 59.9 against 61.8
 //   and 62.4 against 81.0. The bulk kernel stayed faster below about 8192 x 8192 (at 5-8 tokens)
-//   and 150 M weights (at 1-4: 13824 x 5120 at one token 20.1 against 23.3 us).
+//   and 150 M weights (at 1-4: 13824 x 5120 at one token 20.1 against 23.3 us). Stop 22 (x by
+//   tensor copy since): also on down projections (K >= 2 N) of more than 4096 rows, 6656 x 17920
+//   at one token 36.0 against 44.1 us; on 4096 rows the bulk kernel stays faster (4096 x 11008
+//   16.3 against 20.1). Mid-size layers (6656 x 6656, 8192 x 8192) are faster alone in the rows
+//   kernel too, but grouped in the bulk kernel (below); matmul_4bit_rows_1_8_tokens_stop22.json
+//   and matmul_4bit_grouped_bulk_vs_rows_stop22.txt.
 // QLORA_KERNELS_MM_ROWS="R,S[,splits]" overrides it (for tuning sweeps; 0 splits: rows_splits);
 // QLORA_KERNELS_MM_ROWS=0 turns the kernel off, and so does QLORA_KERNELS_MM_TILE.
 struct RowsConfig {
@@ -1329,9 +1334,15 @@ RowsConfig rows_config(int64_t M, int64_t N, int64_t K) {
   RowsConfig c;
   const int64_t size = N * K;
   if (M <= 8) {
-    // 1-8 tokens: the largest layers only, else the bulk kernel (its 16-row tiles keep every SM
-    // busy on small layers: 4096 x 4096 at one token 7.3 us against 11.3 here)
-    c.on = size >= (M <= 4 ? int64_t{150} << 20 : int64_t{8192} * 8192);
+    // 1-8 tokens: the largest layers, and the long rows of a down projection; else the bulk
+    // kernel (its 16-row tiles keep every SM busy on small layers: 4096 x 4096 at one token 8.1
+    // us against 10.7 here). A weight takes the same kernel alone and in a group (see
+    // run_matmul_4bit), and a group is one launch only in the bulk kernel, which is why layers
+    // that are grouped (q/k/v, gate/up) keep it even where the rows kernel is faster alone:
+    // 6656 x 6656 at one token 17.3 us against 18.9 alone, but 3 x 6656 x 6656 49.3 against
+    // 38.2 for the bulk kernel's one launch (8192 x 8192: 23.1 against 24.5 alone, 3 x 64.9
+    // against 53.0).
+    c.on = size >= (M <= 4 ? int64_t{150} << 20 : int64_t{8192} * 8192) || (N > 4096 && K >= 2 * N);
     c.rows = 2;
   } else {
     c.on = M <= 64 && (M > 32 || size > int64_t{4096} * 4096);
@@ -1545,13 +1556,31 @@ std::vector<at::Tensor> run_matmul_4bit(const at::Tensor& x, const std::vector<H
     total_rows += N;
   }
 
-  if (grouped && M > 8 && weights.size() > 1) {
-    // The grouped kernels serve decode batches (up to 8 tokens); beyond, each weight is its own
-    // call, so that it gets the same kernel and configuration (and the same bits) as alone.
-    std::vector<at::Tensor> outs;
-    for (const HostWeight& w : weights)
-      outs.push_back(run_matmul_4bit(x, {w}, blocksize, quant_type, nested_code, nested_blocksize, false)[0]);
-    return outs;
+  if (grouped && weights.size() > 1) {
+    // A weight in a group gets the kernel and configuration it gets alone, so the same bits. The
+    // grouped kernels serve decode batches (up to 8 tokens); beyond, each weight is its own call.
+    // At 1-8 tokens on sm_90 so is each weight the rows kernel takes alone (rows_config: the
+    // rows kernel runs one weight a launch); the others stay one launch of the bulk kernel.
+    const bool rows_kernel = M <= 8 && compute_capability_major(x.get_device()) >= 9;
+    std::vector<at::Tensor> outs(weights.size());
+    std::vector<HostWeight> together;
+    std::vector<size_t> together_at;
+    for (size_t i = 0; i < weights.size(); ++i) {
+      if (M > 8 || (rows_kernel && rows_config(M, weights[i].N, K).on)) {
+        outs[i] = run_matmul_4bit(x, {weights[i]}, blocksize, quant_type, nested_code, nested_blocksize, false)[0];
+      } else {
+        together.push_back(weights[i]);
+        together_at.push_back(i);
+      }
+    }
+    if (together.size() < weights.size()) {
+      if (!together.empty()) {
+        std::vector<at::Tensor> rest =
+            run_matmul_4bit(x, together, blocksize, quant_type, nested_code, nested_blocksize, together.size() > 1);
+        for (size_t j = 0; j < together.size(); ++j) outs[together_at[j]] = rest[j];
+      }
+      return outs;
+    }
   }
   const c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK(compute_capability_major(x.get_device()) >= 8, "x: the fused 4-bit matmul needs a GPU of compute capability 8.0 or newer "
@@ -1605,7 +1634,7 @@ std::vector<at::Tensor> run_matmul_4bit(const at::Tensor& x, const std::vector<H
       return weights.size() > 1 ? launch_all(std::true_type{}) : launch_all(std::false_type{});
     };
     // sm_90, 9-64 tokens: the rows kernel, one launch per weight.
-    const RowsConfig rows = rows_config(M, weights[0].N, K);  // one weight beyond 8 tokens (see above)
+    const RowsConfig rows = rows_config(M, weights[0].N, K);  // a group here: all take the bulk kernel
     if (bulk_wanted(M) && !rows.on) launched = try_bulk();
     if (launched) return;
     auto try_rows = [&](auto tokens) {

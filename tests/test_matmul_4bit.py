@@ -18,7 +18,7 @@ from torch import nn
 
 import qlora_kernels as qk
 from qlora_kernels import reference as R
-from qlora_kernels.matmul import _nested_args, fused_max_m, uses_fused_kernel
+from qlora_kernels.matmul import _nested_args, fused_max_m, matmul_4bit_group, uses_fused_kernel
 from qlora_kernels.nn import Linear4bit
 
 HAS_CUDA = torch.cuda.is_available()
@@ -609,6 +609,51 @@ def test_gpu_rows_kernel(M, rows, K, N, dtype, monkeypatch, rng):
     for m in (8, 65):  # small layers at 8 tokens, any layer at 65
         _, names = _kernel_names(lambda: qk.matmul_4bit(x[:1].expand(m, K).contiguous(), packed, state))
         assert not any("rows_kernel" in n for n in names), (m, names)
+
+
+# (weights' N x K, M, the kernels the default runs on sm_90): at 1-8 tokens the rows kernel takes a
+# weight of 150 M weights or more (at 5-8 tokens from 8192 x 8192) and the long rows of a down
+# projection (K >= 2 N, N > 4096), the bulk kernel the rest, grouped or alone (measured on an
+# H100: see rows_config in csrc/matmul_4bit.cu). A group runs each weight in the kernel it takes
+# alone: a grouped-query attention's q (8192 x 8192) in the rows kernel at 8 tokens, its k and v in
+# one bulk launch.
+ROWS_2 = r"rows_kernel<[^,]+, 1, 2, 2>"
+KERNEL_CHOICE_CASES = [
+    ([(4096, 4096)], 1, {"bulk_kernel"}),
+    ([(6656, 6656)] * 3, 1, {"bulk_kernel"}),
+    ([(6656, 17920)], 1, {ROWS_2}),
+    ([(5120, 13824)], 4, {ROWS_2}),
+    ([(4096, 11008)], 8, {"bulk_kernel"}),
+    ([(13824, 5120)], 4, {"bulk_kernel"}),
+    ([(13824, 5120)], 8, {ROWS_2}),
+    ([(8192, 8192), (1024, 8192), (1024, 8192)], 8, {ROWS_2, "bulk_kernel<[^>]+, true>"}),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shapes,M,kernels", KERNEL_CHOICE_CASES)
+def test_gpu_default_kernel_at_1_8_tokens(shapes, M, kernels, monkeypatch, rng):
+    """Which sm_90 kernels the default runs at 1-8 tokens, by layer size, row length and group (a
+    tuning rule, pinned here so that a change to it is deliberate); a group gives each weight's
+    output bit for bit as its own call, and right."""
+    _impl("cuda")
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the bulk and rows kernels need compute capability 9.0")
+    for var in ("QLORA_KERNELS_MM_TILE", "QLORA_KERNELS_MM_ROWS", "QLORA_KERNELS_MM_BULK"):
+        monkeypatch.delenv(var, raising=False)
+    g = torch.Generator("cuda").manual_seed(int(torch.randint(0, 2**31, (1,), generator=rng)))
+    weights = [qk.quantize_4bit(torch.randn(N, K, device="cuda", generator=g) * 0.02, "nf4", 64, double_quant=True)
+               for N, K in shapes]
+    x = random_x((M, shapes[0][1]), torch.bfloat16, rng, "cuda")
+    outs, names = _kernel_names(lambda: matmul_4bit_group(x, weights))
+    ran = {k for k in ("matmul_4bit_bulk_kernel<", "matmul_4bit_rows_kernel<", "matmul_4bit_kernel<")
+           if any(k in n for n in names)}
+    for kernel in kernels:
+        assert any(re.search(kernel, n) for n in names), (kernel, names)
+    assert len(ran) == len(kernels), names
+    for out, (packed, state) in zip(outs, weights):
+        assert torch.equal(out, qk.matmul_4bit(x, packed, state))
+        assert rel_err(out, x.float() @ qk.dequantize_4bit(packed, state, dtype=torch.float32).T) < TOL[torch.bfloat16]
 
 
 @pytest.mark.gpu
