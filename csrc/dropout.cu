@@ -273,9 +273,9 @@ __global__ void sum_splits_kernel(const float* __restrict__ partial, T* __restri
 // [r, 128] tile in shared memory (rows padded with zeros to 16 kKS), and each of its 8 warps
 // a [16, 16 kKS] tile of a. B fragments come from b's tile by ldmatrix.trans (a row pitch of 272
 // bytes puts the 8 rows of each 8x8 matrix in 8 different 16-byte bank groups), A fragments from
-// the warp's tile of a. Epilogue: each accumulator is rounded to T and masked; a lane computes
-// the Philox group of one of its two rows and swaps the other row's randoms with its neighbour
-// (four independent Philox chains in flight per lane).
+// the warp's tile of a. Epilogue: the accumulators, rounded to T, pass through the warp's a tile
+// so that each lane masks and stores 8 contiguous columns (one Philox group, four chains in
+// flight per lane).
 constexpr int kMdWarps = 8;
 constexpr int kMdCols = 128;
 constexpr int kMdBPitch = kMdCols * 2 + 16;  // bytes
@@ -350,38 +350,47 @@ __global__ void __launch_bounds__(kMdWarps * 32, 2)  // 2 CTAs an SM (143 regist
         mma_16816<T>(acc[n + 1], af, bf[2], bf[3]);
       }
     }
-    const int m_lo = m0 + g, m_hi = m0 + g + 8;
-    // The Philox group of (row m, n-tile n) is (m K + c0 + 8n) / 8: 8 columns (K % 8 == 0, c0 %
-    // 128 == 0), of which lane t needs word t (its columns 2t, 2t + 1, low half first), for rows
-    // g and g + 8. Lane t computes the group of row g (even t) or g + 8 (odd t) and takes word t
-    // of the other row's from lane t ^ 1, which sends its word t ^ 1: one shuffle. (The quad's
-    // 4 lanes computing 4 distinct groups, half the Philox calls, then 4 shuffle rounds, wrote
-    // 4096 x 22016 at r = 64 in 242 us against 200 with this: H100.)
-    const bool odd = t & 1;
-    const uint64_t my_group0 = (static_cast<uint64_t>(odd ? m_hi : m_lo) * K + c0) / 8;
-    constexpr int kBatch = 4;  // n-tiles whose Philox chains run side by side (ILP)
+    // Epilogue, one pair of n-tiles (16 columns) at a time: the rounded accumulators go through
+    // this warp's a tile (free after the MMAs) so that each lane ends up with 8 contiguous
+    // columns of one row, one Philox group: lane L takes row L % 16, columns 8 (L / 16) .. + 7 of
+    // the pair. Each group's randoms are drawn once (in the MMA layout a quad's lanes hold 2
+    // columns of 2 rows, and drew every group twice, swapping halves), and each lane stores 16
+    // bytes (a warp writes 16 full 32-byte sectors per store instead of 8 half ones). A staged
+    // row is 12 words (48 bytes): the 32-bit stores of the MMA layout fall in 32 distinct banks,
+    // and so do the 16-byte loads of each group of 8 lanes (rows 0-7, 8-15).
+    constexpr int kStageWords = 12;
+    static_assert(16 * kStageWords * 4 <= 16 * md_a_pitch<1>(), "a pair of n-tiles fits in the a tile");
+    uint32_t* stage = reinterpret_cast<uint32_t*>(my_a);
+    const int my_row = lane & 15, my_half = lane >> 4;
+    const int my_m = m0 + my_row;
+    const uint64_t my_group0 = (static_cast<uint64_t>(my_m) * K + c0 + 8 * my_half) / 8;  // pair 0's
+    constexpr int kPairs = kMdCols / 16;
+    constexpr int kBatch = 4;  // pairs whose Philox chains run side by side (ILP)
 #pragma unroll
-    for (int n0 = 0; n0 < kMdCols / 8; n0 += kBatch) {
-      uint4 mine[kBatch];
+    for (int p0 = 0; p0 < kPairs; p0 += kBatch) {
+      uint4 rnd[kBatch];
 #pragma unroll
-      for (int q = 0; q < kBatch; ++q) mine[q] = philox_group(seed, my_group0 + n0 + q);
+      for (int q = 0; q < kBatch; ++q) rnd[q] = philox_group(seed, my_group0 + 2 * (p0 + q));
 #pragma unroll
       for (int q = 0; q < kBatch; ++q) {
-        const int n = n0 + q;
-        const int c = c0 + 8 * n + 2 * t;  // this lane's two columns
-        const uint32_t own = component(mine[q], t);
-        const uint32_t other = __shfl_xor_sync(0xffffffffu, component(mine[q], t ^ 1), 1);
+        const int n = 2 * (p0 + q);
+        __syncwarp();  // the last pair's reads of the stage (and the MMAs' reads of a) are done
 #pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const uint32_t rnd = (half == 0) != odd ? own : other;  // row g: own for even t
-          float v[2];
+        for (int half = 0; half < 2; ++half)  // rows g, g + 8; a @ b rounded to T, as cuBLAS stores it
 #pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            const float rounded = to_float(from_float<T>(acc[n][2 * half + i]));  // a @ b as cuBLAS stores it
-            v[i] = ((rnd >> (16 * i)) & 0xffffu) >= threshold ? __fmul_rn(rounded, scale) : 0.0f;
-          }
-          const int m = half ? m_hi : m_lo;
-          if (m < M && c < K) *reinterpret_cast<uint32_t*>(out + static_cast<int64_t>(m) * K + c) = pack2<T>(v[0], v[1]);
+          for (int j = 0; j < 2; ++j)
+            stage[(g + 8 * half) * kStageWords + 4 * j + t] = pack2<T>(acc[n + j][2 * half], acc[n + j][2 * half + 1]);
+        __syncwarp();
+        const uint4 v = *reinterpret_cast<const uint4*>(stage + my_row * kStageWords + 4 * my_half);
+        const int c = c0 + 16 * (p0 + q) + 8 * my_half;
+        if (my_m < M && c < K) {  // K % 8 == 0: the 8 columns are all in or all past K
+          const T* in = reinterpret_cast<const T*>(&v);
+          uint4 o;
+          T* ov = reinterpret_cast<T*>(&o);
+#pragma unroll
+          for (int i = 0; i < 8; ++i)
+            ov[i] = from_float<T>(random16(rnd[q], i) >= threshold ? __fmul_rn(to_float(in[i]), scale) : 0.0f);
+          *reinterpret_cast<uint4*>(out + static_cast<int64_t>(my_m) * K + c) = o;
         }
       }
     }
@@ -631,7 +640,7 @@ void check_thin_operands(const at::Tensor& first, const char* first_name, const 
   check_2d(second, second_name);
   TORCH_CHECK(second.scalar_type() == first.scalar_type(), second_name, ": expected the dtype of ", first_name,
               " (", first.scalar_type(), "), got ", second.scalar_type());
-  TORCH_CHECK(second.size(second_dim) == first.size(first_dim), second_name, ": expected dim ", second_dim,
+  TORCH_CHECK(second.size(second_dim) == first.size(first_dim), second_name, ": expected dim ", num(second_dim),
               " to be ", num(first.size(first_dim)), " (", what, " of ", first_name, "), got shape ",
               dims(second.sizes()));
 }
