@@ -1291,7 +1291,7 @@ bool launch_matmul_4bit_bulk(const at::Tensor& x, const WeightSet<T>& weights, i
 }
 
 // Whether the bulk-copy kernel serves M tokens (on sm_90 and up): at 1-8, where the rows kernel
-// does not take the layer (rows_config: the largest layers). (At 9-16 it was tried
+// does not take the layer (rows_config: the largest layers and down projections). (At 9-16 it was tried
 // with one and two row tiles per CTA and lost to the register kernel's four on most LLaMA shapes,
 // H100.) QLORA_KERNELS_MM_BULK=0 turns it off, for comparisons; so does QLORA_KERNELS_MM_TILE (a
 // tuning sweep of the register kernel).
@@ -1633,8 +1633,10 @@ std::vector<at::Tensor> run_matmul_4bit(const at::Tensor& x, const std::vector<H
       };
       return weights.size() > 1 ? launch_all(std::true_type{}) : launch_all(std::false_type{});
     };
-    // sm_90, 9-64 tokens: the rows kernel, one launch per weight.
-    const RowsConfig rows = rows_config(M, weights[0].N, K);  // a group here: all take the bulk kernel
+    // sm_90, 9-64 tokens (1-8 on the layers rows_config names): the rows kernel, one launch per
+    // weight. (A group reaches here only with the rows kernel off for all its weights on sm_90:
+    // run_matmul_4bit split off the others.)
+    const RowsConfig rows = rows_config(M, weights[0].N, K);
     if (bulk_wanted(M) && !rows.on) launched = try_bulk();
     if (launched) return;
     auto try_rows = [&](auto tokens) {
