@@ -1560,13 +1560,16 @@ std::vector<at::Tensor> run_matmul_4bit(const at::Tensor& x, const std::vector<H
     // A weight in a group gets the kernel and configuration it gets alone, so the same bits. The
     // grouped kernels serve decode batches (up to 8 tokens); beyond, each weight is its own call.
     // At 1-8 tokens on sm_90 so is each weight the rows kernel takes alone (rows_config: the
-    // rows kernel runs one weight a launch); the others stay one launch of the bulk kernel.
+    // rows kernel runs one weight a launch); the others stay one launch of the bulk kernel. So is
+    // a weight that a QLORA_KERNELS_MM_TILE override gives K splits over the grid (the grouped
+    // register kernel runs without).
     const bool rows_kernel = M <= 8 && compute_capability_major(x.get_device()) >= 9;
     std::vector<at::Tensor> outs(weights.size());
     std::vector<HostWeight> together;
     std::vector<size_t> together_at;
     for (size_t i = 0; i < weights.size(); ++i) {
-      if (M > 8 || (rows_kernel && rows_config(M, weights[i].N, K).on)) {
+      if (M > 8 || (rows_kernel && rows_config(M, weights[i].N, K).on) ||
+          tile_config(M, weights[i].N, K, /*allow_override=*/true).splits != 1) {
         outs[i] = run_matmul_4bit(x, {weights[i]}, blocksize, quant_type, nested_code, nested_blocksize, false)[0];
       } else {
         together.push_back(weights[i]);

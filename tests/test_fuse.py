@@ -223,6 +223,22 @@ def test_gpu_grouped_launch_equals_one_launch_per_weight(M, nested, dtype, rng):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("tile", ["1,2,1,2", "1,2,1", "1,4"])
+@pytest.mark.parametrize("M", [1, 7])
+def test_gpu_grouped_launch_equals_per_weight_under_a_tile_override(M, tile, monkeypatch, rng):
+    """The same bits as one call per weight under a QLORA_KERNELS_MM_TILE tuning override too,
+    including one that splits K over the grid ("1,2,1,2"; "1,2,1": splits chosen to fill the
+    GPU), which the grouped register kernel does not do: such weights run alone."""
+    _cuda()
+    monkeypatch.setenv("QLORA_KERNELS_MM_TILE", tile)
+    weights = [quantized(N, 4160, rng, "cuda", True) for N in (257, 96, 1040)]
+    x = torch.randn(M, 4160, generator=rng).to("cuda", torch.bfloat16)
+    outs = matmul_4bit_group(x, weights)
+    for out, (p, s) in zip(outs, weights):
+        assert torch.equal(out, qk.matmul_4bit(x, p, s))
+
+
+@pytest.mark.gpu
 def test_gpu_grouped_op_checks_name_the_weight(rng):
     """The C++ checks name the weight they found wrong, and lists of different lengths raise
     (they once crashed the process on the H100 machine: the message streamed a size_t)."""
