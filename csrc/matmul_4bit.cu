@@ -1311,9 +1311,11 @@ bool bulk_wanted(int64_t M) {
 //   by twice the rows) won on the larger layers: from 8192 x 8192 up at 9-16 tokens, above
 //   5120 x 5120 at 17-64; one row tile kept more CTAs on the smaller ones;
 // * 2 stages were within a few percent of 4 everywhere, and left room for 2 CTAs per SM;
-// * at 9-32 tokens the register kernel stayed faster on layers of 4096 x 4096 and smaller: few
-//   row tiles (at 9 tokens 10.7 us against 12.6 for the rows kernel's best K split, with x read
-//   by tensor copies and both launched with PDL; experiments/matmul_4bit_rows_sweep_pdl.txt);
+// * at 9-32 tokens the register kernel stays faster on layers smaller than 4096 x 4096 (few row
+//   tiles). On 4096 x 4096 it was faster with PDL on (at 9 tokens 10.7 us against 12.6 for the
+//   rows kernel's best K split; experiments/matmul_4bit_rows_sweep_pdl.txt), but with PDL off,
+//   the default, the rows kernel with 8 K splits is (stop 22: 10.8-10.9 us against 11.4-11.9 at
+//   9-16 tokens, 12.4-12.8 against 13.5-14.4 at 24-32);
 // * at 1-8 tokens (one n-tile) it beat the bulk kernel on the largest layers: 8192 x 22016 at one
 //   token 45.2 against 52.4 us, at 8 tokens 45.9 against 66.2; 28672 x 8192 59.9 against 61.8
 //   and 62.4 against 81.0. The bulk kernel stayed faster below about 8192 x 8192 (at 5-8 tokens)
@@ -1345,8 +1347,15 @@ RowsConfig rows_config(int64_t M, int64_t N, int64_t K) {
     c.on = size >= (M <= 4 ? int64_t{150} << 20 : int64_t{8192} * 8192) || (N > 4096 && K >= 2 * N);
     c.rows = 2;
   } else {
-    c.on = M <= 64 && (M > 32 || size > int64_t{4096} * 4096);
+    // Layers of at most 4096 rows (from 4096 x 4096 weights) at 9-32 tokens, with one row tile:
+    // 8 K splits, more than rows_splits gives them (its model has each CTA slot's rounds run
+    // back to back, and a second round of shorter CTAs measured faster). H100 (stop 22,
+    // matmul_4bit_rows_splits_9_32_tokens_stop22.json): 4096 x 11008 at 16 tokens 18.7 us
+    // against 21.7, 4096 x 4096 10.9 against 11.9 (the register kernel), at 32 12.8 against 14.4.
+    const bool narrow = M <= 32 && N <= 4096 && size >= int64_t{4096} * 4096;
+    c.on = M <= 64 && (M > 32 || size > int64_t{4096} * 4096 || narrow);
     c.rows = size >= (M <= 16 ? int64_t{8192} * 8192 : int64_t{5120} * 5120 + 1) ? 2 : 1;
+    if (narrow && c.rows == 1) c.splits = 8;
   }
   const char* tile = std::getenv("QLORA_KERNELS_MM_TILE");
   if (tile != nullptr && *tile != '\0') c.on = false;

@@ -627,13 +627,19 @@ KERNEL_CHOICE_CASES = [
     ([(13824, 5120)], 4, {"bulk_kernel"}),
     ([(13824, 5120)], 8, {ROWS_2}),
     ([(8192, 8192), (1024, 8192), (1024, 8192)], 8, {ROWS_2, "bulk_kernel<[^>]+, true>"}),
+    # 9-32 tokens: layers of 4096 rows from 4096 x 4096 take the rows kernel with 8 K splits, smaller
+    # ones the register kernel
+    ([(4096, 4096)], 16, {r"rows_kernel<[^,]+, 2, 1, 2>"}),
+    ([(4096, 11008)], 12, {r"rows_kernel<[^,]+, 2, 1, 2>"}),
+    ([(4096, 4096)], 32, {r"rows_kernel<[^,]+, 4, 1, 2>"}),
+    ([(2048, 4096)], 16, {r"matmul_4bit_kernel<"}),
 ]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("shapes,M,kernels", KERNEL_CHOICE_CASES)
-def test_gpu_default_kernel_at_1_8_tokens(shapes, M, kernels, monkeypatch, rng):
-    """Which sm_90 kernels the default runs at 1-8 tokens, by layer size, row length and group (a
+def test_gpu_default_kernel_choice(shapes, M, kernels, monkeypatch, rng):
+    """Which sm_90 kernels the default runs at 1-32 tokens, by layer size, row length and group (a
     tuning rule, pinned here so that a change to it is deliberate); a group gives each weight's
     output bit for bit as its own call, and right."""
     _impl("cuda")
@@ -651,6 +657,8 @@ def test_gpu_default_kernel_at_1_8_tokens(shapes, M, kernels, monkeypatch, rng):
     for kernel in kernels:
         assert any(re.search(kernel, n) for n in names), (kernel, names)
     assert len(ran) == len(kernels), names
+    if M > 8 and "rows_kernel" in next(iter(kernels)):  # with its K splits summed after it
+        assert any("sum_k_splits_kernel" in n for n in names), names
     for out, (packed, state) in zip(outs, weights):
         assert torch.equal(out, qk.matmul_4bit(x, packed, state))
         assert rel_err(out, x.float() @ qk.dequantize_4bit(packed, state, dtype=torch.float32).T) < TOL[torch.bfloat16]
@@ -692,11 +700,12 @@ def test_gpu_rows_kernel_repeats_to_the_bit_under_many_short_ctas(rows, monkeypa
 
 
 # (N, K, M, QLORA_KERNELS_MM_ROWS): each kernel on an H100, by default unless rows says: the
-# bulk kernel (4096 x 4096 at 1 and 8 tokens), the register kernel (at 16), the rows kernel with
-# K split and the split sum after it (at 64), the rows kernel at one token on a large layer and at
-# 40 tokens with its split sum, and the register kernel at 40 tokens with x permuted first.
-PDL_CHAIN_CASES = [(4096, 4096, 1, ""), (4096, 4096, 8, ""), (4096, 4096, 16, ""), (4096, 4096, 64, ""),
-                   (28672, 8192, 1, ""), (28672, 8192, 40, ""), (4096, 4096, 40, "0")]
+# bulk kernel (4096 x 4096 at 1 and 8 tokens), the rows kernel with K split and the split sum
+# after it (at 16 and 64), the register kernel (at 16 with the rows kernel off), the rows kernel
+# at one token on a large layer and at 40 tokens with its split sum, and the register kernel at
+# 40 tokens with x permuted first.
+PDL_CHAIN_CASES = [(4096, 4096, 1, ""), (4096, 4096, 8, ""), (4096, 4096, 16, ""), (4096, 4096, 16, "0"),
+                   (4096, 4096, 64, ""), (28672, 8192, 1, ""), (28672, 8192, 40, ""), (4096, 4096, 40, "0")]
 
 
 @pytest.mark.gpu
