@@ -582,6 +582,26 @@ void launch(const at::Tensor& in, const char* in_name, const at::Tensor& out, in
   });
 }
 
+// dropout_forward(in) into a new tensor (the caller has checked in and p, and set the device).
+at::Tensor dropped(const at::Tensor& in, const char* in_name, int64_t seed, const int64_t* device_seed, double p) {
+  at::Tensor out = at::empty_like(in, at::MemoryFormat::Contiguous);
+  launch<0>(in, in_name, out, seed, device_seed, p);
+  return out;
+}
+
+// out [rows, cols] (T) = the float32 partial tiles partial [splits, rows, pitch] summed over the
+// splits in order (sum_splits_kernel).
+template <typename T>
+void sum_splits(const at::Tensor& partial, const at::Tensor& out, int64_t splits, int64_t rows, int64_t cols,
+                int64_t pitch, cudaStream_t stream) {
+  auto sum = sum_splits_kernel<T>;
+  const int sum_grid = grid_size(sum, 256, ceil_div(rows * cols, 256));
+  sum<<<sum_grid, 256, 0, stream>>>(partial.data_ptr<float>(), reinterpret_cast<T*>(out.data_ptr()),
+                                    static_cast<int>(splits), static_cast<int>(rows), static_cast<int>(cols),
+                                    static_cast<int>(pitch));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 at::Tensor dropout_forward(const at::Tensor& x, int64_t seed, double p,
                            const std::optional<at::Tensor>& device_seed) {
   check_cuda(x, "x");
@@ -589,9 +609,7 @@ at::Tensor dropout_forward(const at::Tensor& x, int64_t seed, double p,
   check_p(p);
   const int64_t* seed_ptr = device_seed_ptr(device_seed, x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
-  launch<0>(x, "x", out, seed, seed_ptr, p);
-  return out;
+  return dropped(x, "x", seed, seed_ptr, p);
 }
 
 void dropout_backward_add(const at::Tensor& out, const at::Tensor& grad, int64_t seed, double p,
@@ -655,9 +673,7 @@ at::Tensor dropout_linear(const at::Tensor& x, const at::Tensor& weight, int64_t
   if (M == 0 || r == 0) return at::empty({M, r}, x.options());
   if (K == 0) return at::zeros({M, r}, x.options());
   if (!fusable(x, weight, r) || M > std::numeric_limits<int>::max() / 2 || K > std::numeric_limits<int>::max() / 2) {
-    at::Tensor dropped = at::empty_like(x);
-    launch<0>(x, "x", dropped, seed, seed_ptr, p);
-    return at::mm(dropped, weight.t());
+    return at::mm(dropped(x, "x", seed, seed_ptr, p), weight.t());
   }
   const int nt = r <= 16 ? 2 : r <= 32 ? 4 : 8;
   const int64_t row_blocks = ceil_div(M, kLinWarps * kLinRows);
@@ -684,12 +700,7 @@ at::Tensor dropout_linear(const at::Tensor& x, const at::Tensor& weight, int64_t
       else if (nt == 4) run(dropout_linear_kernel<T, 4>);
       else run(dropout_linear_kernel<T, 8>);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      auto sum = sum_splits_kernel<T>;
-      const int sum_grid = grid_size(sum, 256, ceil_div(M * r, 256));
-      sum<<<sum_grid, 256, 0, stream>>>(partial.data_ptr<float>(), reinterpret_cast<T*>(out.data_ptr()),
-                                        static_cast<int>(used_splits), static_cast<int>(M), static_cast<int>(r),
-                                        8 * nt);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      sum_splits<T>(partial, out, used_splits, M, r, 8 * nt, stream);
     }
   });
   return out;
@@ -706,10 +717,7 @@ at::Tensor matmul_dropout(const at::Tensor& a, const at::Tensor& b, int64_t seed
   if (r == 0) return at::zeros({M, K}, a.options());
   // (grid.y, one CTA per 128 rows, is at most 65535)
   if (!fusable(b, a, r) || M > 65535LL * 16 * kMdWarps || K > std::numeric_limits<int>::max() / 2) {
-    at::Tensor prod = at::mm(a, b);
-    at::Tensor out = at::empty_like(prod);
-    launch<0>(prod, "a @ b", out, seed, seed_ptr, p);
-    return out;
+    return dropped(at::mm(a, b), "a @ b", seed, seed_ptr, p);
   }
   at::Tensor out = at::empty({M, K}, a.options());
   const int ks = r <= 16 ? 1 : r <= 32 ? 2 : 4;
@@ -749,9 +757,7 @@ at::Tensor dropout_grad_weight(const at::Tensor& g, const at::Tensor& x, int64_t
   if (M == 0) return at::zeros({r, K}, g.options());
   // (grid.x, one CTA per 128 columns, is below 2^31 for any int K)
   if (!fusable(x, g, r) || M > std::numeric_limits<int>::max() / 2 || K > std::numeric_limits<int>::max() / 2) {
-    at::Tensor dropped = at::empty_like(x);
-    launch<0>(x, "x", dropped, seed, seed_ptr, p);
-    return at::mm(g.t(), dropped);
+    return at::mm(g.t(), dropped(x, "x", seed, seed_ptr, p));
   }
   const int mt = r <= 16 ? 1 : r <= 32 ? 2 : 4;
   const int64_t col_blocks = ceil_div(K, kGwCols);
@@ -778,13 +784,7 @@ at::Tensor dropout_grad_weight(const at::Tensor& g, const at::Tensor& x, int64_t
             static_cast<uint64_t>(seed), seed_ptr, threshold_of(p), scale_of(p));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
         if (direct) return;
-        // out [r, K] = the splits' sum: sum_splits_kernel's rows are out's r rows, its columns K
-        auto sum = sum_splits_kernel<T>;
-        const int sum_grid = grid_size(sum, 256, ceil_div(r * K, 256));
-        sum<<<sum_grid, 256, 0, stream>>>(partial.data_ptr<float>(), reinterpret_cast<T*>(out.data_ptr()),
-                                          static_cast<int>(used_splits), static_cast<int>(r), static_cast<int>(K),
-                                          static_cast<int>(K));
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        sum_splits<T>(partial, out, used_splits, r, K, K, stream);  // out [r, K]
       };
       if (mt == 1) run(dropout_grad_weight_kernel<T, 1>);
       else if (mt == 2) run(dropout_grad_weight_kernel<T, 2>);

@@ -1573,23 +1573,23 @@ std::vector<at::Tensor> run_matmul_4bit(const at::Tensor& x, const std::vector<H
     // a weight that a QLORA_KERNELS_MM_TILE override gives K splits over the grid (the grouped
     // register kernel runs without).
     const bool rows_kernel = M <= 8 && compute_capability_major(x.get_device()) >= 9;
-    std::vector<at::Tensor> outs(weights.size());
-    std::vector<HostWeight> together;
-    std::vector<size_t> together_at;
+    std::vector<size_t> alone, together_at;
     for (size_t i = 0; i < weights.size(); ++i) {
-      if (M > 8 || (rows_kernel && rows_config(M, weights[i].N, K).on) ||
-          tile_config(M, weights[i].N, K, /*allow_override=*/true).splits != 1) {
-        outs[i] = run_matmul_4bit(x, {weights[i]}, blocksize, quant_type, nested_code, nested_blocksize, false)[0];
-      } else {
-        together.push_back(weights[i]);
-        together_at.push_back(i);
-      }
+      const bool own_call = M > 8 || (rows_kernel && rows_config(M, weights[i].N, K).on) ||
+                            tile_config(M, weights[i].N, K, /*allow_override=*/true).splits != 1;
+      (own_call ? alone : together_at).push_back(i);
     }
-    if (together.size() < weights.size()) {
-      if (!together.empty()) {
-        std::vector<at::Tensor> rest =
-            run_matmul_4bit(x, together, blocksize, quant_type, nested_code, nested_blocksize, together.size() > 1);
-        for (size_t j = 0; j < together.size(); ++j) outs[together_at[j]] = rest[j];
+    if (!alone.empty()) {
+      auto call = [&](const std::vector<HostWeight>& ws) {
+        return run_matmul_4bit(x, ws, blocksize, quant_type, nested_code, nested_blocksize, ws.size() > 1);
+      };
+      std::vector<at::Tensor> outs(weights.size());
+      for (size_t i : alone) outs[i] = call({weights[i]})[0];
+      if (!together_at.empty()) {
+        std::vector<HostWeight> together;
+        for (size_t i : together_at) together.push_back(weights[i]);
+        const std::vector<at::Tensor> rest = call(together);
+        for (size_t j = 0; j < together_at.size(); ++j) outs[together_at[j]] = rest[j];
       }
       return outs;
     }
