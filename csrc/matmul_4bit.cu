@@ -678,8 +678,11 @@ __device__ __forceinline__ void fence_reads_before_async_copy() {
 __device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kMmThreads) : "memory"); }
 #endif
 
-template <typename T, int kT, int kR, int kStages, bool kGrouped>
-__global__ void __launch_bounds__(kBulkThreads)
+// kDense: compiled for 4 CTAs per SM (at most 56 registers, a few bytes spilled) instead of the
+// 3 that its 62 registers leave room for; launch_matmul_4bit_bulk says when it runs. (A minimum
+// of 0 CTAs is no bound: the default build; a minimum of 1 gave it 94 registers.)
+template <typename T, int kT, int kR, int kStages, bool kGrouped, bool kDense = false>
+__global__ void __launch_bounds__(kBulkThreads, kDense ? 4 : 0)
     matmul_4bit_bulk_kernel(const T* __restrict__ x, const __grid_constant__ WeightSet<T> weights, int total_tiles,
                             const float* __restrict__ nested_code, int M, int K, int lg_bs, int lg_nbs,
                             int quant_type, bool nested) {
@@ -1273,17 +1276,34 @@ int sm90_ctas_per_sm(const void* kernel, int smem, int device) {
   return n;
 }
 
+// The persistent grid is as many CTAs as fit on the GPU, each taking row tiles in turn. A launch
+// with a few more tiles than that (3 CTAs per SM on an H100) leaves a second round for some CTAs
+// that the others wait on: 8192 x 8192 (512 tiles, 396 CTAs) at one token 23.5 us. The kDense
+// build of the kernel fits 4 CTAs per SM (528: one round), at 21.5 us (6656 x 6656, 416 tiles:
+// 18.5 -> 18.0). It runs for such launches only, at 1-4 tokens: elsewhere its spills and tighter
+// register budget cost up to 13% (13824 x 5120, 864 tiles: 22.1 -> 24.9 us; 6656 x 6656 at 8
+// tokens 21.7 -> 24.3). A tile's sums do not depend on the grid, so both give the same bits.
+// (H100, experiments/matmul_4bit_decode_ablations_stop23.txt.)
 template <typename T, int kT, int kR, int kStages, bool kGrouped>
 bool launch_matmul_4bit_bulk(const at::Tensor& x, const WeightSet<T>& weights, int total_tiles, const float* nested_code,
                              int M, int K, int lg_bs, int lg_nbs, QuantType qt, bool nested) {
   auto* kernel = matmul_4bit_bulk_kernel<T, kT, kR, kStages, kGrouped>;
   constexpr int kSmem = bulk_smem_bytes<kT, kR, kStages>();
   const int device = x.get_device();
-  const int per_sm = sm90_ctas_per_sm(reinterpret_cast<const void*>(kernel), kSmem, device);
+  int per_sm = sm90_ctas_per_sm(reinterpret_cast<const void*>(kernel), kSmem, device);
   if (per_sm <= 0) return false;
+  const int64_t sms = multiprocessor_count(device);
+  if (M <= 4 && total_tiles > per_sm * sms) {
+    auto* dense = matmul_4bit_bulk_kernel<T, kT, kR, kStages, kGrouped, true>;
+    const int dense_per_sm = sm90_ctas_per_sm(reinterpret_cast<const void*>(dense), kSmem, device);
+    if (dense_per_sm > per_sm && total_tiles <= dense_per_sm * sms) {
+      kernel = dense;
+      per_sm = dense_per_sm;
+    }
+  }
   const int64_t token_tiles = ceil_div(M, kT * 8);
   TORCH_CHECK(token_tiles <= 65535, "x: expected at most ", num(65535 * kT * 8), " rows, got ", num(M));
-  const int64_t ctas = std::min<int64_t>(total_tiles, int64_t{per_sm} * multiprocessor_count(device));
+  const int64_t ctas = std::min<int64_t>(total_tiles, per_sm * sms);
   const dim3 grid(static_cast<unsigned>(ctas), static_cast<unsigned>(token_tiles), 1);
   launch_pdl(kernel, grid, dim3(kBulkThreads), kSmem, device, reinterpret_cast<const T*>(x.data_ptr()), weights,
              total_tiles, nested_code, M, K, lg_bs, lg_nbs, static_cast<int>(qt), nested);

@@ -535,7 +535,7 @@ def _kernel_names(fn) -> tuple[torch.Tensor, list[str]]:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("K,N", [(4160, 257), (11008, 96), (1056, 8200)])
+@pytest.mark.parametrize("K,N", [(4160, 257), (11008, 96), (1056, 8200), (1056, "dense")])
 @pytest.mark.parametrize("M", [1, 3, 8, 9])
 def test_gpu_bulk_copy_kernel_equals_register_kernel(M, K, N, dtype, monkeypatch, rng):
     """sm_90 and up, 1-8 tokens: the weights stream into shared memory by bulk copies
@@ -543,10 +543,14 @@ def test_gpu_bulk_copy_kernel_equals_register_kernel(M, K, N, dtype, monkeypatch
     register kernel's run without K splits ("1,2"), so the two agree to the bit: on a partial
     row tile (N = 257), a partial last stage (K = 4160, 11008: 64 and 768 of 1024 elements, and
     K = 1056: 32), and more row tiles (N = 8200: 513) than its persistent grid has CTAs.
-    QLORA_KERNELS_MM_BULK=0 turns it off; 9 tokens never take it."""
+    "dense": 5 row tiles more than 3 CTAs per SM hold, which takes the 4-CTA build at 1-4
+    tokens (on an H100): the same bits. QLORA_KERNELS_MM_BULK=0 turns it off; 9 tokens never
+    take it."""
     _impl("cuda")
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the bulk-copy kernel needs compute capability 9.0")
+    if N == "dense":
+        N = 16 * (3 * torch.cuda.get_device_properties(0).multi_processor_count + 5)
     packed, state = quantized_weight(N, K, "nf4", 64, True, rng, "cuda")
     x = random_x((M, K), dtype, rng, "cuda")
     bias = random_x((N,), dtype, rng, "cuda")
@@ -619,14 +623,18 @@ def test_gpu_rows_kernel(M, rows, K, N, dtype, monkeypatch, rng):
 # one bulk launch.
 ROWS_2 = r"rows_kernel<[^,]+, 1, 2, 2>"
 KERNEL_CHOICE_CASES = [
-    ([(4096, 4096)], 1, {"bulk_kernel"}),
-    ([(6656, 6656)] * 3, 1, {"bulk_kernel"}),
+    ([(4096, 4096)], 1, {r"bulk_kernel<[^>]+, false, false>"}),
+    ([(6656, 6656)] * 3, 1, {r"bulk_kernel<[^>]+, true, false>"}),
     ([(6656, 17920)], 1, {ROWS_2}),
     ([(5120, 13824)], 4, {ROWS_2}),
     ([(4096, 11008)], 8, {"bulk_kernel"}),
     ([(13824, 5120)], 4, {"bulk_kernel"}),
     ([(13824, 5120)], 8, {ROWS_2}),
-    ([(8192, 8192), (1024, 8192), (1024, 8192)], 8, {ROWS_2, "bulk_kernel<[^>]+, true>"}),
+    ([(8192, 8192), (1024, 8192), (1024, 8192)], 8, {ROWS_2, r"bulk_kernel<[^>]+, true, false>"}),
+    # a few more row tiles than 3 CTAs per SM take (512 > 396 on 132 SMs): the 4-CTA build
+    ([(8192, 8192)], 1, {r"bulk_kernel<[^>]+, false, true>"}),
+    ([(6656, 6656)], 4, {r"bulk_kernel<[^>]+, false, true>"}),
+    ([(8192, 8192)], 5, {ROWS_2}),
     # 9-32 tokens: layers of 4096 rows from 4096 x 4096 take the rows kernel with 8 K splits, smaller
     # ones the register kernel
     ([(4096, 4096)], 16, {r"rows_kernel<[^,]+, 2, 1, 2>"}),

@@ -55,8 +55,8 @@ for M in (1, 8):
     x = torch.randn(M, 4160, device="cuda", generator=g).to(torch.bfloat16)
     op(x, packed, st.absmax, 64, "nf4", 257, *_nested_args(st), None)
 del os.environ["QLORA_KERNELS_MM_BULK"]
-# more row tiles (513, and 537 grouped) than the persistent grid has CTAs; K = 1056: a last
-# stage of 32 elements
+# more row tiles (513, and 537 grouped) than the persistent grid has CTAs (on an H100 513 take
+# the 4-CTA build at one token, 537 the default one); K = 1056: a last stage of 32 elements
 print("persistent grid", flush=True)
 weights = [qk.quantize_4bit(torch.randn(N, 1056, device="cuda", generator=g), "nf4", 64, double_quant=True)
            for N in (8200, 257, 96, 24)]
