@@ -542,10 +542,10 @@ def test_gpu_bulk_copy_kernel_equals_register_kernel(M, K, N, dtype, monkeypatch
     (matmul_4bit_bulk_kernel). Its warps take the same K steps in the same order as the
     register kernel's run without K splits ("1,2"), so the two agree to the bit: on a partial
     row tile (N = 257), a partial last stage (K = 4160, 11008: 64 and 768 of 1024 elements, and
-    K = 1056: 32), and more row tiles (N = 8200: 513) than its persistent grid has CTAs.
-    "dense": 5 row tiles more than 3 CTAs per SM hold, which takes the 4-CTA build at 1-4
-    tokens (on an H100): the same bits. QLORA_KERNELS_MM_BULK=0 turns it off; 9 tokens never
-    take it."""
+    K = 1056: 32), and more row tiles (N = 8200: 513) than its persistent grid has CTAs (on an
+    H100 at 8 tokens; at 1-4 they fit the 4-CTA build's grid of 528). "dense": 5 row tiles more
+    than 3 CTAs per SM hold, which takes the 4-CTA build at 1-4 tokens (on an H100): the same
+    bits. QLORA_KERNELS_MM_BULK=0 turns it off; 9 tokens never take it."""
     _impl("cuda")
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the bulk-copy kernel needs compute capability 9.0")
