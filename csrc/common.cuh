@@ -356,10 +356,11 @@ inline bool kernel_built_for(const void* kernel, int device, int version) {
 inline bool kernel_has_pdl(const void* kernel, int device) { return kernel_built_for(kernel, device, 90); }
 
 // kernel<<<grid, block, smem, current stream>>>(args...), with programmatic stream
-// serialization where pdl_enabled and the kernel has its pdl_wait: the kernel must keep the
-// contract of pdl_wait above.
+// serialization where `overlap` (launch_pdl: where pdl_enabled), the device is sm_90 or later and
+// the kernel has its pdl_wait: the kernel must keep the contract of pdl_wait above.
 template <typename... Params, typename... Args>
-inline void launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, int device, Args&&... args) {
+inline void launch_pdl_if(bool overlap, void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, int device,
+                          Args&&... args) {
   cudaLaunchConfig_t config = {};
   config.gridDim = grid;
   config.blockDim = block;
@@ -369,8 +370,16 @@ inline void launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t 
   attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attribute[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attribute;
-  config.numAttrs = pdl_enabled(device) && kernel_has_pdl(reinterpret_cast<const void*>(kernel), device) ? 1 : 0;
+  config.numAttrs =
+      overlap && compute_capability_major(device) >= 9 && kernel_has_pdl(reinterpret_cast<const void*>(kernel), device)
+          ? 1
+          : 0;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+}
+
+template <typename... Params, typename... Args>
+inline void launch_pdl(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, int device, Args&&... args) {
+  launch_pdl_if(pdl_enabled(device), kernel, grid, block, smem, device, std::forward<Args>(args)...);
 }
 
 }  // namespace qlora_kernels

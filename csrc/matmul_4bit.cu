@@ -1216,12 +1216,18 @@ std::pair<at::Tensor, int64_t> kernel_x(const at::Tensor& x) {
 }
 
 // out of weights[0] = the K splits' partial tiles summed (+ bias), after a launch that split K.
+// After_rows: the launch was the rows kernel, which lets this one launch once all its CTAs are past
+// their main loop; then this one overlaps it (programmatic dependent launch) even with PDL off,
+// its one predecessor being ours (QLORA_KERNELS_MM_SUM_PDL=0 turns that off, for comparisons).
 template <typename T>
-void sum_k_splits(const at::Tensor& partial, int splits, int M, const WeightSet<T>& weights, int device) {
+void sum_k_splits(const at::Tensor& partial, int splits, int M, const WeightSet<T>& weights, int device,
+                  bool after_rows = false) {
   const int64_t mn = int64_t{M} * weights.N[0];
   const int threads = 256;
   const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(mn, threads), 4096));
-  launch_pdl(sum_k_splits_kernel<T>, dim3(blocks), dim3(threads), 0, device,
+  const char* env = std::getenv("QLORA_KERNELS_MM_SUM_PDL");
+  const bool overlap = pdl_enabled(device) || (after_rows && (env == nullptr || *env == '\0' || std::atoi(env) != 0));
+  launch_pdl_if(overlap, sum_k_splits_kernel<T>, dim3(blocks), dim3(threads), 0, device,
              static_cast<const float*>(partial.data_ptr<float>()), splits, mn, weights.N[0], weights.bias[0],
              weights.out[0]);
 }
@@ -1494,7 +1500,7 @@ bool launch_matmul_4bit_rows(const at::Tensor& x, const WeightSet<T>& weights, c
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(token_tiles), static_cast<unsigned>(splits));
   launch_pdl(kernel, grid, dim3(kBulkThreads), kSmem, device, x_map, w_map, weights, nested_code, M, K, lg_bs, lg_nbs,
              static_cast<int>(qt), nested, split_steps, splits > 1 ? partial.data_ptr<float>() : nullptr);
-  if (splits > 1) sum_k_splits(partial, splits, M, weights, device);
+  if (splits > 1) sum_k_splits(partial, splits, M, weights, device, /*after_rows=*/true);
   return true;
 }
 
