@@ -321,15 +321,21 @@ inline int compute_capability_major(int device) {
 // The SM count of a device (device_attribute caches it).
 inline int multiprocessor_count(int device) { return device_attribute(device, cudaDevAttrMultiProcessorCount); }
 
+// An on/off environment variable: unset or empty gives `unset`, else whether it reads as a nonzero
+// integer. Read at each call (a getenv: tens of nanoseconds against a launch's microseconds), so a
+// test can flip it.
+inline bool env_flag(const char* name, bool unset) {
+  const char* env = std::getenv(name);
+  return env == nullptr || *env == '\0' ? unset : std::atoi(env) != 0;
+}
+
 // Whether launches may overlap the kernel before them (PDL): with QLORA_KERNELS_PDL=1, on
 // compute capability 9.0 and up. Off by default, as measured on an H100: it made back-to-back
 // 4-bit matmuls faster (4096 x 4096 at one token 7.3 -> 6.5 us, at 64 tokens 16.0 -> 13.7) but
 // the 7B decode, whose matmuls sit between other kernels, slower (fused and compiled, CUDA
-// graphs: 277 tokens/s with it, 296 without). Read at each launch (a getenv: tens of
-// nanoseconds against the launch's microseconds), so a test can turn it on.
+// graphs: 277 tokens/s with it, 296 without).
 inline bool pdl_enabled(int device) {
-  const char* env = std::getenv("QLORA_KERNELS_PDL");
-  return env != nullptr && *env != '\0' && std::atoi(env) != 0 && compute_capability_major(device) >= 9;
+  return env_flag("QLORA_KERNELS_PDL", false) && compute_capability_major(device) >= 9;
 }
 
 // Whether this build's code of `kernel` for `device` is for compute capability `version` (90 for

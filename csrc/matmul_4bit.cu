@@ -1225,8 +1225,7 @@ void sum_k_splits(const at::Tensor& partial, int splits, int M, const WeightSet<
   const int64_t mn = int64_t{M} * weights.N[0];
   const int threads = 256;
   const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(mn, threads), 4096));
-  const char* env = std::getenv("QLORA_KERNELS_MM_SUM_PDL");
-  const bool overlap = pdl_enabled(device) || (after_rows && (env == nullptr || *env == '\0' || std::atoi(env) != 0));
+  const bool overlap = pdl_enabled(device) || (after_rows && env_flag("QLORA_KERNELS_MM_SUM_PDL", true));
   launch_pdl_if(overlap, sum_k_splits_kernel<T>, dim3(blocks), dim3(threads), 0, device,
              static_cast<const float*>(partial.data_ptr<float>()), splits, mn, weights.N[0], weights.bias[0],
              weights.out[0]);
@@ -1325,8 +1324,7 @@ bool bulk_wanted(int64_t M) {
   if (M > 8) return false;
   const char* tile = std::getenv("QLORA_KERNELS_MM_TILE");
   if (tile != nullptr && *tile != '\0') return false;
-  const char* env = std::getenv("QLORA_KERNELS_MM_BULK");
-  return env == nullptr || *env == '\0' || std::atoi(env) != 0;
+  return env_flag("QLORA_KERNELS_MM_BULK", true);
 }
 
 // The rows kernel's configuration: kR row tiles per warp, kStages stages, K splits over the grid
