@@ -58,7 +58,10 @@ def _gencode_flags(archs: str) -> list[str]:
         num = arch.removesuffix("+PTX").replace(".", "")
         if not num.isdigit():
             raise SystemExit(f"QLORA_KERNELS_CUDA_ARCHS: {arch!r} is not a compute capability like 9.0")
-        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+        # 9.0 is built as 9.0a (its wgmma instructions, for gemm_4bit.cu): sm_90a code runs on
+        # every compute capability 9.0 GPU, which is all sm_90 code runs on too
+        real = "90a" if num == "90" else num
+        flags.append(f"-gencode=arch=compute_{real},code=sm_{real}")
         if ptx:
             flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
     return flags
@@ -98,6 +101,10 @@ def _extensions():
     if debug:
         nvcc_flags += ["-G"]
         cxx_flags = ["-O0", "-g", "-std=c++20"]
+    if any(a.strip().removesuffix("+PTX") == "9.0" for a in archs.replace(",", ";").split(";")):
+        # the host code may launch the sm_90a kernels (gemm_4bit.cu)
+        nvcc_flags.append("-DQLORA_KERNELS_SM90A")
+        cxx_flags.append("-DQLORA_KERNELS_SM90A")
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/*.cu"))
     _say(f"building the CUDA extension for compute capabilities {archs} "
          f"(CUDA_HOME={CUDA_HOME}, torch {torch.__version__})")

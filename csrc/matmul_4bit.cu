@@ -58,6 +58,8 @@
 #include <cudaTypedefs.h>
 
 #include "common.cuh"
+#include "decode_4bit.cuh"
+#include "tma.cuh"
 
 namespace qlora_kernels {
 namespace {
@@ -66,67 +68,16 @@ constexpr int kMmWarps = 8;                 // K-slices (warps) per CTA
 constexpr int kMmThreads = kMmWarps * 32;
 constexpr int kTileRows = 16;               // weight rows per CTA: the MMA's m
 constexpr int kStepK = 128;                 // K elements per warp step: 4 lanes x 32
-constexpr int kTableBytes = 256 * 128;      // byte -> pair table: 256 entries of 128 bytes (one copy per lane)
-
-template <typename T>
-struct Pair;
-template <>
-struct Pair<__half> {
-  using type = __half2;
-};
-template <>
-struct Pair<__nv_bfloat16> {
-  using type = __nv_bfloat162;
-};
 
 // What one warp step reads from global memory for one lane: 16 bytes of each of its two weight
 // rows and the raw absmax of both chunks (the float32 bits, or the 8-bit code and its nested
 // absmax). Loaded two steps ahead of its use, so that the loads of the next steps are in flight
 // while this one is decoded (loading each step when it came left an H100 at 20-55% of copy
 // bandwidth).
-struct ScaleLoads {
-  uint32_t ra, rb;   // float32 absmax bits, or the double-quant code
-  float na, nb;      // the nested absmax (double quant only)
-};
 struct StepLoads {
   uint4 wa, wb;
   ScaleLoads s;
 };
-
-// Where one lane's weight row starts: its bytes, and its first element's absmax block and the
-// element's offset inside that block, so that a step's block index is 32-bit arithmetic (the
-// host checks that the block count fits in 31 bits).
-struct RowStart {
-  const uint8_t* bytes;
-  uint32_t block;
-  uint32_t in_block;
-};
-
-__device__ __forceinline__ RowStart row_start(const uint8_t* packed, int row, int K, int lg_bs) {
-  const int64_t e = static_cast<int64_t>(row) * K;
-  return {packed + e / 2, static_cast<uint32_t>(e >> lg_bs), static_cast<uint32_t>(e & ((int64_t{1} << lg_bs) - 1))};
-}
-
-// The absmax of one lane's two chunks at k0 (rows ra and rb).
-__device__ __forceinline__ ScaleLoads load_scales(const RowStart& ra, const RowStart& rb, int k0, bool k_ok,
-                                                  const void* __restrict__ absmax, bool nested,
-                                                  const float* __restrict__ nested_absmax, int lg_bs, int lg_nbs) {
-  // Predicated loads, no branch: a step past K loads nothing and its registers are zero.
-  ScaleLoads l;
-  const uint32_t ba = ra.block + ((ra.in_block + k0) >> lg_bs);
-  const uint32_t bb = rb.block + ((rb.in_block + k0) >> lg_bs);
-  if (nested) {
-    l.ra = k_ok ? __ldg(static_cast<const uint8_t*>(absmax) + ba) : 0u;
-    l.rb = k_ok ? __ldg(static_cast<const uint8_t*>(absmax) + bb) : 0u;
-    l.na = k_ok ? __ldg(nested_absmax + (ba >> lg_nbs)) : 0.0f;
-    l.nb = k_ok ? __ldg(nested_absmax + (bb >> lg_nbs)) : 0.0f;
-  } else {
-    l.ra = k_ok ? __float_as_uint(__ldg(static_cast<const float*>(absmax) + ba)) : 0u;
-    l.rb = k_ok ? __float_as_uint(__ldg(static_cast<const float*>(absmax) + bb)) : 0u;
-    l.na = l.nb = 0.0f;
-  }
-  return l;
-}
 
 __device__ __forceinline__ StepLoads load_step(const RowStart& ra, const RowStart& rb, int k0, bool k_ok,
                                                const void* __restrict__ absmax, bool nested,
@@ -139,34 +90,6 @@ __device__ __forceinline__ StepLoads load_step(const RowStart& ra, const RowStar
   l.wb = k_ok ? __ldcs(reinterpret_cast<const uint4*>(rb.bytes + k0 / 2)) : zero;
   l.s = load_scales(ra, rb, k0, k_ok, absmax, nested, nested_absmax, lg_bs, lg_nbs);
   return l;
-}
-
-// A chunk's absmax as a broadcast pair of T (0 for a lane past K: its MMA terms vanish).
-template <typename T>
-__device__ __forceinline__ uint32_t chunk_scale(uint32_t raw, float nested_value, bool k_ok,
-                                                bool nested, const float* s_code8, float offset) {
-  // Branch-free: a zero scale past K; the table read is harmless when not nested.
-  const float decoded = fmaf(s_code8[raw & 0xffu], nested_value, offset);
-  const float a = k_ok ? (nested ? decoded : __uint_as_float(raw)) : 0.0f;
-  const T h = from_float<T>(a);
-  typename Pair<T>::type p;
-  p.x = h;
-  p.y = h;
-  uint32_t u;
-  memcpy(&u, &p, sizeof(u));
-  return u;
-}
-
-// Pair (as one 32-bit register) times the broadcast scale pair: one HMUL2.
-template <typename T>
-__device__ __forceinline__ uint32_t scale_pair(uint32_t v, uint32_t s) {
-  typename Pair<T>::type a, b;
-  memcpy(&a, &v, sizeof(a));
-  memcpy(&b, &s, sizeof(b));
-  const typename Pair<T>::type r = __hmul2(a, b);
-  uint32_t u;
-  memcpy(&u, &r, sizeof(u));
-  return u;
 }
 
 __device__ __forceinline__ uint32_t word_of(const uint4& u, int i) {
@@ -194,37 +117,8 @@ __device__ __forceinline__ V keep(V v) {
   return v;
 }
 
-// Builds the byte -> pair table in shared memory (the caller syncs after). It reads constant
-// memory only, so a kernel may build it before pdl_wait (load_code8 comes after).
-// Entry b holds (code[b >> 4], code[b & 15]) as a pair of T, the high nibble (the element at the
-// lower address) in the low half, at byte 128 b + 4 L for lane L: each lane reads its own copy
-// (bank L), so the 32 lanes' random bytes never conflict, and the offset of byte j of a weight word
-// is a shift and a LOP3, ((word shifted by 7 - 8 j) & 0x7f80) | 4 L. All 32 copies of an entry are
-// equal: a thread writes 4 of them with one 16-byte store. (A 256-byte stride saves a shift for
-// byte 1, but its 64 KB table left too little L1 for x and the absmax: the largest layers ran
-// 9-15% slower on an H100.)
-template <typename T>
-__device__ __forceinline__ void build_pair_table(uint8_t* s_table, int quant_type, int tid, int threads) {
-  for (int i = tid; i < 256 * 8; i += threads) {
-    const int b = i >> 3;
-    const float lo = __uint_as_float(kCodeValueBits[quant_type][b >> 4]);
-    const float hi = __uint_as_float(kCodeValueBits[quant_type][b & 15]);
-    const uint32_t v = pack2<T>(lo, hi);
-    *reinterpret_cast<uint4*>(s_table + 128 * b + 16 * (i & 7)) = make_uint4(v, v, v, v);
-  }
-}
-
-// The double quant's 8-bit code into shared memory (the caller syncs after).
-__device__ __forceinline__ void load_code8(float* s_code8, const float* __restrict__ nested_code, bool nested, int tid,
-                                           int threads) {
-  if (nested) {
-    for (int i = tid; i < 256; i += threads) s_code8[i] = nested_code[i];
-  }
-}
-
 // L2 prefetches of the absmax (and nested absmax) a lane's rows ra and rb need at k0: before
 // pdl_wait they are the only reads a kernel may issue (see launch_pdl).
-__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 __device__ __forceinline__ void prefetch_scales_l2(const RowStart& ra, const RowStart& rb, int k0,
                                                    const void* absmax, bool nested, const float* nested_absmax,
                                                    int lg_bs, int lg_nbs) {
@@ -258,18 +152,6 @@ __device__ __forceinline__ void step_scales(const ScaleLoads (&raw)[kR], bool k_
     s_hi[r] = chunk_scale<T>(raw[r].rb, raw[r].nb, k_ok, nested, s_code8, offset);
   }
 }
-
-// mma_step's table lookup: the pair at a byte's table offset (byte << 7) in this lane's copy
-// (lane4 = 4 * lane). A shift, a LOP3 and the LDS, the table's address coming from a uniform
-// register (the lookups are most of the kernels' instructions; with the address in a regular
-// register they took 2.25 ALU ops each instead of 2).
-struct PairLookup {
-  const uint8_t* table;
-  uint32_t lane4;
-  __device__ __forceinline__ uint32_t operator()(uint32_t byte_offset) const {
-    return *reinterpret_cast<const uint32_t*>(table + (byte_offset | lane4));
-  }
-};
 
 // Each n-tile's token row of x for lane group g (x_tok[n], stride elements a row): a token past M
 // reads row M - 1 (valid memory) and is zeroed by its tok_ok[n].
@@ -611,42 +493,7 @@ constexpr int bulk_smem_bytes() {
          2 * kStages * 8;
 }
 
-__device__ __forceinline__ uint32_t shared_address(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-__device__ __forceinline__ void mbarrier_init(uint64_t* bar, uint32_t count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(shared_address(bar)), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbarrier_expect_bytes(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(bar)), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void mbarrier_arrive(uint64_t* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(shared_address(bar)) : "memory");
-}
-// Waits until the phase of the given parity has completed.
-__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, uint32_t parity) {
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(shared_address(bar)), "r"(parity)
-        : "memory");
-  } while (!done);
-}
-// bytes (a multiple of 16) from global src to shared dst (both 16-byte aligned), counted on bar;
-// evict-first in L2: each weight byte is read once.
-__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar, uint64_t policy) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::"r"(
-          shared_address(dst)),
-      "l"(src), "r"(bytes), "r"(shared_address(bar)), "l"(policy)
-      : "memory");
-}
-
 // The stages' barriers, initialized by thread 0 and made visible to the whole CTA (the async
 // proxy included) by the CTA's one __syncthreads. It sits here, where every thread of the CTA
 // reaches it on the same path: from a producer warp whose lanes had parted in mbarrier waits, a
@@ -664,15 +511,6 @@ __device__ __forceinline__ void init_stage_barriers(uint64_t* full, uint64_t* em
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
-}
-
-// Orders the consumers' shared-memory reads of a slot (generic proxy), which the producer has
-// acquired through the slot's `empty` barrier, before the copy it issues next into that slot (async
-// proxy). Without it the rows kernel read a few stale 16-byte pieces of x or weights now and then
-// (28672 x 8192 at 24-32 tokens with K split 7 ways: 1-6 wrong outputs in most calls, H100); the
-// mbarrier alone orders the reads for the generic proxy only.
-__device__ __forceinline__ void fence_reads_before_async_copy() {
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 }
 
 __device__ __forceinline__ void consumer_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kMmThreads) : "memory"); }
@@ -923,26 +761,6 @@ constexpr int rows_smem_bytes() {
          2 * kStages * 8;
 }
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-// The box at (column c0 bytes, row c1) of a 2-D tensor map to shared dst, counted on bar.
-__device__ __forceinline__ void tensor_copy_2d(void* dst, const CUtensorMap* map, int c0, int c1, uint64_t* bar,
-                                               uint64_t policy) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, {%2, "
-      "%3}], [%4], %5;" ::"r"(shared_address(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(shared_address(bar)), "l"(policy)
-      : "memory");
-}
-// The box at (c0, c1, c2) of a 3-D tensor map to shared dst, counted on bar.
-__device__ __forceinline__ void tensor_copy_3d(void* dst, const CUtensorMap* map, int c0, int c1, int c2,
-                                               uint64_t* bar, uint64_t policy) {
-  asm volatile(
-      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, {%2, "
-      "%3, %4}], [%5], %6;" ::"r"(shared_address(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(shared_address(bar)), "l"(policy)
-      : "memory");
-}
-#endif
 
 template <typename T, int kT, int kR, int kStages>
 __global__ void __launch_bounds__(kBulkThreads)
@@ -1420,44 +1238,6 @@ inline int rows_splits(int64_t ctas, int64_t slots, int nsteps, int64_t rows, in
     }
   }
   return best;
-}
-
-// cuTensorMapEncodeTiled, from the driver the runtime loaded (no link to libcuda). Null if the
-// driver has none.
-PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
-  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
-    void* p = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-#if CUDART_VERSION >= 12050
-    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &p, 12000, cudaEnableDefault,
-                                                             &found);
-#else
-    const cudaError_t err = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &p, cudaEnableDefault, &found);
-#endif
-    if (err != cudaSuccess || found != cudaDriverEntryPointSuccess) {
-      (void)cudaGetLastError();
-      p = nullptr;
-    }
-    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(p);
-  }();
-  return fn;
-}
-
-// A tiled tensor map over rank-D global memory at base (dims and box innermost first, strides
-// in bytes for dims 1..D-1), or an error naming what it maps.
-template <int D>
-CUtensorMap tensor_map(PFN_cuTensorMapEncodeTiled_v12000 encode, CUtensorMapDataType type, const void* base,
-                       const cuuint64_t (&dims)[D], const cuuint64_t (&strides)[D - 1], const cuuint32_t (&box)[D],
-                       CUtensorMapSwizzle swizzle, const char* what, int64_t rows, int64_t cols) {
-  CUtensorMap map;
-  cuuint32_t unit[D];
-  for (int i = 0; i < D; ++i) unit[i] = 1;
-  const CUresult res = encode(&map, type, D, const_cast<void*>(base), dims, strides, box, unit,
-                              CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
-                              CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  TORCH_CHECK(res == CUDA_SUCCESS, "matmul_4bit: cuTensorMapEncodeTiled failed (", num(static_cast<int64_t>(res)),
-              ") for ", what, " of ", num(rows), " x ", num(cols), " (an internal error)");
-  return map;
 }
 
 // Launches the rows kernel for one weight if this device, driver and build can run it (as the

@@ -6,6 +6,7 @@
 #include <cfloat>
 
 #include "common.cuh"
+#include "quant_4bit.h"
 
 namespace qlora_kernels {
 namespace {
@@ -440,6 +441,9 @@ void launch_dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+}  // namespace
+
+// Declared in quant_4bit.h: gemm_4bit.cu dequantizes through it where its kernel cannot run.
 at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
                            c10::string_view quant_type, int64_t numel, c10::ScalarType dtype,
                            const std::optional<at::Tensor>& nested_absmax,
@@ -497,7 +501,6 @@ at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, i
   return out;
 }
 
-}  // namespace
 }  // namespace qlora_kernels
 
 TORCH_LIBRARY_IMPL(qlora_kernels, CUDA, m) {

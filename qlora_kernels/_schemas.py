@@ -26,6 +26,11 @@ SCHEMAS = {
         "int[] N, Tensor[]? nested_absmax, Tensor? nested_code, Tensor[]? offset, int nested_blocksize, "
         "Tensor?[] bias) -> Tensor[]"
     ),
+    "gemm_4bit": (
+        "gemm_4bit(Tensor x, Tensor packed, Tensor absmax, int blocksize, str quant_type, int N, "
+        "Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, "
+        "int nested_blocksize=256, Tensor? bias=None, Tensor? accumulate=None) -> Tensor"
+    ),
     "dropout_forward": "dropout_forward(Tensor x, int seed, float p, Tensor? device_seed=None) -> Tensor",
     "dropout_backward_add": "dropout_backward_add(Tensor(a!) out, Tensor grad, int seed, float p, Tensor? device_seed=None) -> ()",
     "dropout_linear": "dropout_linear(Tensor x, Tensor weight, int seed, float p, Tensor? device_seed=None) -> Tensor",

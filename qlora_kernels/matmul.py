@@ -13,8 +13,11 @@ Two paths, chosen by the number of rows M of x (all leading dims flattened):
   of rows with x beside them, one copy of x for all the CTA's rows (the rows kernel,
   ``QLORA_KERNELS_MM_ROWS=0`` turns it off; its sums go over K in one order per warp, so its
   bits differ from the register kernel's, within the same error bound).
-* larger M (prefill, training): the fast ``dequantize_4bit`` into a bf16/fp16 buffer, then
-  cuBLAS. There the layer is bound by arithmetic, and tensor-core GEMMs win.
+* larger M (prefill, training): there the layer is bound by arithmetic. With the CUDA extension
+  the op ``gemm_4bit``: on compute capability 9.0 a wgmma GEMM that reads W in 4 bits and
+  decodes it in registers (``csrc/gemm_4bit.cu``; K a multiple of 64, blocksize 64 or more,
+  16-bit x; ``QLORA_KERNELS_GEMM=0`` turns it off), elsewhere the fast ``dequantize_4bit`` into
+  a bf16/fp16 buffer, then cuBLAS. The Triton and torch backends always dequantize + cuBLAS.
 
 The fused path needs a 16-bit x (bf16 or fp16) and K (W's row length) a multiple of 32, so
 that every 16-byte load of packed W lies within one row and one absmax block. Other K, and
@@ -148,6 +151,10 @@ def matmul_4bit(x: torch.Tensor, packed: torch.Tensor, state: QuantState,
     if x.numel() == 0 or N == 0:
         return torch.nn.functional.linear(x, x.new_zeros((N, K)), bias)
     if not uses_fused_kernel(x, state):
+        if ops.BACKEND == "cuda" and x.is_cuda:
+            out = ops.gemm_4bit(x.reshape(-1, K).contiguous(), packed.contiguous(), state.absmax.contiguous(),
+                                state.blocksize, state.quant_type, N, *_nested_args(state), bias)
+            return out.view(*lead, N)
         return torch.nn.functional.linear(x, dequantize_4bit(packed, state, dtype=x.dtype), bias)
     x2 = x.reshape(-1, K)
     if _needs_copy(x2):
@@ -180,6 +187,20 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("qlora_kernels::matmul_4bit", _backward, setup_context=_setup_context)
+
+
+# gemm_4bit: the same gradients, plus accumulate's (the output gradient itself).
+def _gemm_setup_context(ctx, inputs, output):
+    _setup_context(ctx, inputs[:11], output)
+    ctx.has_accumulate = inputs[11] is not None
+
+
+def _gemm_backward(ctx, grad):
+    daccumulate = grad if ctx.has_accumulate and ctx.needs_input_grad[11] else None
+    return (*_backward(ctx, grad), daccumulate)
+
+
+torch.library.register_autograd("qlora_kernels::gemm_4bit", _gemm_backward, setup_context=_gemm_setup_context)
 
 
 #: The most weights one grouped launch takes (the CUDA kernel's WeightSet).

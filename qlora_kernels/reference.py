@@ -136,6 +136,30 @@ def matmul_4bit(
     return out.to(x.dtype)
 
 
+def gemm_4bit(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    quant_type: str,
+    N: int,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    nested_blocksize: int = codes.NESTED_BLOCKSIZE,
+    bias: torch.Tensor | None = None,
+    accumulate: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ W.T (+ bias) (+ accumulate)`` for many rows of x (prefill, training): the same
+    product as ``matmul_4bit``, plus ``accumulate`` ``[M, N]`` added in float32 before the one
+    rounding to x's dtype."""
+    out = matmul_4bit(x.to(torch.float32), packed, absmax, blocksize, quant_type, N, nested_absmax,
+                      nested_code, offset, nested_blocksize, bias)
+    if accumulate is not None:
+        out = out + accumulate.to(torch.float32)
+    return out.to(x.dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # Dropout with a mask regenerated from a seed (LoRA's dropout on x, never stored).
 #

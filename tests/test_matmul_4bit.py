@@ -899,3 +899,141 @@ def test_gradients_flow_through_frozen_4bit_layer(M, rng):
     W = layer.dequantize(torch.float32)
     assert rel_err(x.grad, dy @ W) < 1e-2
     assert rel_err(layer.bias.grad, dy.sum(0)) < 1e-2
+
+
+# ------------------------------------------------------------------------------------------
+# (g) gemm_4bit: many rows (prefill, training), the wgmma kernel on an H100
+def gemm(x, packed, state, bias=None, accumulate=None):
+    return torch.ops.qlora_kernels.gemm_4bit(x, packed, state.absmax, state.blocksize, state.quant_type,
+                                             state.shape[0], *_nested_args(state), bias, accumulate)
+
+
+def is_h100_class() -> bool:
+    return HAS_CUDA and qk.backend() == "cuda" and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.fixture
+def gemm_always(monkeypatch):
+    """The wgmma kernel on these small problems too (by default it takes problems of one tile
+    per SM and more)."""
+    monkeypatch.setenv("QLORA_KERNELS_GEMM", "always")
+
+
+# (M, K, N, quant_type, blocksize, nested, dtype, bias, accumulate): partial token tiles (65,
+# 300, 1000), N not a multiple of the 128-row tile (257, 1000, 136; 257 and 136 % 8 != 0 take the
+# element-wise epilogue), absmax blocks straddling rows (blocksize 4096 > K), both formats and
+# dtypes; the last two take the dequantize path (K % 64 != 0, blocksize 32).
+GEMM_CASES = [
+    (65, 4160, 257, "nf4", 64, True, torch.bfloat16, True, True),
+    (300, 256, 1000, "fp4", 128, False, torch.float16, False, True),
+    (512, 1024, 384, "nf4", 4096, True, torch.bfloat16, True, False),
+    (257, 128, 136, "nf4", 256, False, torch.bfloat16, False, False),
+    (1000, 2048, 512, "fp4", 64, True, torch.float16, True, True),
+    (2048, 4096, 1024, "nf4", 64, True, torch.bfloat16, False, True),
+    (70, 4128, 256, "nf4", 64, True, torch.bfloat16, True, True),
+    (80, 256, 264, "nf4", 32, True, torch.float16, False, True),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,K,N,quant_type,blocksize,nested,dtype,with_bias,with_acc", GEMM_CASES)
+def test_gpu_gemm_4bit(M, K, N, quant_type, blocksize, nested, dtype, with_bias, with_acc, gemm_always, rng):
+    _impl("cuda")
+    packed, state = quantized_weight(N, K, quant_type, blocksize, nested, rng, "cuda")
+    x = random_x((M, K), dtype, rng, "cuda")
+    bias = random_x((N,), dtype, rng, "cuda") if with_bias else None
+    acc = random_x((M, N), dtype, rng, "cuda") if with_acc else None
+    out = gemm(x, packed, state, bias, acc)
+    want = expected(x, packed, state, bias)
+    if acc is not None:
+        want = want + acc.cpu().float()
+    assert out.shape == (M, N) and out.dtype == dtype
+    assert rel_err(out, want) < TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not is_h100_class(), reason="the wgmma kernel runs on compute capability 9.0")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_gemm_4bit_kernel_runs_and_matches_the_dequantize_path(dtype, gemm_always, monkeypatch, rng):
+    """The kernel's result is not the dequantize path's to the bit (it rounds code and absmax to
+    x's type first), so a difference shows that it ran; both are within the error bound."""
+    packed, state = quantized_weight(1000, 1024, "nf4", 64, True, rng, "cuda")
+    x = random_x((600, 1024), dtype, rng, "cuda")
+    acc = random_x((600, 1000), dtype, rng, "cuda")
+    fused = gemm(x, packed, state, None, acc)
+    monkeypatch.setenv("QLORA_KERNELS_GEMM", "0")
+    plain = gemm(x, packed, state, None, acc)
+    want = expected(x, packed, state) + acc.cpu().float()
+    assert not torch.equal(fused, plain)
+    assert rel_err(fused, want) < TOL[dtype] and rel_err(plain, want) < TOL[dtype]
+    # and repeats to the bit (no split over K, one order of sums)
+    monkeypatch.setenv("QLORA_KERNELS_GEMM", "always")
+    assert torch.equal(gemm(x, packed, state, None, acc), fused)
+
+
+@pytest.mark.gpu
+def test_gpu_gemm_4bit_unaligned_and_strided_operands(gemm_always, rng):
+    """accumulate and bias starting off 16 bytes take the element-wise epilogue, a strided x the
+    dequantize path: the same result either way."""
+    _impl("cuda")
+    M, K, N = 300, 512, 264
+    packed, state = quantized_weight(N, K, "nf4", 64, True, rng, "cuda")
+    x = random_x((M, K), torch.bfloat16, rng, "cuda")
+    acc = random_x((M * N + 1,), torch.bfloat16, rng, "cuda")[1:].view(M, N)
+    bias = random_x((N + 1,), torch.bfloat16, rng, "cuda")[1:]
+    want = expected(x, packed, state, bias) + acc.cpu().float()
+    assert rel_err(gemm(x, packed, state, bias, acc), want) < 1e-2
+    x_wide = random_x((M, 2 * K), torch.bfloat16, rng, "cuda")
+    x_strided = x_wide[:, ::2]
+    assert rel_err(gemm(x_strided, packed, state), expected(x_strided, packed, state)) < 1e-2
+
+
+@pytest.mark.gpu
+def test_gpu_gemm_4bit_errors_name_the_argument(gemm_always, rng):
+    _impl("cuda")
+    packed, state = quantized_weight(64, 128, "nf4", 64, True, rng, "cuda")
+    x = random_x((300, 128), torch.bfloat16, rng, "cuda")
+    cases = [
+        (lambda: gemm(x, packed, state, None, random_x((300, 63), torch.bfloat16, rng, "cuda")),
+         "accumulate: expected sizes [300, 64]"),
+        (lambda: gemm(x, packed, state, None, random_x((300, 64), torch.float16, rng, "cuda")),
+         "accumulate: expected dtype"),
+        (lambda: gemm(x, packed, state, random_x((64,), torch.float32, rng, "cuda")), "bias: expected dtype"),
+        (lambda: gemm(x[:, :96].contiguous(), packed, state), "packed: expected"),
+        (lambda: gemm(x.int(), packed, state), "x: expected dtype"),
+    ]
+    for call, message in cases:
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            call()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_gemm_4bit_opcheck(device, rng):
+    packed, state = quantized_weight(136, 128, "nf4", 64, True, rng, device=device)
+    x = random_x((70, 128), torch.bfloat16, rng, device)
+    acc = random_x((70, 136), torch.bfloat16, rng, device)
+    bias = random_x((136,), torch.bfloat16, rng, device)
+    torch.library.opcheck(torch.ops.qlora_kernels.gemm_4bit.default,
+                          (x, packed, state.absmax, 64, "nf4", 136, *_nested_args(state), bias, acc))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_gemm_4bit_gradients(device, rng):
+    """Through the public matmul_4bit at many rows (gemm_4bit on the CUDA backend): dX = dY @ W,
+    the bias gradient, and accumulate's (dY itself)."""
+    lin = torch.nn.Linear(128, 72)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(72, 128, generator=rng) * 0.05)
+        lin.bias.copy_(torch.randn(72, generator=rng))
+    layer = Linear4bit.from_linear(lin.to(torch.bfloat16).to(device))
+    x = torch.randn(300, 128, generator=rng).to(torch.bfloat16).to(device).requires_grad_()
+    dy = torch.randn(300, 72, generator=rng).to(device)
+    (layer(x).float() * dy).sum().backward()
+    W = layer.dequantize(torch.float32)
+    assert rel_err(x.grad, dy @ W) < 1e-2
+    assert rel_err(layer.bias.grad, dy.sum(0)) < 1e-2
+    packed, state = layer.weight, layer.quant_state
+    acc = torch.randn(300, 72, generator=rng).to(torch.bfloat16).to(device).requires_grad_()
+    (torch.ops.qlora_kernels.gemm_4bit(x.detach(), packed, state.absmax, state.blocksize, state.quant_type, 72,
+                                       *_nested_args(state), None, acc).float() * dy).sum().backward()
+    assert rel_err(acc.grad, dy) < 1e-2

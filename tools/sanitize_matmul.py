@@ -11,7 +11,8 @@ multiple of 16, K not a multiple of the 128-element warp step, bf16 and fp16, NF
 plain and double-quantized absmax, with and without bias. On sm_90 M = 1 and 3 take the
 bulk-copy kernel; they run again with it turned off, and once with more row tiles than its
 persistent grid has CTAs, alone and grouped. On sm_90 9-64 tokens take the rows kernel; each of
-its configurations runs, and the register kernel in its place.
+its configurations runs, and the register kernel in its place. Then gemm_4bit, the many-token
+op (on sm_90 its wgmma kernel).
 """
 
 import os
@@ -75,5 +76,20 @@ for rows in ("1,2", "1,4", "2,2", "2,4", "1,4,3", "2,2,1000", "0"):
         x = torch.randn(M, 4160, device="cuda", generator=g).to(torch.bfloat16)
         op(x, packed, st.absmax, 64, "nf4", 257, *_nested_args(st), None)
 del os.environ["QLORA_KERNELS_MM_ROWS"]
+# gemm_4bit (many tokens): on sm_90 the wgmma kernel, on these small problems too; two token
+# tiles (300), a last row tile of 1 row (257: the element-wise epilogue) and of 8 (264: the
+# 16-byte one), 65 K steps, with and without bias and accumulate, both dtypes and formats
+print("gemm_4bit", flush=True)
+os.environ["QLORA_KERNELS_GEMM"] = "always"
+for N, qt, bs, dq in ((257, "nf4", 64, True), (264, "fp4", 128, False)):
+    W = torch.randn(N, 4160, device="cuda", generator=g)
+    packed, st = qk.quantize_4bit(W, quant_type=qt, blocksize=bs, double_quant=dq)
+    for dtype in (torch.bfloat16, torch.float16):
+        x = torch.randn(300, 4160, device="cuda", generator=g).to(dtype)
+        bias = torch.randn(N, device="cuda", generator=g).to(dtype)
+        acc = torch.randn(300, N, device="cuda", generator=g).to(dtype)
+        torch.ops.qlora_kernels.gemm_4bit(x, packed, st.absmax, bs, qt, N, *_nested_args(st), bias, acc)
+        torch.ops.qlora_kernels.gemm_4bit(x, packed, st.absmax, bs, qt, N, *_nested_args(st), None, None)
+del os.environ["QLORA_KERNELS_GEMM"]
 torch.cuda.synchronize()
 print("sanitize_matmul: all paths ran")

@@ -375,3 +375,20 @@ def matmul_4bit(
 
 # several weights times the same x: one Triton launch per weight
 matmul_4bit_grouped = reference.grouped(matmul_4bit)
+
+
+def gemm_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, N: int,
+              nested_absmax: torch.Tensor | None = None, nested_code: torch.Tensor | None = None,
+              offset: torch.Tensor | None = None, nested_blocksize: int = codes.NESTED_BLOCKSIZE,
+              bias: torch.Tensor | None = None, accumulate: torch.Tensor | None = None) -> torch.Tensor:
+    """The op ``gemm_4bit`` on the Triton backend: W dequantized by the Triton kernel into x's
+    dtype, then cuBLAS (``accumulate`` as its beta = 1 input). At many rows the GEMM's arithmetic
+    bounds the layer, and Triton's 4-bit dot kernel was 2-3.5x slower than this there
+    (experiments/matmul_4bit_triton_dot_prefill_rejected.json)."""
+    from .quant import dequantize_4bit
+
+    K = x.shape[-1]
+    W = dequantize_4bit(packed, absmax, blocksize, quant_type, N * K, x.dtype, nested_absmax, nested_code, offset,
+                        nested_blocksize).view(N, K)
+    out = torch.addmm(accumulate, x, W.T) if accumulate is not None else x @ W.T
+    return out.add_(bias) if bias is not None else out

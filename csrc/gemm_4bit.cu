@@ -1,0 +1,523 @@
+// The 4-bit GEMM for many tokens (prefill, training), sm_90a: out[M, N] = x[M, K] @ W[N, K]^T
+// (+ bias) (+ accumulate), W in bitsandbytes' 4-bit layout, read as 4 bits and decoded in
+// registers into the tensor cores' A operand. No dequantized W in memory.
+//
+// Why: at hundreds to thousands of tokens the layer is bound by arithmetic, and the other way,
+// dequantize_4bit into a 16-bit buffer and then cuBLAS, writes and reads back 2 bytes per weight
+// for nothing: 8192 x 22016 at 4096 tokens spent ~155 us of ~2.1 ms in the dequantize (H100).
+//
+// How (one CTA per tile of 128 weight rows x 256 tokens, walking K in steps of 64):
+// * D^T = W . x^T: the weight is wgmma's A operand (64 rows per consumer warpgroup, from
+//   registers), x the B operand (256 tokens, from shared memory). A register A operand has the
+//   mma.sync m16n8k16 layout: lane (g = lane / 4, t = lane % 4) of warp w holds rows 16 w + g and
+//   + 8, columns 2t, 2t + 1 and 2t + 8, 2t + 9 of each 16-column slice s. In packed W those are
+//   the high and low nibble of byte 8 s + t and of byte 8 s + t + 4: byte t of the 4-byte words
+//   2 s and 2 s + 1 of the row's 32 bytes of the step. So each lane loads its two rows' 32 bytes
+//   (two 16-byte shared loads a row, the 4 lanes of a row reading the same addresses) and looks
+//   up byte t of every word: a byte permute, a shift-or and one shared load from the byte -> pair
+//   table (decode_4bit.cuh), then one HMUL2 by the row's absmax. A 64-element step is one absmax
+//   block (blocksize a multiple of 64), so a row has one scale a step.
+// * x comes as a 256 x 64 box by the TMA in the 128-byte swizzle that wgmma's descriptor reads;
+//   the packed weight as a 128 x 32-byte box. A producer warp keeps kGemmStages steps in flight
+//   (mbarriers full / empty); the two consumer warpgroups decode step k + 1 while the wgmmas of
+//   step k run (A registers double-buffered, wgmma.wait_group 1).
+// * The epilogue stages the float32 tile in shared memory (the stages' memory, free by then) and
+//   writes each token's 128 outputs as 16-byte stores, adding the bias and `accumulate` (the
+//   LoRA term of matmul_4bit_lora) in float32 before the one rounding, as cuBLAS' beta = 1 does.
+// Numerics: the decoded weight is code * absmax rounded to x's type, as in matmul_4bit.cu (the
+// code value and the absmax each rounded to it first); sums in float32.
+#include <torch/library.h>
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
+
+#include "common.cuh"
+#include "decode_4bit.cuh"
+#include "quant_4bit.h"
+#include "tma.cuh"
+
+// The 128 float32 accumulators of one m64n256 wgmma per thread, as asm operands %0 .. %127.
+#define QK_WGMMA_D_REGS \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, " \
+  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, " \
+  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, " \
+  "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
+  "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+#define QK_WGMMA_D_OPERANDS \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+  "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+  "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+  "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+  "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), \
+  "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), \
+  "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), \
+  "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), \
+  "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), \
+  "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), \
+  "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), \
+  "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), \
+  "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+
+namespace qlora_kernels {
+namespace {
+
+constexpr int kGemmTokens = 256;  // tokens per CTA tile: the wgmma's N
+constexpr int kGemmRows = 128;    // weight rows per CTA tile: 2 consumer warpgroups x 64
+constexpr int kGemmStepK = 64;    // K per stage: one absmax block of 64 (or part of a larger one)
+// Stages in flight: on an H100 four beat five (8192 x 8192 .. 28672 x 8192 at 4096 tokens).
+constexpr int kGemmStages = 4;
+constexpr int kGemmXBytes = kGemmTokens * kGemmStepK * 2;  // 32 KB a stage
+constexpr int kGemmWBytes = kGemmRows * kGemmStepK / 2;    // 4 KB a stage
+constexpr int kGemmConsumers = 256;                        // two warpgroups
+constexpr int kGemmThreads = kGemmConsumers + 128;         // + the producer warpgroup (one lane of it copies)
+// The staged output tile: a token's 128 float32 outputs, padded by 4 so that the accumulator
+// stores (lanes t 0..3 two tokens apart, g 0..7 one row apart) fall in 32 different banks.
+constexpr int kGemmOutPitch = kGemmRows + 4;
+constexpr int kGemmStageArea = kGemmStages * (kGemmXBytes + kGemmWBytes);
+constexpr int kGemmSmem = kGemmStageArea + kTableBytes + 256 * 4 + 2 * kGemmStages * 8;
+static_assert(kGemmTokens * kGemmOutPitch * 4 <= kGemmStageArea, "the staged output tile fits in the stages");
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// d += a (four registers: the m64k16 A operand) x B (k16 x 256 tokens in shared memory at desc).
+template <typename T>
+__device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                 uint64_t desc) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.eq.u32 p, 1, 1;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {" QK_WGMMA_D_REGS
+        "}, {%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"
+        : QK_WGMMA_D_OPERANDS
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.eq.u32 p, 1, 1;\n"
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 {" QK_WGMMA_D_REGS
+        "}, {%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"
+        : QK_WGMMA_D_OPERANDS
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc));
+  }
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+}
+// Keeps registers read by an in-flight wgmma alive and unchanged up to here (after its wait).
+template <int kN>
+__device__ __forceinline__ void hold(uint32_t (&r)[kN]) {
+#pragma unroll
+  for (int i = 0; i < kN; ++i) asm volatile("" : "+r"(r[i])::"memory");
+}
+// Shared-memory matrix descriptor of a K-major operand in the 128-byte swizzle: 8-row groups
+// 1024 bytes apart (the stride), the leading offset unused (1).
+__device__ __forceinline__ uint64_t swizzle128_descriptor(const void* p) {
+  const uint64_t address = shared_address(p);
+  return ((address & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+}
+__device__ __forceinline__ void gemm_consumer_sync() {
+  asm volatile("bar.sync 1, %0;" ::"n"(kGemmConsumers) : "memory");
+}
+
+// The 16 A registers of one step for this lane (4 slices x a0..a3), from its rows' 32 bytes at
+// w_lo and w_hi: byte t of words 2s, 2s + 1, through the table, times the rows' scale pairs.
+template <typename T>
+__device__ __forceinline__ void decode_step(uint32_t (&a)[16], const uint8_t* w_lo, const uint8_t* w_hi,
+                                            const PairLookup& entry, uint32_t byte_t, uint32_t s_lo, uint32_t s_hi) {
+  const uint4 l0 = *reinterpret_cast<const uint4*>(w_lo), l1 = *reinterpret_cast<const uint4*>(w_lo + 16);
+  const uint4 h0 = *reinterpret_cast<const uint4*>(w_hi), h1 = *reinterpret_cast<const uint4*>(w_hi + 16);
+  const uint32_t lo[8] = {l0.x, l0.y, l0.z, l0.w, l1.x, l1.y, l1.z, l1.w};
+  const uint32_t hi[8] = {h0.x, h0.y, h0.z, h0.w, h1.x, h1.y, h1.z, h1.w};
+  // byte t of a word at its table offset (byte << 7)
+  auto pair = [&](uint32_t word) { return entry(__byte_perm(word, 0, byte_t) << 7); };
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+    a[4 * s + 0] = scale_pair<T>(pair(lo[2 * s]), s_lo);
+    a[4 * s + 1] = scale_pair<T>(pair(hi[2 * s]), s_hi);
+    a[4 * s + 2] = scale_pair<T>(pair(lo[2 * s + 1]), s_lo);
+    a[4 * s + 3] = scale_pair<T>(pair(hi[2 * s + 1]), s_hi);
+  }
+}
+#endif
+
+// See the top of the file. Grid: (row tiles, token tiles). Rows past N and tokens past M are
+// read as zeros (the TMA fills a box past the tensor's end) and never stored.
+template <typename T>
+__global__ void __launch_bounds__(kGemmThreads, 1)
+    gemm_4bit_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap w_map,
+                     const void* __restrict__ absmax, const float* __restrict__ nested_absmax,
+                     const float* __restrict__ nested_code, const float* __restrict__ offset,
+                     const T* __restrict__ bias, const T* __restrict__ accumulate, T* __restrict__ out, int M, int N,
+                     int K, int lg_bs, int lg_nbs, int quant_type, bool nested, bool vector_out, int group) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  // The dynamic shared memory starts on 1024 bytes (the 128-byte swizzle's period) as declared;
+  // a build where it did not would compute garbage, so it stops instead. (Aligning at run time
+  // made the compiler add the offset to every table lookup.)
+  extern __shared__ __align__(1024) uint8_t smem[];
+  if (threadIdx.x == 0 && (shared_address(smem) & 1023u) != 0) __trap();
+  uint8_t* s_x = smem;
+  uint8_t* s_w = smem + kGemmStages * kGemmXBytes;
+  uint8_t* s_table = smem + kGemmStageArea;
+  float* s_code8 = reinterpret_cast<float*>(s_table + kTableBytes);
+  uint64_t* full = reinterpret_cast<uint64_t*>(s_code8 + 256);
+  uint64_t* empty = full + kGemmStages;
+
+  const int tid = threadIdx.x;
+  const int lane = tid & 31;
+  const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0);
+  // Tile order: CTAs in launch order walk `group` token tiles for each row tile, then the next
+  // row tile, so that the CTAs running at once share both their weight and their x tiles in L2.
+  const int token_tiles = (M + kGemmTokens - 1) / kGemmTokens;
+  const int row_tiles = (N + kGemmRows - 1) / kGemmRows;
+  const int tiles_in_group = group * row_tiles;
+  const int id = static_cast<int>(blockIdx.x);
+  const int first_token_tile = id / tiles_in_group * group;
+  const int group_size = min(token_tiles - first_token_tile, group);
+  const int tok0 = (first_token_tile + id % tiles_in_group % group_size) * kGemmTokens;
+  const int row0 = id % tiles_in_group / group_size * kGemmRows;
+  const int nsteps = K / kGemmStepK;
+  if (tid == 0) {
+    for (int i = 0; i < kGemmStages; ++i) {
+      mbarrier_init(&full[i], 1);   // the producer's arrive, plus the stage's bytes
+      mbarrier_init(&empty[i], 8);  // one arrive per consumer warp
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  if (warp >= kGemmConsumers / 32) {
+    // The producer warpgroup gives its registers to the consumers; one lane issues the copies.
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (warp == kGemmConsumers / 32 && lane == 0) {
+      uint64_t policy;
+      asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(policy));
+      for (int step = 0; step < nsteps; ++step) {
+        const int slot = step % kGemmStages;
+        if (step >= kGemmStages) {
+          mbarrier_wait(&empty[slot], ((step / kGemmStages) & 1) ^ 1);
+          fence_reads_before_async_copy();  // the consumers read the weight stage through the generic proxy
+        }
+        mbarrier_expect_bytes(&full[slot], kGemmXBytes + kGemmWBytes);
+        tensor_copy_2d(s_x + slot * kGemmXBytes, &x_map, step * kGemmStepK, tok0, &full[slot], policy);
+        tensor_copy_2d(s_w + slot * kGemmWBytes, &w_map, step * kGemmStepK / 2, row0, &full[slot], policy);
+      }
+    }
+    return;
+  }
+
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  build_pair_table<T>(s_table, quant_type, tid, kGemmConsumers);
+  load_code8(s_code8, nested_code, nested, tid, kGemmConsumers);
+  gemm_consumer_sync();
+
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int r_lo = warp * 16 + g;  // this lane's rows in the tile: r_lo and r_lo + 8
+  const PairLookup entry{s_table, 4u * lane};
+  const uint32_t byte_t = 0x4440u | t;  // __byte_perm selector: byte t of a word, zero above
+  // Each row's absmax block at step s: (n K + 64 s) >> lg_bs, in 32 bits from the row's start
+  // (the host checks the block count fits in 31 bits). Rows past N read row N - 1's.
+  const RowStart lo_row = row_start(nullptr, min(row0 + r_lo, N - 1), K, lg_bs);
+  const RowStart hi_row = row_start(nullptr, min(row0 + r_lo + 8, N - 1), K, lg_bs);
+  const float off = nested ? __ldg(offset) : 0.0f;
+  // The raw absmax of the next step, loaded one step ahead of its use.
+  ScaleLoads raw = load_scales(lo_row, hi_row, 0, true, absmax, nested, nested_absmax, lg_bs, lg_nbs);
+  auto scales = [&](int step, uint32_t& s_lo, uint32_t& s_hi) {
+    s_lo = chunk_scale<T>(raw.ra, raw.na, true, nested, s_code8, off);
+    s_hi = chunk_scale<T>(raw.rb, raw.nb, true, nested, s_code8, off);
+    raw = load_scales(lo_row, hi_row, (step + 1) * kGemmStepK, step + 1 < nsteps, absmax, nested, nested_absmax,
+                      lg_bs, lg_nbs);
+  };
+  float d[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) d[i] = 0.0f;
+  uint32_t a_even[16], a_odd[16];  // the A registers of even and odd steps
+  auto load = [&](int step, uint32_t (&a)[16]) {
+    const int slot = step % kGemmStages;
+    mbarrier_wait(&full[slot], (step / kGemmStages) & 1);
+    uint32_t s_lo, s_hi;
+    scales(step, s_lo, s_hi);
+    const uint8_t* w = s_w + slot * kGemmWBytes;
+    decode_step<T>(a, w + r_lo * 32, w + (r_lo + 8) * 32, entry, byte_t, s_lo, s_hi);
+  };
+  auto issue = [&](int step, uint32_t (&a)[16]) {
+    const uint64_t desc = swizzle128_descriptor(s_x + (step % kGemmStages) * kGemmXBytes);
+    wgmma_fence();
+#pragma unroll
+    for (int s = 0; s < 4; ++s) wgmma_m64n256k16<T>(d, a[4 * s], a[4 * s + 1], a[4 * s + 2], a[4 * s + 3], desc + 2 * s);
+    wgmma_commit();
+  };
+  // step's x and weights are no longer read: its wgmmas are done (waited for) and its weight
+  // bytes are in registers
+  auto release = [&](int step) {
+    __syncwarp();
+    if (lane == 0) mbarrier_arrive(&empty[step % kGemmStages]);
+  };
+  // Step k + 1 is decoded while the wgmmas of step k run; then k's are waited for (one group
+  // stays in flight) and its stage released.
+  load(0, a_even);
+  issue(0, a_even);
+  int step = 0;
+  // Near the end of K, each consumer thread asks L2 for the accumulate rows of the token its
+  // epilogue starts with (256 threads, 256 tokens, 2 lines of 128 bytes each), so that the
+  // epilogue's loads of it do not wait for DRAM.
+  const int prefetch_step = max(0, nsteps - 8);
+  auto prefetch_accumulate = [&] {
+    const int tok = tok0 + tid;
+    if (accumulate != nullptr && tok < M)
+      for (int n = row0; n < min(row0 + kGemmRows, N); n += 64) prefetch_l2(accumulate + static_cast<int64_t>(tok) * N + n);
+  };
+  for (; step + 2 < nsteps; step += 2) {
+    if (step == (prefetch_step & ~1)) prefetch_accumulate();
+    load(step + 1, a_odd);
+    issue(step + 1, a_odd);
+    wgmma_wait<1>();
+    hold(a_even);
+    release(step);
+    load(step + 2, a_even);
+    issue(step + 2, a_even);
+    wgmma_wait<1>();
+    hold(a_odd);
+    release(step + 1);
+  }
+  if (nsteps <= 2) prefetch_accumulate();
+  if (step + 1 < nsteps) {
+    load(step + 1, a_odd);
+    issue(step + 1, a_odd);
+    wgmma_wait<1>();
+    hold(a_even);
+    release(step);
+    ++step;
+  }
+  wgmma_wait<0>();
+  hold(a_even);
+  hold(a_odd);
+  release(step);
+
+  // Epilogue: accumulator 4 j + i of this lane is row r_lo (+ 8 for i >= 2), token 8 j + 2 t + (i & 1).
+  gemm_consumer_sync();  // every consumer's wgmmas are done: the stages' memory is free
+  float* s_out = reinterpret_cast<float*>(smem);
+#pragma unroll
+  for (int j = 0; j < 32; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) s_out[(8 * j + 2 * t + (i & 1)) * kGemmOutPitch + r_lo + (i >= 2 ? 8 : 0)] = d[4 * j + i];
+  gemm_consumer_sync();
+  // 8 outputs (16 bytes) a thread at a time, 16 threads a token: chunk c of the tile is token
+  // c / 16, rows 8 (c % 16) ..; this thread's are c = tid + 256 i.
+  constexpr int kChunksPerToken = kGemmRows / 8;
+  constexpr int kChunks = kGemmTokens * kChunksPerToken / kGemmConsumers;  // 16 a thread
+  auto chunk_at = [&](int i, int& tok, int& n, const float*& src) {
+    const int c = tid + kGemmConsumers * i;
+    tok = tok0 + c / kChunksPerToken;
+    n = row0 + (c % kChunksPerToken) * 8;
+    src = s_out + (c / kChunksPerToken) * kGemmOutPitch + (c % kChunksPerToken) * 8;
+  };
+  if (vector_out) {  // N % 8 == 0 and 16-byte aligned bias / accumulate (the host checked)
+    // all of this thread's accumulate loads first, then the sums: 16 loads in flight, not one
+    uint4 acc[kChunks];
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      int tok, n;
+      const float* src;
+      chunk_at(i, tok, n, src);
+      acc[i] = accumulate != nullptr && tok < M && n < N
+                   ? *reinterpret_cast<const uint4*>(accumulate + static_cast<int64_t>(tok) * N + n)
+                   : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      int tok, n;
+      const float* src;
+      chunk_at(i, tok, n, src);
+      if (tok >= M || n >= N) continue;
+      const float4 v0 = *reinterpret_cast<const float4*>(src), v1 = *reinterpret_cast<const float4*>(src + 4);
+      const float v[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+      T b[8], a[8], r[8];
+      if (bias != nullptr) *reinterpret_cast<uint4*>(b) = __ldg(reinterpret_cast<const uint4*>(bias + n));
+      *reinterpret_cast<uint4*>(a) = acc[i];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        float sum = v[e];
+        if (bias != nullptr) sum += to_float(b[e]);
+        if (accumulate != nullptr) sum += to_float(a[e]);
+        r[e] = from_float<T>(sum);
+      }
+      *reinterpret_cast<uint4*>(out + static_cast<int64_t>(tok) * N + n) = *reinterpret_cast<const uint4*>(r);
+    }
+  } else {
+    for (int i = 0; i < kChunks; ++i) {
+      int tok, n;
+      const float* src;
+      chunk_at(i, tok, n, src);
+      const int64_t o = static_cast<int64_t>(tok) * N + n;
+      for (int e = 0; e < 8 && tok < M && n + e < N; ++e) {
+        float sum = src[e];
+        if (bias != nullptr) sum += to_float(bias[n + e]);
+        if (accumulate != nullptr) sum += to_float(accumulate[o + e]);
+        out[o + e] = from_float<T>(sum);
+      }
+    }
+  }
+#endif
+}
+
+// Whether gemm_4bit_kernel can run on this device: compiled for sm_90a (setup.py builds compute
+// capability 9.0 as 9.0a), the device is 9.0 (sm_90a code runs there only), this build's code for
+// it is sm_90 (not PTX of an older one) and the driver encodes tensor maps.
+bool gemm_kernel_usable(int device) {
+#if defined(QLORA_KERNELS_SM90A)
+  return compute_capability_major(device) == 9 &&
+         device_attribute(device, cudaDevAttrComputeCapabilityMinor) == 0 &&
+         kernel_built_for(reinterpret_cast<const void*>(gemm_4bit_kernel<__nv_bfloat16>), device, 90) &&
+         tensor_map_encoder() != nullptr;
+#else
+  (void)device;
+  return false;
+#endif
+}
+
+// QLORA_KERNELS_GEMM: "0" turns the kernel off (dequantize + cuBLAS, for comparisons); "always"
+// runs it on problems of any size (tests, sanitizers); unset or anything else, on problems of at
+// least one tile per SM: its 128 x 256 tiles leave SMs idle on smaller ones, where cuBLAS picks
+// smaller tiles.
+bool gemm_kernel_wanted(int64_t M, int64_t N, int device) {
+  const char* env = std::getenv("QLORA_KERNELS_GEMM");
+  const std::string mode = env != nullptr ? env : "";
+  if (mode == "0") return false;
+  if (mode == "always") return true;
+  return ceil_div(N, kGemmRows) * ceil_div(M, kGemmTokens) >= multiprocessor_count(device);
+}
+
+// Raises the kernel's dynamic shared memory limit on a device, once.
+template <typename T>
+void allow_gemm_smem(int device) {
+  static std::mutex mutex;
+  static std::vector<int> done;
+  std::lock_guard<std::mutex> lock(mutex);
+  if (std::find(done.begin(), done.end(), device) != done.end()) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(gemm_4bit_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, kGemmSmem));
+  done.push_back(device);
+}
+
+at::Tensor gemm_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                     c10::string_view quant_type, int64_t N, const std::optional<at::Tensor>& nested_absmax,
+                     const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
+                     int64_t nested_blocksize, const std::optional<at::Tensor>& bias,
+                     const std::optional<at::Tensor>& accumulate) {
+  check_cuda(x, "x");
+  TORCH_CHECK(x.dim() == 2, "x: expected a 2-D tensor [M, K], got sizes ", dims(x.sizes()));
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf || x.scalar_type() == at::kFloat,
+              "x: expected dtype bfloat16, float16 or float32, got ", x.scalar_type());
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(N >= 0, "N: expected >= 0, got ", num(N));
+  check_operand(packed, "packed", x, "x");
+  check_dtype(packed, "packed", at::kByte);
+  check_numel(packed, "packed", (N * K + 1) / 2, "(N * K + 1) / 2 bytes");
+  check_operand(absmax, "absmax", x, "x");
+  const int lg_bs = log2_blocksize(blocksize, "blocksize");
+  const QuantType qt = parse_quant_type(quant_type);
+  const bool nested = nested_absmax.has_value();
+  TORCH_CHECK(nested_code.has_value() == nested && offset.has_value() == nested,
+              "nested_absmax, nested_code, offset: expected all three (double quant) or none");
+  if (bias.has_value()) {
+    check_operand(*bias, "bias", x, "x");
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "bias: expected dtype ", x.scalar_type(), " (x's), got ",
+                bias->scalar_type());
+    check_numel(*bias, "bias", N, "N");
+  }
+  if (accumulate.has_value()) {
+    check_operand(*accumulate, "accumulate", x, "x");
+    TORCH_CHECK(accumulate->scalar_type() == x.scalar_type(), "accumulate: expected dtype ", x.scalar_type(),
+                " (x's), got ", accumulate->scalar_type());
+    TORCH_CHECK(accumulate->dim() == 2 && accumulate->size(0) == M && accumulate->size(1) == N,
+                "accumulate: expected sizes [", num(M), ", ", num(N), "], got ", dims(accumulate->sizes()));
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int device = x.get_device();
+  const int64_t nblocks = ceil_div(N * K, blocksize);
+  const bool fused = x.scalar_type() != at::kFloat && K % kGemmStepK == 0 && blocksize >= kGemmStepK && M > 0 &&
+                     N > 0 && nblocks < (int64_t{1} << 31) &&
+                     N * K < (int64_t{1} << 40) && K < (int64_t{1} << 31) && x.is_contiguous() &&
+                     is_aligned16(x.data_ptr()) && packed.is_contiguous() && is_aligned16(packed.data_ptr()) &&
+                     gemm_kernel_usable(device) && gemm_kernel_wanted(M, N, device);
+  if (!fused) {
+    // dequantize + cuBLAS (float32 x, K not a multiple of 64, blocksize 32, GPUs other than sm_90)
+    const at::Tensor W =
+        dequantize_4bit(packed, absmax, blocksize, quant_type, N * K, x.scalar_type(), nested_absmax, nested_code,
+                        offset, nested_blocksize)
+            .view({N, K});
+    at::Tensor out = accumulate.has_value() ? at::addmm(*accumulate, x, W.t()) : at::mm(x, W.t());
+    if (bias.has_value()) out.add_(bias->view({1, N}));
+    return out;
+  }
+  int lg_nbs = 0;
+  if (nested) {
+    lg_nbs = log2_blocksize(nested_blocksize, "nested_blocksize");
+    check_dtype(absmax, "absmax", at::kByte);
+    check_operand(*nested_absmax, "nested_absmax", x, "x");
+    check_dtype(*nested_absmax, "nested_absmax", at::kFloat);
+    check_numel(*nested_absmax, "nested_absmax", ceil_div(nblocks, nested_blocksize),
+                "ceil(absmax.numel() / nested_blocksize)");
+    check_operand(*nested_code, "nested_code", x, "x");
+    check_dtype(*nested_code, "nested_code", at::kFloat);
+    check_numel(*nested_code, "nested_code", 256, "the 8-bit code");
+    check_operand(*offset, "offset", x, "x");
+    check_dtype(*offset, "offset", at::kFloat);
+    check_numel(*offset, "offset", 1, "a scalar");
+  } else {
+    check_dtype(absmax, "absmax", at::kFloat);
+  }
+  check_numel(absmax, "absmax", nblocks, "ceil(N * K / blocksize)");
+  const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
+  const at::Tensor acc_c = accumulate.has_value() ? accumulate->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({M, N}, x.options());
+  const bool vector_out = N % 8 == 0 && (!bias.has_value() || is_aligned16(bias_c.data_ptr())) &&
+                          (!accumulate.has_value() || is_aligned16(acc_c.data_ptr()));
+  PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  // x [M, K] in boxes of 256 tokens x 64 elements, in the 128-byte swizzle; W as bytes [N, K / 2]
+  // in boxes of 128 rows x 32 bytes
+  const CUtensorMap x_map =
+      tensor_map<2>(encode, CU_TENSOR_MAP_DATA_TYPE_UINT16, x.data_ptr(),
+                    {static_cast<cuuint64_t>(K), static_cast<cuuint64_t>(M)}, {static_cast<cuuint64_t>(K) * 2},
+                    {kGemmStepK, kGemmTokens}, CU_TENSOR_MAP_SWIZZLE_128B, "x", M, K);
+  const CUtensorMap w_map =
+      tensor_map<2>(encode, CU_TENSOR_MAP_DATA_TYPE_UINT8, packed.data_ptr(),
+                    {static_cast<cuuint64_t>(K / 2), static_cast<cuuint64_t>(N)}, {static_cast<cuuint64_t>(K / 2)},
+                    {kGemmStepK / 2, kGemmRows}, CU_TENSOR_MAP_SWIZZLE_NONE, "a weight", N, K);
+  const int64_t token_tiles = ceil_div(M, kGemmTokens);
+  const int64_t tiles = ceil_div(N, kGemmRows) * token_tiles;
+  TORCH_CHECK(tiles < (int64_t{1} << 31), "x, N: too many tiles");
+  const char* group_env = std::getenv("QLORA_KERNELS_GEMM_GROUP");
+  const int group = static_cast<int>(std::min<int64_t>(token_tiles, group_env != nullptr ? std::max(1, std::atoi(group_env)) : 1));
+  const dim3 grid(static_cast<unsigned>(tiles));
+  auto run = [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    allow_gemm_smem<T>(device);
+    gemm_4bit_kernel<T><<<grid, kGemmThreads, kGemmSmem, c10::cuda::getCurrentCUDAStream()>>>(
+        x_map, w_map, absmax.data_ptr(), nested ? nested_absmax->data_ptr<float>() : nullptr,
+        nested ? nested_code->data_ptr<float>() : nullptr, nested ? offset->data_ptr<float>() : nullptr,
+        bias.has_value() ? reinterpret_cast<const T*>(bias_c.data_ptr()) : nullptr,
+        accumulate.has_value() ? reinterpret_cast<const T*>(acc_c.data_ptr()) : nullptr,
+        reinterpret_cast<T*>(out.data_ptr()), static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), lg_bs,
+        lg_nbs, static_cast<int>(qt), nested, vector_out, group);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (x.scalar_type() == at::kBFloat16) {
+    run(TypeTag<__nv_bfloat16>{});
+  } else {
+    run(TypeTag<__half>{});
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace qlora_kernels
+
+TORCH_LIBRARY_IMPL(qlora_kernels, CUDA, m) { m.impl("gemm_4bit", &qlora_kernels::gemm_4bit); }
