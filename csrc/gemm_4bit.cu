@@ -70,7 +70,8 @@ namespace {
 constexpr int kGemmTokens = 256;  // tokens per CTA tile: the wgmma's N
 constexpr int kGemmRows = 128;    // weight rows per CTA tile: 2 consumer warpgroups x 64
 constexpr int kGemmStepK = 64;    // K per stage: one absmax block of 64 (or part of a larger one)
-// Stages in flight: on an H100 four beat five (8192 x 8192 .. 28672 x 8192 at 4096 tokens).
+// Stages in flight: on an H100 five were slower than four on 5 of the 7 LLaMA layers at 4096
+// tokens (by up to 3%), the others within 1%.
 constexpr int kGemmStages = 4;
 constexpr int kGemmXBytes = kGemmTokens * kGemmStepK * 2;  // 32 KB a stage
 constexpr int kGemmWBytes = kGemmRows * kGemmStepK / 2;    // 4 KB a stage
@@ -383,16 +384,32 @@ bool gemm_kernel_usable(int device) {
 #endif
 }
 
+// Where the kernel beats dequantize + cuBLAS (H100, bf16, NF4 + double quant, the LLaMA layers
+// from 4096 x 4096 to 28672 x 8192, median of interleaved rounds; benchmarks/results/
+// NVIDIA-H100-80GB-HBM3/gemm_4bit_vs_dequantize.txt):
+// * up to 2048 tokens by 1-35% (the dequantize pass is a large share of a small GEMM: 8192 x
+//   8192 at 512 tokens 110 against 170 us), when the problem has tiles for ~all SMs: with fewer
+//   its 128 x 256 tiles leave SMs idle where cuBLAS picks smaller ones (4096 x 11008 at 512
+//   tokens, 64 tiles: 124 against 114 us);
+// * at 4096 tokens it is even on average (0.96-1.05 by layer), and it needs no 16-bit W buffer;
+// * at 8192 tokens cuBLAS' faster main loop wins (1.02-1.05): dequantize + cuBLAS there.
+constexpr int64_t kGemmMaxTokens = 4096;
 // QLORA_KERNELS_GEMM: "0" turns the kernel off (dequantize + cuBLAS, for comparisons); "always"
-// runs it on problems of any size (tests, sanitizers); unset or anything else, on problems of at
-// least one tile per SM: its 128 x 256 tiles leave SMs idle on smaller ones, where cuBLAS picks
-// smaller tiles.
+// runs it on problems of any size (tests, sanitizers); unset or anything else, by the rule above.
 bool gemm_kernel_wanted(int64_t M, int64_t N, int device) {
   const char* env = std::getenv("QLORA_KERNELS_GEMM");
   const std::string mode = env != nullptr ? env : "";
   if (mode == "0") return false;
   if (mode == "always") return true;
-  return ceil_div(N, kGemmRows) * ceil_div(M, kGemmTokens) >= multiprocessor_count(device);
+  return M <= kGemmMaxTokens && 8 * ceil_div(N, kGemmRows) * ceil_div(M, kGemmTokens) >= 7 * multiprocessor_count(device);
+}
+
+// Token tiles a group of the tile order walks (see the kernel): 4, or QLORA_KERNELS_GEMM_GROUP.
+// On an H100 4 was 0-5% faster than 1 (row tiles first) on 13 of 14 layer x token counts.
+int gemm_group(int64_t token_tiles) {
+  const char* env = std::getenv("QLORA_KERNELS_GEMM_GROUP");
+  const int64_t group = env != nullptr ? std::max(1, std::atoi(env)) : 4;
+  return static_cast<int>(std::min(token_tiles, group));
 }
 
 // Raises the kernel's dynamic shared memory limit on a device, once.
@@ -494,8 +511,7 @@ at::Tensor gemm_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Te
   const int64_t token_tiles = ceil_div(M, kGemmTokens);
   const int64_t tiles = ceil_div(N, kGemmRows) * token_tiles;
   TORCH_CHECK(tiles < (int64_t{1} << 31), "x, N: too many tiles");
-  const char* group_env = std::getenv("QLORA_KERNELS_GEMM_GROUP");
-  const int group = static_cast<int>(std::min<int64_t>(token_tiles, group_env != nullptr ? std::max(1, std::atoi(group_env)) : 1));
+  const int group = gemm_group(token_tiles);
   const dim3 grid(static_cast<unsigned>(tiles));
   auto run = [&](auto tag) {
     using T = typename decltype(tag)::type;
