@@ -243,6 +243,32 @@ inline QuantType parse_quant_type(c10::string_view quant_type) {
 
 __host__ __device__ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// absmax's dtype (uint8 codes with double quant, else float32) and, with double quant, the
+// nested absmax (ceil(nblocks / nested_blocksize) floats), the 8-bit code (256 floats) and the
+// offset (one float), each on `like`'s device; returns log2(nested_blocksize) (0 without).
+inline int check_absmax_dtype_and_nested(const at::Tensor& absmax, const std::optional<at::Tensor>& nested_absmax,
+                                         const std::optional<at::Tensor>& nested_code,
+                                         const std::optional<at::Tensor>& offset, int64_t nblocks,
+                                         int64_t nested_blocksize, const at::Tensor& like, const char* like_name) {
+  if (!nested_absmax.has_value()) {
+    check_dtype(absmax, "absmax", at::kFloat);
+    return 0;
+  }
+  check_dtype(absmax, "absmax", at::kByte);
+  const int lg_nbs = log2_blocksize(nested_blocksize, "nested_blocksize");
+  check_operand(*nested_absmax, "nested_absmax", like, like_name);
+  check_dtype(*nested_absmax, "nested_absmax", at::kFloat);
+  check_numel(*nested_absmax, "nested_absmax", ceil_div(nblocks, nested_blocksize),
+              "ceil(absmax.numel() / nested_blocksize)");
+  check_operand(*nested_code, "nested_code", like, like_name);
+  check_dtype(*nested_code, "nested_code", at::kFloat);
+  check_numel(*nested_code, "nested_code", 256, "the 8-bit code");
+  check_operand(*offset, "offset", like, like_name);
+  check_dtype(*offset, "offset", at::kFloat);
+  check_numel(*offset, "offset", 1, "a scalar");
+  return lg_nbs;
+}
+
 inline bool is_aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // A device attribute, asked once per (device, attribute): the query costs about as much host

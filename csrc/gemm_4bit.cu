@@ -474,23 +474,8 @@ at::Tensor gemm_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Te
     if (bias.has_value()) out.add_(bias->view({1, N}));
     return out;
   }
-  int lg_nbs = 0;
-  if (nested) {
-    lg_nbs = log2_blocksize(nested_blocksize, "nested_blocksize");
-    check_dtype(absmax, "absmax", at::kByte);
-    check_operand(*nested_absmax, "nested_absmax", x, "x");
-    check_dtype(*nested_absmax, "nested_absmax", at::kFloat);
-    check_numel(*nested_absmax, "nested_absmax", ceil_div(nblocks, nested_blocksize),
-                "ceil(absmax.numel() / nested_blocksize)");
-    check_operand(*nested_code, "nested_code", x, "x");
-    check_dtype(*nested_code, "nested_code", at::kFloat);
-    check_numel(*nested_code, "nested_code", 256, "the 8-bit code");
-    check_operand(*offset, "offset", x, "x");
-    check_dtype(*offset, "offset", at::kFloat);
-    check_numel(*offset, "offset", 1, "a scalar");
-  } else {
-    check_dtype(absmax, "absmax", at::kFloat);
-  }
+  const int lg_nbs =
+      check_absmax_dtype_and_nested(absmax, nested_absmax, nested_code, offset, nblocks, nested_blocksize, x, "x");
   check_numel(absmax, "absmax", nblocks, "ceil(N * K / blocksize)");
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
   const at::Tensor acc_c = accumulate.has_value() ? accumulate->contiguous() : at::Tensor();

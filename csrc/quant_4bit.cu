@@ -466,23 +466,8 @@ at::Tensor dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, i
               "nested_absmax ", nested ? "given" : "None", ", nested_code ",
               nested_code.has_value() ? "given" : "None", ", offset ",
               offset.has_value() ? "given" : "None");
-  int lg_nbs = 0;
-  if (nested) {
-    check_dtype(absmax, "absmax", at::kByte);
-    lg_nbs = log2_blocksize(nested_blocksize, "nested_blocksize");
-    check_operand(*nested_absmax, "nested_absmax", packed, "packed");
-    check_dtype(*nested_absmax, "nested_absmax", at::kFloat);
-    check_numel(*nested_absmax, "nested_absmax", ceil_div(nblocks, nested_blocksize),
-                "ceil(absmax.numel() / nested_blocksize)");
-    check_operand(*nested_code, "nested_code", packed, "packed");
-    check_dtype(*nested_code, "nested_code", at::kFloat);
-    check_numel(*nested_code, "nested_code", 256, "the 8-bit code");
-    check_operand(*offset, "offset", packed, "packed");
-    check_dtype(*offset, "offset", at::kFloat);
-    check_numel(*offset, "offset", 1, "a scalar");
-  } else {
-    check_dtype(absmax, "absmax", at::kFloat);
-  }
+  const int lg_nbs =
+      check_absmax_dtype_and_nested(absmax, nested_absmax, nested_code, offset, nblocks, nested_blocksize, packed, "packed");
 
   const c10::cuda::CUDAGuard guard(packed.device());
   at::Tensor out = at::empty({numel}, packed.options().dtype(dtype));
