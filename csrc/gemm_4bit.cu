@@ -447,14 +447,20 @@ at::Tensor gemm_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Te
   const bool nested = nested_absmax.has_value();
   TORCH_CHECK(nested_code.has_value() == nested && offset.has_value() == nested,
               "nested_absmax, nested_code, offset: expected all three (double quant) or none");
+  // bias and accumulate may have any strides (the kernel reads contiguous copies)
+  auto check_device = [&](const at::Tensor& t, const char* name) {
+    check_cuda(t, name);
+    TORCH_CHECK(t.device() == x.device(), name, ": expected a tensor on ", x.device(), " (the device of x), got one on ",
+                t.device());
+  };
   if (bias.has_value()) {
-    check_operand(*bias, "bias", x, "x");
+    check_device(*bias, "bias");
     TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "bias: expected dtype ", x.scalar_type(), " (x's), got ",
                 bias->scalar_type());
     check_numel(*bias, "bias", N, "N");
   }
   if (accumulate.has_value()) {
-    check_operand(*accumulate, "accumulate", x, "x");
+    check_device(*accumulate, "accumulate");
     TORCH_CHECK(accumulate->scalar_type() == x.scalar_type(), "accumulate: expected dtype ", x.scalar_type(),
                 " (x's), got ", accumulate->scalar_type());
     TORCH_CHECK(accumulate->dim() == 2 && accumulate->size(0) == M && accumulate->size(1) == N,
@@ -463,8 +469,8 @@ at::Tensor gemm_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Te
   const c10::cuda::CUDAGuard guard(x.device());
   const int device = x.get_device();
   const int64_t nblocks = ceil_div(N * K, blocksize);
-  const bool fused = x.scalar_type() != at::kFloat && K % kGemmStepK == 0 && blocksize >= kGemmStepK && M > 0 &&
-                     N > 0 && nblocks < (int64_t{1} << 31) &&
+  const bool fused = x.scalar_type() != at::kFloat && K > 0 && K % kGemmStepK == 0 && blocksize >= kGemmStepK &&
+                     M > 0 && N > 0 && M < (int64_t{1} << 31) && N < (int64_t{1} << 31) && nblocks < (int64_t{1} << 31) &&
                      N * K < (int64_t{1} << 40) && K < (int64_t{1} << 31) && x.is_contiguous() &&
                      is_aligned16(x.data_ptr()) && packed.is_contiguous() && is_aligned16(packed.data_ptr()) &&
                      gemm_kernel_usable(device) && gemm_kernel_wanted(M, N, device);
@@ -475,7 +481,7 @@ at::Tensor gemm_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Te
                         offset, nested_blocksize)
             .view({N, K});
     at::Tensor out = accumulate.has_value() ? at::addmm(*accumulate, x, W.t()) : at::mm(x, W.t());
-    if (bias.has_value()) out.add_(bias->view({1, N}));
+    if (bias.has_value()) out.add_(bias->unsqueeze(0));
     return out;
   }
   const int lg_nbs =

@@ -920,10 +920,12 @@ def gemm_always(monkeypatch):
 
 
 # (M, K, N, quant_type, blocksize, nested, dtype, bias, accumulate): partial token tiles (65,
-# 300, 1000), N not a multiple of the 128-row tile (257, 1000, 136; 257 and 136 % 8 != 0 take the
-# element-wise epilogue), absmax blocks straddling rows (blocksize 4096 > K), both formats and
-# dtypes; the last two take the dequantize path (K % 64 != 0, blocksize 32).
+# 300, 1000), N not a multiple of the 128-row tile (257, 1000, 136; 257 % 8 != 0 takes the
+# element-wise epilogue), absmax blocks straddling rows (blocksize 4096 > K), one K step (64), a
+# partial last group of token tiles (1300: 6 tiles, groups of 4), both formats and dtypes; the
+# last two take the dequantize path (K % 64 != 0, blocksize 32).
 GEMM_CASES = [
+    (1300, 64, 520, "nf4", 64, True, torch.float16, True, True),
     (65, 4160, 257, "nf4", 64, True, torch.bfloat16, True, True),
     (300, 256, 1000, "fp4", 128, False, torch.float16, False, True),
     (512, 1024, 384, "nf4", 4096, True, torch.bfloat16, True, False),
@@ -949,6 +951,9 @@ def test_gpu_gemm_4bit(M, K, N, quant_type, blocksize, nested, dtype, with_bias,
         want = want + acc.cpu().float()
     assert out.shape == (M, N) and out.dtype == dtype
     assert rel_err(out, want) < TOL[dtype]
+    # and no single output off (one wrong element of 65 x 257 would hide in the norm above)
+    scale = want.abs().max()
+    assert float((out.cpu().float() - want).abs().max() / scale) < 8 * TOL[dtype]
 
 
 @pytest.mark.gpu
@@ -1005,10 +1010,18 @@ def test_gpu_gemm_4bit_errors_name_the_argument(gemm_always, rng):
     for call, message in cases:
         with pytest.raises(RuntimeError, match=re.escape(message)):
             call()
+    # an empty K, and a strided bias (as F.linear takes one): a result, not an error
+    nested_absmax, code, offset, nested_blocksize = _nested_args(state)
+    empty = torch.ops.qlora_kernels.gemm_4bit(random_x((300, 0), torch.bfloat16, rng, "cuda"), packed[:0],
+                                              state.absmax[:0], 64, "nf4", 64, nested_absmax[:0], code, offset,
+                                              nested_blocksize, None, None)
+    assert empty.shape == (300, 64) and not empty.any()
+    bias = random_x((64, 2), torch.bfloat16, rng, "cuda")[:, 0]
+    assert rel_err(gemm(x, packed, state, bias), expected(x, packed, state, bias)) < 1e-2
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_gemm_4bit_opcheck(device, rng):
+def test_gemm_4bit_opcheck(device, gemm_always, rng):
     packed, state = quantized_weight(136, 128, "nf4", 64, True, rng, device=device)
     x = random_x((70, 128), torch.bfloat16, rng, device)
     acc = random_x((70, 136), torch.bfloat16, rng, device)
@@ -1018,7 +1031,7 @@ def test_gemm_4bit_opcheck(device, rng):
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_gemm_4bit_gradients(device, rng):
+def test_gemm_4bit_gradients(device, gemm_always, rng):
     """Through the public matmul_4bit at many rows (gemm_4bit on the CUDA backend): dX = dY @ W,
     the bias gradient, and accumulate's (dY itself)."""
     lin = torch.nn.Linear(128, 72)
