@@ -101,7 +101,7 @@ def _extensions():
     if debug:
         nvcc_flags += ["-G"]
         cxx_flags = ["-O0", "-g", "-std=c++20"]
-    if any(a.strip().removesuffix("+PTX") == "9.0" for a in archs.replace(",", ";").split(";")):
+    if "-gencode=arch=compute_90a,code=sm_90a" in nvcc_flags:
         # the host code may launch the sm_90a kernels (gemm_4bit.cu)
         nvcc_flags.append("-DQLORA_KERNELS_SM90A")
         cxx_flags.append("-DQLORA_KERNELS_SM90A")

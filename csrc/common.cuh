@@ -211,11 +211,16 @@ inline void check_dtype(const at::Tensor& t, const char* name, at::ScalarType dt
 }
 
 // CUDA, contiguous, on the same device as `like` (named like_name).
-inline void check_operand(const at::Tensor& t, const char* name, const at::Tensor& like,
-                          const char* like_name) {
+inline void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& like,
+                              const char* like_name) {
   check_cuda(t, name);
   TORCH_CHECK(t.device() == like.device(), name, ": expected a tensor on ", like.device(),
               " (the device of ", like_name, "), got one on ", t.device());
+}
+
+inline void check_operand(const at::Tensor& t, const char* name, const at::Tensor& like,
+                          const char* like_name) {
+  check_same_device(t, name, like, like_name);
   check_contiguous(t, name);
 }
 

@@ -373,16 +373,17 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
 #endif
 }
 
-// Whether gemm_4bit_kernel can run on this device: compiled for sm_90a (setup.py builds compute
-// capability 9.0 as 9.0a), the device is 9.0 (sm_90a code runs there only), this build's code for
-// it is sm_90 (not PTX of an older one) and the driver encodes tensor maps.
-bool gemm_kernel_usable(int device) {
+// Whether gemm_4bit_kernel (for x's dtype) can run on this device, with its shared memory limit
+// raised: compiled for sm_90a (setup.py builds compute capability 9.0 as 9.0a), the device is 9.0
+// (sm_90a code runs there only), this build's code for it is sm_90 (not PTX of an older one) and
+// the driver encodes tensor maps.
+bool gemm_kernel_usable(const void* kernel, int device) {
 #if defined(QLORA_KERNELS_SM90A)
   return compute_capability_major(device) == 9 &&
          device_attribute(device, cudaDevAttrComputeCapabilityMinor) == 0 &&
-         kernel_built_for(reinterpret_cast<const void*>(gemm_4bit_kernel<__nv_bfloat16>), device, 90) &&
-         tensor_map_encoder() != nullptr;
+         sm90_ctas_per_sm(kernel, kGemmThreads, kGemmSmem, device) > 0 && tensor_map_encoder() != nullptr;
 #else
+  (void)kernel;
   (void)device;
   return false;
 #endif
@@ -416,17 +417,6 @@ int gemm_group(int64_t token_tiles) {
   return static_cast<int>(std::min(token_tiles, group));
 }
 
-// Raises the kernel's dynamic shared memory limit on a device, once.
-template <typename T>
-void allow_gemm_smem(int device) {
-  static std::mutex mutex;
-  static std::vector<int> done;
-  std::lock_guard<std::mutex> lock(mutex);
-  if (std::find(done.begin(), done.end(), device) != done.end()) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(gemm_4bit_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, kGemmSmem));
-  done.push_back(device);
-}
-
 at::Tensor gemm_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
                      c10::string_view quant_type, int64_t N, const std::optional<at::Tensor>& nested_absmax,
                      const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
@@ -448,19 +438,14 @@ at::Tensor gemm_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Te
   TORCH_CHECK(nested_code.has_value() == nested && offset.has_value() == nested,
               "nested_absmax, nested_code, offset: expected all three (double quant) or none");
   // bias and accumulate may have any strides (the kernel reads contiguous copies)
-  auto check_device = [&](const at::Tensor& t, const char* name) {
-    check_cuda(t, name);
-    TORCH_CHECK(t.device() == x.device(), name, ": expected a tensor on ", x.device(), " (the device of x), got one on ",
-                t.device());
-  };
   if (bias.has_value()) {
-    check_device(*bias, "bias");
+    check_same_device(*bias, "bias", x, "x");
     TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "bias: expected dtype ", x.scalar_type(), " (x's), got ",
                 bias->scalar_type());
     check_numel(*bias, "bias", N, "N");
   }
   if (accumulate.has_value()) {
-    check_device(*accumulate, "accumulate");
+    check_same_device(*accumulate, "accumulate", x, "x");
     TORCH_CHECK(accumulate->scalar_type() == x.scalar_type(), "accumulate: expected dtype ", x.scalar_type(),
                 " (x's), got ", accumulate->scalar_type());
     TORCH_CHECK(accumulate->dim() == 2 && accumulate->size(0) == M && accumulate->size(1) == N,
@@ -469,20 +454,25 @@ at::Tensor gemm_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Te
   const c10::cuda::CUDAGuard guard(x.device());
   const int device = x.get_device();
   const int64_t nblocks = ceil_div(N * K, blocksize);
+  auto kernel_for = [](at::ScalarType dtype) {
+    return dtype == at::kBFloat16 ? reinterpret_cast<const void*>(gemm_4bit_kernel<__nv_bfloat16>)
+                                  : reinterpret_cast<const void*>(gemm_4bit_kernel<__half>);
+  };
   const bool fused = x.scalar_type() != at::kFloat && K > 0 && K % kGemmStepK == 0 && blocksize >= kGemmStepK &&
                      M > 0 && N > 0 && M < (int64_t{1} << 31) && N < (int64_t{1} << 31) && nblocks < (int64_t{1} << 31) &&
                      N * K < (int64_t{1} << 40) && K < (int64_t{1} << 31) && x.is_contiguous() &&
                      is_aligned16(x.data_ptr()) && packed.is_contiguous() && is_aligned16(packed.data_ptr()) &&
-                     gemm_kernel_usable(device) && gemm_kernel_wanted(M, N, device);
+                     gemm_kernel_wanted(M, N, device) && gemm_kernel_usable(kernel_for(x.scalar_type()), device);
   if (!fused) {
     // dequantize + cuBLAS (float32 x, K not a multiple of 64, blocksize 32, GPUs other than sm_90)
     const at::Tensor W =
         dequantize_4bit(packed, absmax, blocksize, quant_type, N * K, x.scalar_type(), nested_absmax, nested_code,
                         offset, nested_blocksize)
             .view({N, K});
-    at::Tensor out = accumulate.has_value() ? at::addmm(*accumulate, x, W.t()) : at::mm(x, W.t());
-    if (bias.has_value()) out.add_(bias->unsqueeze(0));
-    return out;
+    // the bias in cuBLAS' epilogue (beta = 1) where there is no accumulate to take that place
+    if (!accumulate.has_value()) return bias.has_value() ? at::addmm(*bias, x, W.t()) : at::mm(x, W.t());
+    at::Tensor out = at::addmm(*accumulate, x, W.t());
+    return bias.has_value() ? out.add_(bias->unsqueeze(0)) : out;
   }
   const int lg_nbs =
       check_absmax_dtype_and_nested(absmax, nested_absmax, nested_code, offset, nblocks, nested_blocksize, x, "x");
@@ -510,7 +500,6 @@ at::Tensor gemm_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Te
   const dim3 grid(static_cast<unsigned>(tiles));
   auto run = [&](auto tag) {
     using T = typename decltype(tag)::type;
-    allow_gemm_smem<T>(device);
     gemm_4bit_kernel<T><<<grid, kGemmThreads, kGemmSmem, c10::cuda::getCurrentCUDAStream()>>>(
         x_map, w_map, absmax.data_ptr(), nested ? nested_absmax->data_ptr<float>() : nullptr,
         nested ? nested_code->data_ptr<float>() : nullptr, nested ? offset->data_ptr<float>() : nullptr,

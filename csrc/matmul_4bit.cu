@@ -1075,29 +1075,6 @@ void launch_matmul_4bit(const at::Tensor& xp, int64_t x_stride, const WeightSet<
 // or newer, and the kernel compiled for it (a build for 8.x only JIT-compiles its empty body on an
 // H100: ptxVersion < 90). Returns false, launching nothing, otherwise. Checked once per device,
 // with the number of CTAs that fit on an SM (the persistent grid's size).
-// CTAs of an sm_90 kernel (kBulkThreads threads, smem bytes of dynamic shared memory) that fit
-// on one SM of the device, or 0 where it cannot run there. Checked once per kernel and device.
-int sm90_ctas_per_sm(const void* kernel, int smem, int device) {
-  static std::mutex mutex;
-  static std::vector<std::tuple<const void*, int, int>> known;  // (kernel, device, CTAs per SM; 0: not usable)
-  std::lock_guard<std::mutex> lock(mutex);
-  for (const auto& [k, d, n] : known)
-    if (k == kernel && d == device) return n;
-  int n = 0;
-  if (compute_capability_major(device) >= 9) {
-    cudaFuncAttributes attr;
-    const bool ok = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90 &&
-                    attr.binaryVersion >= 90 &&
-                    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) == cudaSuccess &&
-                    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kBulkThreads, smem) == cudaSuccess;
-    if (!ok) {
-      n = 0;
-      (void)cudaGetLastError();  // a build without sm_90 code: the register kernel runs instead
-    }
-  }
-  known.emplace_back(kernel, device, n);
-  return n;
-}
 
 // The persistent grid is as many CTAs as fit on the GPU, each taking row tiles in turn. A launch
 // with a few more tiles than that (3 CTAs per SM on an H100) leaves a second round for some CTAs
@@ -1113,12 +1090,12 @@ bool launch_matmul_4bit_bulk(const at::Tensor& x, const WeightSet<T>& weights, i
   auto* kernel = matmul_4bit_bulk_kernel<T, kT, kR, kStages, kGrouped>;
   constexpr int kSmem = bulk_smem_bytes<kT, kR, kStages>();
   const int device = x.get_device();
-  int per_sm = sm90_ctas_per_sm(reinterpret_cast<const void*>(kernel), kSmem, device);
+  int per_sm = sm90_ctas_per_sm(reinterpret_cast<const void*>(kernel), kBulkThreads, kSmem, device);
   if (per_sm <= 0) return false;
   const int64_t sms = multiprocessor_count(device);
   if (M <= 4 && total_tiles > per_sm * sms) {
     auto* dense = matmul_4bit_bulk_kernel<T, kT, kR, kStages, kGrouped, true>;
-    const int dense_per_sm = sm90_ctas_per_sm(reinterpret_cast<const void*>(dense), kSmem, device);
+    const int dense_per_sm = sm90_ctas_per_sm(reinterpret_cast<const void*>(dense), kBulkThreads, kSmem, device);
     if (dense_per_sm > per_sm && total_tiles <= dense_per_sm * sms) {
       kernel = dense;
       per_sm = dense_per_sm;
@@ -1249,7 +1226,7 @@ bool launch_matmul_4bit_rows(const at::Tensor& x, const WeightSet<T>& weights, c
   constexpr int kSmem = rows_smem_bytes<kT, kR, kStages>();
   constexpr int kRows = kMmWarps * kTileRows * kR;
   const int device = x.get_device();
-  const int per_sm = sm90_ctas_per_sm(reinterpret_cast<const void*>(kernel), kSmem, device);
+  const int per_sm = sm90_ctas_per_sm(reinterpret_cast<const void*>(kernel), kBulkThreads, kSmem, device);
   PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
   if (per_sm <= 0 || encode == nullptr) return false;
   // The weight as a 2-D tensor of bytes [N, K / 2], read in boxes of kRows rows x one step's bytes.

@@ -116,4 +116,29 @@ CUtensorMap tensor_map(PFN_cuTensorMapEncodeTiled_v12000 encode, CUtensorMapData
   return map;
 }
 
+// CTAs of an sm_90 kernel (`threads` threads, smem bytes of dynamic shared memory, whose limit it
+// raises to that) that fit on one SM of the device, or 0 where it cannot run there: a GPU below
+// 9.0, or a build whose code for the kernel is not sm_90. Checked once per kernel and device.
+inline int sm90_ctas_per_sm(const void* kernel, int threads, int smem, int device) {
+  static std::mutex mutex;
+  static std::vector<std::tuple<const void*, int, int>> known;  // (kernel, device, CTAs per SM; 0: not usable)
+  std::lock_guard<std::mutex> lock(mutex);
+  for (const auto& [k, d, n] : known)
+    if (k == kernel && d == device) return n;
+  int n = 0;
+  if (compute_capability_major(device) >= 9) {
+    cudaFuncAttributes attr;
+    const bool ok = cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.ptxVersion >= 90 &&
+                    attr.binaryVersion >= 90 &&
+                    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem) == cudaSuccess &&
+                    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem) == cudaSuccess;
+    if (!ok) {
+      n = 0;
+      (void)cudaGetLastError();  // a build without sm_90 code: the caller takes another path
+    }
+  }
+  known.emplace_back(kernel, device, n);
+  return n;
+}
+
 }  // namespace qlora_kernels

@@ -390,5 +390,7 @@ def gemm_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, block
     K = x.shape[-1]
     W = dequantize_4bit(packed, absmax, blocksize, quant_type, N * K, x.dtype, nested_absmax, nested_code, offset,
                         nested_blocksize).view(N, K)
-    out = torch.addmm(accumulate, x, W.T) if accumulate is not None else x @ W.T
+    if accumulate is None:  # the bias in cuBLAS' epilogue, as F.linear adds it
+        return torch.nn.functional.linear(x, W, bias)
+    out = torch.addmm(accumulate, x, W.T)
     return out.add_(bias) if bias is not None else out
