@@ -85,7 +85,10 @@ constexpr int kGemmThreads = kGemmConsumers + 128;         // + the producer war
 // stores (lanes t 0..3 two tokens apart, g 0..7 one row apart) fall in 32 different banks.
 constexpr int kGemmOutPitch = kGemmRows + 4;
 constexpr int kGemmStageArea = kGemmStages * (kGemmXBytes + kGemmWBytes);
-constexpr int kGemmSmem = kGemmStageArea + kTableBytes + 256 * 4 + 2 * kGemmStages * 8;
+// The transposed kernel's scale stages (x @ W, W the reduction side): a step's 64 rows x the
+// tile's two 64-column groups of scales, in x's 16-bit type.
+constexpr int kGemmScaleBytes = 2 * kGemmStepK * 2;
+constexpr int kGemmSmem = kGemmStageArea + kTableBytes + 256 * 4 + 2 * kGemmStages * 8 + kGemmStages * kGemmScaleBytes;
 static_assert(kGemmTokens * kGemmOutPitch * 4 <= kGemmStageArea, "the staged output tile fits in the stages");
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -150,13 +153,45 @@ __device__ __forceinline__ void decode_step(uint32_t (&a)[16], const uint8_t* w_
     a[4 * s + 3] = scale_pair<T>(pair(hi[2 * s + 1]), s_hi);
   }
 }
+
+// The transposed kernel's 16 A registers of one step (x @ W: the A operand is W^T, its rows W's
+// columns c = 16 warp + g and c + 8 of the tile, its k W's rows n). Register a0 pairs rows n, n + 1
+// (n = 16 s + 2 t) at column c, a1 the same rows at c + 8, a2 and a3 rows n + 8, n + 9. Row n's 8
+// bytes at 8 warp hold both columns: byte g / 2 of the low word (c) and of the high word (c + 8),
+// the high nibble for even g. The two rows' nibbles form the table index, (n's << 4) | n + 1's;
+// scales: the pair (n, n + 1) of the step's scale row for the lane's column group.
+template <typename T>
+__device__ __forceinline__ void decode_step_transposed(uint32_t (&a)[16], const uint8_t* w_stage, const T* s_stage,
+                                                       int warp, int t, uint32_t nibble_shift, const PairLookup& entry) {
+  const uint8_t* w = w_stage + 8 * warp;
+  const T* scale_row = s_stage + (warp >> 2) * kGemmStepK;
+  auto index = [&](uint32_t word_n, uint32_t word_n1) {
+    return (((word_n >> nibble_shift) & 0xFu) << 11) | (((word_n1 >> nibble_shift) & 0xFu) << 7);
+  };
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {  // rows n, n + 1 (a0, a1), then n + 8, n + 9 (a2, a3)
+      const int n = 16 * s + 2 * t + 8 * half;
+      const uint2 r0 = *reinterpret_cast<const uint2*>(w + n * 64);
+      const uint2 r1 = *reinterpret_cast<const uint2*>(w + (n + 1) * 64);
+      const uint32_t sc = *reinterpret_cast<const uint32_t*>(scale_row + n);
+      a[4 * s + 2 * half] = scale_pair<T>(entry(index(r0.x, r1.x)), sc);
+      a[4 * s + 2 * half + 1] = scale_pair<T>(entry(index(r0.y, r1.y)), sc);
+    }
+  }
+}
 #endif
 
 // See the top of the file. Grid: one CTA per tile (1-D, in the tile order below). Rows past N and
 // tokens past M are read as zeros (the TMA fills a box past the tensor's end) and never stored.
-template <typename T>
+// kTransposed: out = x @ W (x [M, N_w], W [N_w, K_w]; the backward's dX = dY @ W): the tile's 128
+// output features are W's columns, K is W's rows, and the scales come by s_map (see
+// decode_step_transposed). In that mode N and K below are K_w and N_w.
+template <typename T, bool kTransposed>
 __global__ void __launch_bounds__(kGemmThreads, 1)
     gemm_4bit_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap w_map,
+                     const __grid_constant__ CUtensorMap s_map,
                      const void* __restrict__ absmax, const float* __restrict__ nested_absmax,
                      const float* __restrict__ nested_code, const float* __restrict__ offset,
                      const T* __restrict__ bias, const T* __restrict__ accumulate, T* __restrict__ out, int M, int N,
@@ -173,6 +208,7 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
   float* s_code8 = reinterpret_cast<float*>(s_table + kTableBytes);
   uint64_t* full = reinterpret_cast<uint64_t*>(s_code8 + 256);
   uint64_t* empty = full + kGemmStages;
+  T* s_scales = reinterpret_cast<T*>(empty + kGemmStages);  // kTransposed: kGemmStages x 2 x 64
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
@@ -187,7 +223,7 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
   const int group_size = min(token_tiles - first_token_tile, group);
   const int tok0 = (first_token_tile + id % tiles_in_group % group_size) * kGemmTokens;
   const int row0 = id % tiles_in_group / group_size * kGemmRows;
-  const int nsteps = K / kGemmStepK;
+  const int nsteps = (K + kGemmStepK - 1) / kGemmStepK;  // K % 64 == 0 but in the transposed mode
   if (tid == 0) {
     for (int i = 0; i < kGemmStages; ++i) {
       mbarrier_init(&full[i], 1);   // the producer's arrive, plus the stage's bytes
@@ -209,9 +245,16 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
           mbarrier_wait(&empty[slot], ((step / kGemmStages) & 1) ^ 1);
           fence_reads_before_async_copy();  // the consumers read the weight stage through the generic proxy
         }
-        mbarrier_expect_bytes(&full[slot], kGemmXBytes + kGemmWBytes);
+        mbarrier_expect_bytes(&full[slot], kGemmXBytes + kGemmWBytes + (kTransposed ? kGemmScaleBytes : 0));
         tensor_copy_2d(s_x + slot * kGemmXBytes, &x_map, step * kGemmStepK, tok0, &full[slot], policy);
-        tensor_copy_2d(s_w + slot * kGemmWBytes, &w_map, step * kGemmStepK / 2, row0, &full[slot], policy);
+        if constexpr (kTransposed) {
+          // W's rows step * 64 .. as 64 rows x the tile's 64 bytes (128 columns), and their scales
+          tensor_copy_2d(s_w + slot * kGemmWBytes, &w_map, row0 / 2, step * kGemmStepK, &full[slot], policy);
+          tensor_copy_2d(s_scales + slot * kGemmScaleBytes / 2, &s_map, step * kGemmStepK, row0 / kGemmStepK,
+                         &full[slot], policy);
+        } else {
+          tensor_copy_2d(s_w + slot * kGemmWBytes, &w_map, step * kGemmStepK / 2, row0, &full[slot], policy);
+        }
       }
     }
     return;
@@ -231,9 +274,10 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
   // (the host checks the block count fits in 31 bits). Rows past N read row N - 1's.
   const RowStart lo_row = row_start(nullptr, min(row0 + r_lo, N - 1), K, lg_bs);
   const RowStart hi_row = row_start(nullptr, min(row0 + r_lo + 8, N - 1), K, lg_bs);
-  const float off = nested ? __ldg(offset) : 0.0f;
-  // The raw absmax of the next step, loaded one step ahead of its use.
-  ScaleLoads raw = load_scales(lo_row, hi_row, 0, true, absmax, nested, nested_absmax, lg_bs, lg_nbs);
+  const float off = nested && !kTransposed ? __ldg(offset) : 0.0f;
+  // The raw absmax of the next step, loaded one step ahead of its use (not in the transposed
+  // mode: its scales come with the stage).
+  ScaleLoads raw = load_scales(lo_row, hi_row, 0, !kTransposed, absmax, nested, nested_absmax, lg_bs, lg_nbs);
   auto scales = [&](int step, uint32_t& s_lo, uint32_t& s_hi) {
     s_lo = chunk_scale<T>(raw.ra, raw.na, true, nested, s_code8, off);
     s_hi = chunk_scale<T>(raw.rb, raw.nb, true, nested, s_code8, off);
@@ -244,13 +288,18 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
 #pragma unroll
   for (int i = 0; i < 128; ++i) d[i] = 0.0f;
   uint32_t a_even[16], a_odd[16];  // the A registers of even and odd steps
+  const uint32_t nibble_shift = 8 * (g >> 1) + ((g & 1) ? 0 : 4);  // kTransposed: this lane's nibble of a word
   auto load = [&](int step, uint32_t (&a)[16]) {
     const int slot = step % kGemmStages;
     mbarrier_wait(&full[slot], (step / kGemmStages) & 1);
-    uint32_t s_lo, s_hi;
-    scales(step, s_lo, s_hi);
     const uint8_t* w = s_w + slot * kGemmWBytes;
-    decode_step<T>(a, w + r_lo * 32, w + (r_lo + 8) * 32, entry, byte_t, s_lo, s_hi);
+    if constexpr (kTransposed) {
+      decode_step_transposed<T>(a, w, s_scales + slot * kGemmScaleBytes / 2, warp, t, nibble_shift, entry);
+    } else {
+      uint32_t s_lo, s_hi;
+      scales(step, s_lo, s_hi);
+      decode_step<T>(a, w + r_lo * 32, w + (r_lo + 8) * 32, entry, byte_t, s_lo, s_hi);
+    }
   };
   auto issue = [&](int step, uint32_t (&a)[16]) {
     const uint64_t desc = swizzle128_descriptor(s_x + (step % kGemmStages) * kGemmXBytes);
@@ -417,17 +466,42 @@ int gemm_group(int64_t token_tiles) {
   return static_cast<int>(std::min(token_tiles, group));
 }
 
-at::Tensor gemm_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
-                     c10::string_view quant_type, int64_t N, const std::optional<at::Tensor>& nested_absmax,
-                     const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
-                     int64_t nested_blocksize, const std::optional<at::Tensor>& bias,
-                     const std::optional<at::Tensor>& accumulate) {
+// The scales of W [N_w, K_w] for the transposed kernel: out[g][n] = the absmax of row n's columns
+// 64 g .. 64 g + 63 in T (the decoded value, rounded as chunk_scale rounds it), so that a step's
+// scales are one tensor copy of 64 rows x 2 groups.
+template <typename T>
+__global__ void scale_table_kernel(const void* __restrict__ absmax, const float* __restrict__ nested_absmax,
+                                   const float* __restrict__ nested_code, const float* __restrict__ offset,
+                                   T* __restrict__ out, int N_w, int K_w, int lg_bs, int lg_nbs, bool nested) {
+  const int64_t groups = K_w / kGemmStepK;
+  const int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
+  if (i >= groups * N_w) return;
+  const int64_t g = i / N_w, n = i % N_w;
+  const int64_t block = (n * K_w + g * kGemmStepK) >> lg_bs;
+  const float value = nested ? fmaf(__ldg(nested_code + __ldg(static_cast<const uint8_t*>(absmax) + block)),
+                                    __ldg(nested_absmax + (block >> lg_nbs)), __ldg(offset))
+                             : __ldg(static_cast<const float*>(absmax) + block);
+  out[i] = from_float<T>(value);
+}
+
+// gemm_4bit (transposed false): out [M, N] = x [M, K] @ W.T; gemm_4bit_dx (true): out [M, K] =
+// x [M, N] @ W, W [N, K] in both.
+at::Tensor run_gemm_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                         c10::string_view quant_type, int64_t N, int64_t K_w, const std::optional<at::Tensor>& nested_absmax,
+                         const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
+                         int64_t nested_blocksize, const std::optional<at::Tensor>& bias,
+                         const std::optional<at::Tensor>& accumulate, bool transposed) {
   check_cuda(x, "x");
   TORCH_CHECK(x.dim() == 2, "x: expected a 2-D tensor [M, K], got sizes ", dims(x.sizes()));
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf || x.scalar_type() == at::kFloat,
               "x: expected dtype bfloat16, float16 or float32, got ", x.scalar_type());
-  const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(N >= 0, "N: expected >= 0, got ", num(N));
+  const int64_t M = x.size(0);
+  // W is [N, K] (K = K_w); x's width is the reduction: K (forward) or N (transposed)
+  const int64_t K = transposed ? K_w : x.size(1);
+  TORCH_CHECK(N >= 0 && K >= 0, "N, K: expected >= 0, got ", num(N), ", ", num(K));
+  TORCH_CHECK(!transposed || x.size(1) == N, "x: expected sizes [M, ", num(N), "] (W is [", num(N), ", ", num(K),
+              "]), got ", dims(x.sizes()));
+  const int64_t out_width = transposed ? K : N, reduction = transposed ? N : K;
   check_operand(packed, "packed", x, "x");
   check_dtype(packed, "packed", at::kByte);
   check_numel(packed, "packed", (N * K + 1) / 2, "(N * K + 1) / 2 bytes");
@@ -448,21 +522,27 @@ at::Tensor gemm_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Te
     check_same_device(*accumulate, "accumulate", x, "x");
     TORCH_CHECK(accumulate->scalar_type() == x.scalar_type(), "accumulate: expected dtype ", x.scalar_type(),
                 " (x's), got ", accumulate->scalar_type());
-    TORCH_CHECK(accumulate->dim() == 2 && accumulate->size(0) == M && accumulate->size(1) == N,
-                "accumulate: expected sizes [", num(M), ", ", num(N), "], got ", dims(accumulate->sizes()));
+    TORCH_CHECK(accumulate->dim() == 2 && accumulate->size(0) == M && accumulate->size(1) == out_width,
+                "accumulate: expected sizes [", num(M), ", ", num(out_width), "], got ", dims(accumulate->sizes()));
   }
   const c10::cuda::CUDAGuard guard(x.device());
   const int device = x.get_device();
   const int64_t nblocks = ceil_div(N * K, blocksize);
-  auto kernel_for = [](at::ScalarType dtype) {
-    return dtype == at::kBFloat16 ? reinterpret_cast<const void*>(gemm_4bit_kernel<__nv_bfloat16>)
-                                  : reinterpret_cast<const void*>(gemm_4bit_kernel<__half>);
+  auto kernel_for = [transposed](at::ScalarType dtype) {
+    if (dtype == at::kBFloat16)
+      return transposed ? reinterpret_cast<const void*>(gemm_4bit_kernel<__nv_bfloat16, true>)
+                        : reinterpret_cast<const void*>(gemm_4bit_kernel<__nv_bfloat16, false>);
+    return transposed ? reinterpret_cast<const void*>(gemm_4bit_kernel<__half, true>)
+                      : reinterpret_cast<const void*>(gemm_4bit_kernel<__half, false>);
   };
-  const bool fused = x.scalar_type() != at::kFloat && K > 0 && K % kGemmStepK == 0 && blocksize >= kGemmStepK &&
-                     M > 0 && N > 0 && M < (int64_t{1} << 31) && N < (int64_t{1} << 31) && nblocks < (int64_t{1} << 31) &&
-                     N * K < (int64_t{1} << 40) && K < (int64_t{1} << 31) && x.is_contiguous() &&
-                     is_aligned16(x.data_ptr()) && packed.is_contiguous() && is_aligned16(packed.data_ptr()) &&
-                     gemm_kernel_wanted(M, N, device) && gemm_kernel_usable(kernel_for(x.scalar_type()), device);
+  // forward: K % 64 == 0 (a step is one absmax block of a row); transposed: K % 64 == 0 (a tile's
+  // column groups are absmax blocks) and N % 8 == 0 (x's rows start on 16 bytes for the TMA)
+  const bool fused = x.scalar_type() != at::kFloat && K > 0 && K % kGemmStepK == 0 && (!transposed || N % 8 == 0) &&
+                     blocksize >= kGemmStepK && M > 0 && N > 0 && M < (int64_t{1} << 31) &&
+                     N < (int64_t{1} << 31) && K < (int64_t{1} << 31) && nblocks < (int64_t{1} << 31) &&
+                     N * K < (int64_t{1} << 40) && x.is_contiguous() && is_aligned16(x.data_ptr()) &&
+                     packed.is_contiguous() && is_aligned16(packed.data_ptr()) &&
+                     gemm_kernel_wanted(M, out_width, device) && gemm_kernel_usable(kernel_for(x.scalar_type()), device);
   if (!fused) {
     // dequantize + cuBLAS (float32 x, K not a multiple of 64, blocksize 32, GPUs other than sm_90)
     const at::Tensor W =
@@ -470,8 +550,10 @@ at::Tensor gemm_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Te
                         offset, nested_blocksize)
             .view({N, K});
     // the bias in cuBLAS' epilogue (beta = 1) where there is no accumulate to take that place
-    if (!accumulate.has_value()) return bias.has_value() ? at::addmm(*bias, x, W.t()) : at::mm(x, W.t());
-    at::Tensor out = at::addmm(*accumulate, x, W.t());
+    // (gemm_4bit_dx has no bias)
+    const at::Tensor Wx = transposed ? W : W.t();
+    if (!accumulate.has_value()) return bias.has_value() ? at::addmm(*bias, x, Wx) : at::mm(x, Wx);
+    at::Tensor out = at::addmm(*accumulate, x, Wx);
     return bias.has_value() ? out.add_(bias->unsqueeze(0)) : out;
   }
   const int lg_nbs =
@@ -479,35 +561,63 @@ at::Tensor gemm_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Te
   check_numel(absmax, "absmax", nblocks, "ceil(N * K / blocksize)");
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
   const at::Tensor acc_c = accumulate.has_value() ? accumulate->contiguous() : at::Tensor();
-  at::Tensor out = at::empty({M, N}, x.options());
-  const bool vector_out = N % 8 == 0 && (!bias.has_value() || is_aligned16(bias_c.data_ptr())) &&
+  at::Tensor out = at::empty({M, out_width}, x.options());
+  const bool vector_out = out_width % 8 == 0 && (!bias.has_value() || is_aligned16(bias_c.data_ptr())) &&
                           (!accumulate.has_value() || is_aligned16(acc_c.data_ptr()));
   PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
-  // x [M, K] in boxes of 256 tokens x 64 elements, in the 128-byte swizzle; W as bytes [N, K / 2]
-  // in boxes of 128 rows x 32 bytes
-  const CUtensorMap x_map =
-      tensor_map<2>(encode, CU_TENSOR_MAP_DATA_TYPE_UINT16, x.data_ptr(),
-                    {static_cast<cuuint64_t>(K), static_cast<cuuint64_t>(M)}, {static_cast<cuuint64_t>(K) * 2},
-                    {kGemmStepK, kGemmTokens}, CU_TENSOR_MAP_SWIZZLE_128B, "x", M, K);
-  const CUtensorMap w_map =
-      tensor_map<2>(encode, CU_TENSOR_MAP_DATA_TYPE_UINT8, packed.data_ptr(),
-                    {static_cast<cuuint64_t>(K / 2), static_cast<cuuint64_t>(N)}, {static_cast<cuuint64_t>(K / 2)},
-                    {kGemmStepK / 2, kGemmRows}, CU_TENSOR_MAP_SWIZZLE_NONE, "a weight", N, K);
+  // x [M, reduction] in boxes of 256 tokens x 64 elements, in the 128-byte swizzle
+  const CUtensorMap x_map = tensor_map<2>(
+      encode, CU_TENSOR_MAP_DATA_TYPE_UINT16, x.data_ptr(),
+      {static_cast<cuuint64_t>(reduction), static_cast<cuuint64_t>(M)}, {static_cast<cuuint64_t>(reduction) * 2},
+      {kGemmStepK, kGemmTokens}, CU_TENSOR_MAP_SWIZZLE_128B, "x", M, reduction);
+  // W as bytes [N, K / 2]: boxes of 128 rows x 32 bytes (forward) or 64 rows x 64 bytes (transposed)
+  const CUtensorMap w_map = tensor_map<2>(
+      encode, CU_TENSOR_MAP_DATA_TYPE_UINT8, packed.data_ptr(),
+      {static_cast<cuuint64_t>(K / 2), static_cast<cuuint64_t>(N)}, {static_cast<cuuint64_t>(K / 2)},
+      {static_cast<cuuint32_t>(transposed ? kGemmRows / 2 : kGemmStepK / 2),
+       static_cast<cuuint32_t>(transposed ? kGemmStepK : kGemmRows)},
+      CU_TENSOR_MAP_SWIZZLE_NONE,
+      "a weight", N, K);
+  // transposed: the scales [K / 64][N] in x's type, boxes of 64 rows x 2 groups
+  at::Tensor scales;
+  CUtensorMap s_map = w_map;  // unused by the forward kernel
+  if (transposed) {
+    scales = at::empty({K / kGemmStepK, N}, x.options());
+    s_map = tensor_map<2>(encode, CU_TENSOR_MAP_DATA_TYPE_UINT16, scales.data_ptr(),
+                          {static_cast<cuuint64_t>(N), static_cast<cuuint64_t>(K / kGemmStepK)},
+                          {static_cast<cuuint64_t>(N) * 2}, {kGemmStepK, 2}, CU_TENSOR_MAP_SWIZZLE_NONE,
+                          "the scales", K / kGemmStepK, N);
+  }
   const int64_t token_tiles = ceil_div(M, kGemmTokens);
-  const int64_t tiles = ceil_div(N, kGemmRows) * token_tiles;
+  const int64_t tiles = ceil_div(out_width, kGemmRows) * token_tiles;
   TORCH_CHECK(tiles < (int64_t{1} << 31), "x, N: too many tiles");
   const int group = gemm_group(token_tiles);
   const dim3 grid(static_cast<unsigned>(tiles));
   auto run = [&](auto tag) {
     using T = typename decltype(tag)::type;
-    gemm_4bit_kernel<T><<<grid, kGemmThreads, kGemmSmem, c10::cuda::getCurrentCUDAStream()>>>(
-        x_map, w_map, absmax.data_ptr(), nested ? nested_absmax->data_ptr<float>() : nullptr,
-        nested ? nested_code->data_ptr<float>() : nullptr, nested ? offset->data_ptr<float>() : nullptr,
-        bias.has_value() ? reinterpret_cast<const T*>(bias_c.data_ptr()) : nullptr,
-        accumulate.has_value() ? reinterpret_cast<const T*>(acc_c.data_ptr()) : nullptr,
-        reinterpret_cast<T*>(out.data_ptr()), static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), lg_bs,
-        lg_nbs, static_cast<int>(qt), nested, vector_out, group);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const float* na = nested ? nested_absmax->data_ptr<float>() : nullptr;
+    const float* nc = nested ? nested_code->data_ptr<float>() : nullptr;
+    const float* off = nested ? offset->data_ptr<float>() : nullptr;
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    auto launch = [&](auto kernel) {
+      kernel<<<grid, kGemmThreads, kGemmSmem, stream>>>(
+          x_map, w_map, s_map, absmax.data_ptr(), na, nc, off,
+          bias.has_value() ? reinterpret_cast<const T*>(bias_c.data_ptr()) : nullptr,
+          accumulate.has_value() ? reinterpret_cast<const T*>(acc_c.data_ptr()) : nullptr,
+          reinterpret_cast<T*>(out.data_ptr()), static_cast<int>(M), static_cast<int>(out_width),
+          static_cast<int>(reduction), lg_bs, lg_nbs, static_cast<int>(qt), nested, vector_out, group);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    if (transposed) {
+      const int64_t entries = scales.numel();
+      scale_table_kernel<T><<<static_cast<unsigned>(ceil_div(entries, 256)), 256, 0, stream>>>(
+          absmax.data_ptr(), na, nc, off, reinterpret_cast<T*>(scales.data_ptr()), static_cast<int>(N),
+          static_cast<int>(K), lg_bs, lg_nbs, nested);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(gemm_4bit_kernel<T, true>);
+    } else {
+      launch(gemm_4bit_kernel<T, false>);
+    }
   };
   if (x.scalar_type() == at::kBFloat16) {
     run(TypeTag<__nv_bfloat16>{});
@@ -517,7 +627,29 @@ at::Tensor gemm_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Te
   return out;
 }
 
+at::Tensor gemm_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                     c10::string_view quant_type, int64_t N, const std::optional<at::Tensor>& nested_absmax,
+                     const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
+                     int64_t nested_blocksize, const std::optional<at::Tensor>& bias,
+                     const std::optional<at::Tensor>& accumulate) {
+  TORCH_CHECK(x.dim() == 2, "x: expected a 2-D tensor [M, K], got sizes ", dims(x.sizes()));
+  return run_gemm_4bit(x, packed, absmax, blocksize, quant_type, N, x.size(1), nested_absmax, nested_code, offset,
+                       nested_blocksize, bias, accumulate, /*transposed=*/false);
+}
+
+at::Tensor gemm_4bit_dx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                        c10::string_view quant_type, int64_t N, int64_t K,
+                        const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
+                        const std::optional<at::Tensor>& offset, int64_t nested_blocksize,
+                        const std::optional<at::Tensor>& accumulate) {
+  return run_gemm_4bit(x, packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code, offset,
+                       nested_blocksize, std::nullopt, accumulate, /*transposed=*/true);
+}
+
 }  // namespace
 }  // namespace qlora_kernels
 
-TORCH_LIBRARY_IMPL(qlora_kernels, CUDA, m) { m.impl("gemm_4bit", &qlora_kernels::gemm_4bit); }
+TORCH_LIBRARY_IMPL(qlora_kernels, CUDA, m) {
+  m.impl("gemm_4bit", &qlora_kernels::gemm_4bit);
+  m.impl("gemm_4bit_dx", &qlora_kernels::gemm_4bit_dx);
+}

@@ -31,6 +31,11 @@ SCHEMAS = {
         "Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, "
         "int nested_blocksize=256, Tensor? bias=None, Tensor? accumulate=None) -> Tensor"
     ),
+    "gemm_4bit_dx": (
+        "gemm_4bit_dx(Tensor x, Tensor packed, Tensor absmax, int blocksize, str quant_type, int N, int K, "
+        "Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, "
+        "int nested_blocksize=256, Tensor? accumulate=None) -> Tensor"
+    ),
     "dropout_forward": "dropout_forward(Tensor x, int seed, float p, Tensor? device_seed=None) -> Tensor",
     "dropout_backward_add": "dropout_backward_add(Tensor(a!) out, Tensor grad, int seed, float p, Tensor? device_seed=None) -> ()",
     "dropout_linear": "dropout_linear(Tensor x, Tensor weight, int seed, float p, Tensor? device_seed=None) -> Tensor",

@@ -201,10 +201,15 @@ def _backward_impl(dY: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, blocks
             # as in forward: the LoRA term (through the dropout: the same mask scales the
             # gradient) first, then dX += dY @ W with the big GEMM's beta = 1
             dX = _up(g, A_, seed, p)
-            W = _dequantize(packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code,
-                            offset, nested_blocksize, dt)
-            dX.addmm_(dY2, W)
-            del W
+            if x2.is_cuda and ops.BACKEND == "cuda":
+                # dX = dY @ W + dX: on an H100 the 4-bit GEMM with W as the reduction side
+                dX = ops.gemm_4bit_dx(dY2.contiguous(), packed, absmax, blocksize, quant_type, N, K, nested_absmax,
+                                      nested_code, offset, nested_blocksize, dX)
+            else:
+                W = _dequantize(packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code,
+                                offset, nested_blocksize, dt)
+                dX.addmm_(dY2, W)
+                del W
             dX = dX.view(x.shape)
     return dX, dA, dB
 

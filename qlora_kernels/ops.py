@@ -109,6 +109,12 @@ def _(x, packed, absmax, blocksize, quant_type, N, nested_absmax=None, nested_co
     return x.new_empty((x.shape[0], N))
 
 
+@torch.library.register_fake("qlora_kernels::gemm_4bit_dx")
+def _(x, packed, absmax, blocksize, quant_type, N, K, nested_absmax=None, nested_code=None, offset=None,
+      nested_blocksize=256, accumulate=None):
+    return x.new_empty((x.shape[0], K))
+
+
 @torch.library.register_fake("qlora_kernels::dropout_forward")
 def _(x, seed, p, device_seed=None):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -147,6 +153,7 @@ dequantize_8bit = torch.ops.qlora_kernels.dequantize_8bit.default
 matmul_4bit = torch.ops.qlora_kernels.matmul_4bit.default
 matmul_4bit_grouped = torch.ops.qlora_kernels.matmul_4bit_grouped.default
 gemm_4bit = torch.ops.qlora_kernels.gemm_4bit.default
+gemm_4bit_dx = torch.ops.qlora_kernels.gemm_4bit_dx.default
 dropout_forward = torch.ops.qlora_kernels.dropout_forward.default
 dropout_backward_add = torch.ops.qlora_kernels.dropout_backward_add.default
 dropout_linear = torch.ops.qlora_kernels.dropout_linear.default

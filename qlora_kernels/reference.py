@@ -160,6 +160,30 @@ def gemm_4bit(
     return out.to(x.dtype)
 
 
+def gemm_4bit_dx(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    quant_type: str,
+    N: int,
+    K: int,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    nested_blocksize: int = codes.NESTED_BLOCKSIZE,
+    accumulate: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ W (+ accumulate)`` for x ``[M, N]`` and the 4-bit W ``[N, K]`` (the backward's
+    ``dX = dY @ W``): float32 throughout, one rounding to x's dtype."""
+    W = dequantize_4bit(packed, absmax, blocksize, quant_type, N * K, torch.float32,
+                        nested_absmax, nested_code, offset, nested_blocksize).view(N, K)
+    out = x.to(torch.float32) @ W
+    if accumulate is not None:
+        out = out + accumulate.to(torch.float32)
+    return out.to(x.dtype)
+
+
 # ---------------------------------------------------------------------------------------------
 # Dropout with a mask regenerated from a seed (LoRA's dropout on x, never stored).
 #

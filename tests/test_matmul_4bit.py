@@ -1050,3 +1050,47 @@ def test_gemm_4bit_gradients(device, gemm_always, rng):
     (torch.ops.qlora_kernels.gemm_4bit(x.detach(), packed, state.absmax, state.blocksize, state.quant_type, 72,
                                        *_nested_args(state), None, acc).float() * dy).sum().backward()
     assert rel_err(acc.grad, dy) < 1e-2
+
+
+# gemm_4bit_dx: x @ W (the backward's dX = dY @ W), W the reduction side
+def gemm_dx(x, packed, state, accumulate=None):
+    N, K = state.shape
+    return torch.ops.qlora_kernels.gemm_4bit_dx(x, packed, state.absmax, state.blocksize, state.quant_type, N, K,
+                                                *_nested_args(state), accumulate)
+
+
+# (M, N, K, quant_type, blocksize, nested, dtype, accumulate): N (the reduction) not a multiple of
+# 64 (1000, 136: the last step's rows past N read as zeros), K not a multiple of the 128-column
+# tile (4160, 320), partial token tiles, both formats and dtypes; the last takes the dequantize
+# path (K % 64 != 0).
+GEMM_DX_CASES = [
+    (300, 1000, 4160, "nf4", 64, True, torch.bfloat16, True),
+    (1300, 136, 320, "fp4", 128, False, torch.float16, True),
+    (65, 4096, 1024, "nf4", 4096, True, torch.bfloat16, False),
+    (70, 264, 4128, "nf4", 64, True, torch.bfloat16, True),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,K,quant_type,blocksize,nested,dtype,with_acc", GEMM_DX_CASES)
+def test_gpu_gemm_4bit_dx(M, N, K, quant_type, blocksize, nested, dtype, with_acc, gemm_always, rng):
+    _impl("cuda")
+    packed, state = quantized_weight(N, K, quant_type, blocksize, nested, rng, "cuda")
+    x = random_x((M, N), dtype, rng, "cuda")
+    acc = random_x((M, K), dtype, rng, "cuda") if with_acc else None
+    out = gemm_dx(x, packed, state, acc)
+    want = x.cpu().float() @ reference_weight(packed, state)
+    if acc is not None:
+        want = want + acc.cpu().float()
+    assert out.shape == (M, K) and out.dtype == dtype
+    assert rel_err(out, want) < TOL[dtype]
+    assert float((out.cpu().float() - want).abs().max() / want.abs().max()) < 8 * TOL[dtype]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_gemm_4bit_dx_matches_the_reference(device, gemm_always, rng):
+    packed, state = quantized_weight(136, 320, "nf4", 64, True, rng, device=device)
+    x = random_x((300, 136), torch.bfloat16, rng, device)
+    acc = random_x((300, 320), torch.bfloat16, rng, device)
+    want = x.cpu().float() @ reference_weight(packed, state) + acc.cpu().float()
+    assert rel_err(gemm_dx(x, packed, state, acc), want) < 1e-2

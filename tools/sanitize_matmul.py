@@ -90,6 +90,13 @@ for N, qt, bs, dq in ((257, "nf4", 64, True), (264, "fp4", 128, False)):
         acc = torch.randn(300, N, device="cuda", generator=g).to(dtype)
         torch.ops.qlora_kernels.gemm_4bit(x, packed, st.absmax, bs, qt, N, *_nested_args(st), bias, acc)
         torch.ops.qlora_kernels.gemm_4bit(x, packed, st.absmax, bs, qt, N, *_nested_args(st), None, None)
+        # x @ W (gemm_4bit_dx): the reduction over N's 257 / 264 rows (a partial last step), the
+        # 4160 columns in 33 tiles of 128 (a partial last one)
+        dy = torch.randn(300, N, device="cuda", generator=g).to(dtype)
+        acc_dx = torch.randn(300, 4160, device="cuda", generator=g).to(dtype)
+        if N % 8 == 0:  # the kernel's x rows must start on 16 bytes (257 takes the dequantize path)
+            torch.ops.qlora_kernels.gemm_4bit_dx(dy, packed, st.absmax, bs, qt, N, 4160, *_nested_args(st), acc_dx)
+        torch.ops.qlora_kernels.gemm_4bit_dx(dy, packed, st.absmax, bs, qt, N, 4160, *_nested_args(st), None)
 del os.environ["QLORA_KERNELS_GEMM"]
 torch.cuda.synchronize()
 print("sanitize_matmul: all paths ran")

@@ -394,3 +394,15 @@ def gemm_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, block
         return torch.nn.functional.linear(x, W, bias)
     out = torch.addmm(accumulate, x, W.T)
     return out.add_(bias) if bias is not None else out
+
+
+def gemm_4bit_dx(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
+                 N: int, K: int, nested_absmax: torch.Tensor | None = None, nested_code: torch.Tensor | None = None,
+                 offset: torch.Tensor | None = None, nested_blocksize: int = codes.NESTED_BLOCKSIZE,
+                 accumulate: torch.Tensor | None = None) -> torch.Tensor:
+    """The op ``gemm_4bit_dx`` (``x @ W``) on the Triton backend: dequantize, then cuBLAS."""
+    from .quant import dequantize_4bit
+
+    W = dequantize_4bit(packed, absmax, blocksize, quant_type, N * K, x.dtype, nested_absmax, nested_code, offset,
+                        nested_blocksize).view(N, K)
+    return torch.addmm(accumulate, x, W) if accumulate is not None else x @ W
