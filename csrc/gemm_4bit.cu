@@ -88,7 +88,8 @@ constexpr int kGemmStageArea = kGemmStages * (kGemmXBytes + kGemmWBytes);
 // The transposed kernel's scale stages (x @ W, W the reduction side): a step's 64 rows x the
 // tile's two 64-column groups of scales, in x's 16-bit type.
 constexpr int kGemmScaleBytes = 2 * kGemmStepK * 2;
-constexpr int kGemmSmem = kGemmStageArea + kTableBytes + 256 * 4 + 2 * kGemmStages * 8 + kGemmStages * kGemmScaleBytes;
+constexpr int kGemmSmem = kGemmStageArea + kTableBytes + 256 * 4 + kGemmStages * kGemmScaleBytes + 2 * kGemmStages * 8;
+static_assert((kGemmStageArea + kTableBytes + 256 * 4) % 128 == 0, "the scale stages start on 128 bytes");
 static_assert(kGemmTokens * kGemmOutPitch * 4 <= kGemmStageArea, "the staged output tile fits in the stages");
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -206,9 +207,10 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
   uint8_t* s_w = smem + kGemmStages * kGemmXBytes;
   uint8_t* s_table = smem + kGemmStageArea;
   float* s_code8 = reinterpret_cast<float*>(s_table + kTableBytes);
-  uint64_t* full = reinterpret_cast<uint64_t*>(s_code8 + 256);
+  // kTransposed: kGemmStages x 2 x 64 scales, on 128 bytes as tensor copies want
+  T* s_scales = reinterpret_cast<T*>(s_code8 + 256);
+  uint64_t* full = reinterpret_cast<uint64_t*>(reinterpret_cast<uint8_t*>(s_scales) + kGemmStages * kGemmScaleBytes);
   uint64_t* empty = full + kGemmStages;
-  T* s_scales = reinterpret_cast<T*>(empty + kGemmStages);  // kTransposed: kGemmStages x 2 x 64
 
   const int tid = threadIdx.x;
   const int lane = tid & 31;
