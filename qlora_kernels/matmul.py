@@ -179,9 +179,13 @@ def _backward(ctx, grad):
     blocksize, quant_type, N, K, dtype, nested_blocksize = ctx.format
     dx = None
     if ctx.needs_input_grad[0]:
-        W = ops.dequantize_4bit(packed, absmax, blocksize, quant_type, N * K, dtype, nested_absmax,
-                                nested_code, offset, nested_blocksize).view(N, K)
-        dx = grad.to(dtype) @ W
+        if grad.is_cuda and ops.BACKEND == "cuda":
+            dx = ops.gemm_4bit_dx(grad.to(dtype).contiguous(), packed, absmax, blocksize, quant_type, N, K,
+                                  nested_absmax, nested_code, offset, nested_blocksize)
+        else:
+            W = ops.dequantize_4bit(packed, absmax, blocksize, quant_type, N * K, dtype, nested_absmax,
+                                    nested_code, offset, nested_blocksize).view(N, K)
+            dx = grad.to(dtype) @ W
     dbias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[10] else None
     return dx, None, None, None, None, None, None, None, None, None, dbias
 
