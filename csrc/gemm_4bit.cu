@@ -155,31 +155,40 @@ __device__ __forceinline__ void decode_step(uint32_t (&a)[16], const uint8_t* w_
   }
 }
 
-// The transposed kernel's 16 A registers of one step (x @ W: the A operand is W^T, its rows W's
-// columns c = 16 warp + g and c + 8 of the tile, its k W's rows n). Register a0 pairs rows n, n + 1
-// (n = 16 s + 2 t) at column c, a1 the same rows at c + 8, a2 and a3 rows n + 8, n + 9. Row n's 8
-// bytes at 8 warp hold both columns: byte g / 2 of the low word (c) and of the high word (c + 8),
-// the high nibble for even g. The two rows' nibbles form the table index, (n's << 4) | n + 1's;
-// scales: the pair (n, n + 1) of the step's scale row for the lane's column group.
+// The transposed kernel's 16 A registers of one step (x @ W: the A operand is W^T, its k W's
+// rows). Register a[4 s + 2 h + e] pairs W's rows n, n + 1 (n = 16 s + 8 h + 2 t) at one column.
+//
+// The tile's 128 accumulator rows are W's columns in an order chosen for the loads: warp w and lane
+// g own byte 2 g + (w & 1) of the 16-byte column chunk w / 2 (columns 32 (w / 2) + 4 g + 2 (w & 1)
+// + e; e = 0 the byte's high nibble, accumulator row g, e = 1 the low one, row g + 8). Then
+// ldmatrix.trans hands each lane, from 8 rows x 16 bytes, a word with 2 bytes of row n (low half)
+// and of row n + 1 (high half) at its b16 column g: two ldmatrix.x4 load a warp's whole step
+// (16 LDS.64 otherwise). The byte pairs' nibbles form the table index (n's << 4) | n + 1's. The
+// weight stage is in the 64-byte swizzle (16-byte chunk ^= (row / 2) % 4), so that the 8 rows of an
+// ldmatrix phase fall in different banks. The epilogue puts the columns back in order.
+//
+// Scales: the stage holds, per 64-column group, the 64 rows' scales ordered so that lane t's 8 pairs
+// (s, h) are 32 contiguous bytes (scale_table_kernel writes that order): two LDS.128.
 template <typename T>
-__device__ __forceinline__ void decode_step_transposed(uint32_t (&a)[16], const uint8_t* w_stage, const T* s_stage,
-                                                       int warp, int t, uint32_t nibble_shift, const PairLookup& entry) {
-  const uint8_t* w = w_stage + 8 * warp;
-  const T* scale_row = s_stage + (warp >> 2) * kGemmStepK;
-  auto index = [&](uint32_t word_n, uint32_t word_n1) {
-    return (((word_n >> nibble_shift) & 0xFu) << 11) | (((word_n1 >> nibble_shift) & 0xFu) << 7);
-  };
+__device__ __forceinline__ void decode_step_transposed(uint32_t (&a)[16], uint32_t w_lane_address,
+                                                       const T* s_lane, uint32_t byte_shift,
+                                                       const PairLookup& entry) {
+  uint32_t m[8];
 #pragma unroll
-  for (int s = 0; s < 4; ++s) {
+  for (int q = 0; q < 2; ++q)  // rows 32 q .. 32 q + 31: matrices (s, h) = (2 q, 0), (2 q, 1), (2 q + 1, 0), ..
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(m[4 * q]), "=r"(m[4 * q + 1]), "=r"(m[4 * q + 2]), "=r"(m[4 * q + 3])
+                 : "r"(w_lane_address + 2048u * q)
+                 : "memory");
+  const uint4 s0 = *reinterpret_cast<const uint4*>(s_lane), s1 = *reinterpret_cast<const uint4*>(s_lane + 8);
+  const uint32_t sc[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {  // rows n, n + 1 (a0, a1), then n + 8, n + 9 (a2, a3)
-      const int n = 16 * s + 2 * t + 8 * half;
-      const uint2 r0 = *reinterpret_cast<const uint2*>(w + n * 64);
-      const uint2 r1 = *reinterpret_cast<const uint2*>(w + (n + 1) * 64);
-      const uint32_t sc = *reinterpret_cast<const uint32_t*>(scale_row + n);
-      a[4 * s + 2 * half] = scale_pair<T>(entry(index(r0.x, r1.x)), sc);
-      a[4 * s + 2 * half + 1] = scale_pair<T>(entry(index(r0.y, r1.y)), sc);
-    }
+  for (int i = 0; i < 8; ++i) {  // i = 2 s + h
+    const uint32_t v = m[i] >> byte_shift;  // row n's byte in bits 0..7, row n + 1's in 16..23
+    const uint32_t hi = v & 0x00F000F0u, lo = v & 0x000F000Fu;
+    // table offset (nibble_n << 4 | nibble_n1) << 7
+    a[2 * i] = scale_pair<T>(entry(((hi << 7) | (hi >> 13)) & 0x7F80u), sc[i]);
+    a[2 * i + 1] = scale_pair<T>(entry(((lo << 11) | (lo >> 9)) & 0x7F80u), sc[i]);
   }
 }
 #endif
@@ -290,13 +299,18 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
 #pragma unroll
   for (int i = 0; i < 128; ++i) d[i] = 0.0f;
   uint32_t a_even[16], a_odd[16];  // the A registers of even and odd steps
-  const uint32_t nibble_shift = 8 * (g >> 1) + ((g & 1) ? 0 : 4);  // kTransposed: this lane's nibble of a word
+  // kTransposed (see decode_step_transposed): this lane's ldmatrix row (lane) in the swizzled stage,
+  // in its warp's 16-byte column chunk; its byte of the b16 it receives; its 32 bytes of scales
+  const uint32_t w_lane_offset = 64u * lane + ((((warp >> 1) ^ (lane >> 1)) & 3u) << 4);
+  const uint32_t byte_shift = 8u * (warp & 1);
+  const int scale_lane_offset = (warp >> 2) * kGemmStepK + 16 * t;
   auto load = [&](int step, uint32_t (&a)[16]) {
     const int slot = step % kGemmStages;
     mbarrier_wait(&full[slot], (step / kGemmStages) & 1);
     const uint8_t* w = s_w + slot * kGemmWBytes;
     if constexpr (kTransposed) {
-      decode_step_transposed<T>(a, w, s_scales + slot * kGemmScaleBytes / 2, warp, t, nibble_shift, entry);
+      decode_step_transposed<T>(a, shared_address(w) + w_lane_offset,
+                                s_scales + slot * kGemmScaleBytes / 2 + scale_lane_offset, byte_shift, entry);
     } else {
       uint32_t s_lo, s_hi;
       scales(step, s_lo, s_hi);
@@ -360,10 +374,21 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
   // Epilogue: accumulator 4 j + i of this lane is row r_lo (+ 8 for i >= 2), token 8 j + 2 t + (i & 1).
   gemm_consumer_sync();  // every consumer's wgmmas are done: the stages' memory is free
   float* s_out = reinterpret_cast<float*>(smem);
+  if constexpr (kTransposed) {
+    // accumulator rows r_lo and r_lo + 8 are the adjacent columns col, col + 1 (decode_step_transposed)
+    const int col = 32 * (warp >> 1) + 4 * g + 2 * (warp & 1);
 #pragma unroll
-  for (int j = 0; j < 32; ++j)
+    for (int j = 0; j < 32; ++j)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) s_out[(8 * j + 2 * t + (i & 1)) * kGemmOutPitch + r_lo + (i >= 2 ? 8 : 0)] = d[4 * j + i];
+      for (int i = 0; i < 2; ++i)
+        *reinterpret_cast<float2*>(s_out + (8 * j + 2 * t + i) * kGemmOutPitch + col) =
+            make_float2(d[4 * j + i], d[4 * j + i + 2]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < 32; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) s_out[(8 * j + 2 * t + (i & 1)) * kGemmOutPitch + r_lo + (i >= 2 ? 8 : 0)] = d[4 * j + i];
+  }
   gemm_consumer_sync();
   // 8 outputs (16 bytes) a thread at a time, 16 threads a token: chunk c of the tile is token
   // c / 16, rows 8 (c % 16) ..; this thread's are c = tid + 256 i.
@@ -468,21 +493,30 @@ int gemm_group(int64_t token_tiles) {
   return static_cast<int>(std::min(token_tiles, group));
 }
 
-// The scales of W [N_w, K_w] for the transposed kernel: out[g][n] = the absmax of row n's columns
-// 64 g .. 64 g + 63 in T (the decoded value, rounded as chunk_scale rounds it), so that a step's
-// scales are one tensor copy of 64 rows x 2 groups.
+// The scales of W [N_w, K_w] for the transposed kernel, in x's type (the decoded absmax, rounded as
+// chunk_scale rounds it), as [K_w / 64 column groups][N_pad = N_w rounded up to 64], so that a step's
+// scales are one tensor copy of 64 rows x 2 groups. Within each 64 rows, row 16 s + 8 h + 2 t + e
+// sits at 16 t + 4 s + 2 h + e: lane t's 8 row pairs of a step are 32 contiguous bytes
+// (decode_step_transposed). Rows past N_w get 0 (their weight bytes read as 0 past the tensor).
 template <typename T>
 __global__ void scale_table_kernel(const void* __restrict__ absmax, const float* __restrict__ nested_absmax,
                                    const float* __restrict__ nested_code, const float* __restrict__ offset,
-                                   T* __restrict__ out, int N_w, int K_w, int lg_bs, int lg_nbs, bool nested) {
+                                   T* __restrict__ out, int N_w, int N_pad, int K_w, int lg_bs, int lg_nbs,
+                                   bool nested) {
   const int64_t groups = K_w / kGemmStepK;
   const int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
-  if (i >= groups * N_w) return;
-  const int64_t g = i / N_w, n = i % N_w;
-  const int64_t block = (n * K_w + g * kGemmStepK) >> lg_bs;
-  const float value = nested ? fmaf(__ldg(nested_code + __ldg(static_cast<const uint8_t*>(absmax) + block)),
-                                    __ldg(nested_absmax + (block >> lg_nbs)), __ldg(offset))
-                             : __ldg(static_cast<const float*>(absmax) + block);
+  if (i >= groups * N_pad) return;
+  const int64_t g = i / N_pad;
+  const int p = static_cast<int>(i % N_pad);
+  const int t = (p >> 4) & 3, s = (p >> 2) & 3, h = (p >> 1) & 1, e = p & 1;
+  const int64_t n = (p & ~63) + 16 * s + 8 * h + 2 * t + e;
+  float value = 0.0f;
+  if (n < N_w) {
+    const int64_t block = (n * K_w + g * kGemmStepK) >> lg_bs;
+    value = nested ? fmaf(__ldg(nested_code + __ldg(static_cast<const uint8_t*>(absmax) + block)),
+                          __ldg(nested_absmax + (block >> lg_nbs)), __ldg(offset))
+                   : __ldg(static_cast<const float*>(absmax) + block);
+  }
   out[i] = from_float<T>(value);
 }
 
@@ -578,17 +612,19 @@ at::Tensor run_gemm_4bit(const at::Tensor& x, const at::Tensor& packed, const at
       {static_cast<cuuint64_t>(K / 2), static_cast<cuuint64_t>(N)}, {static_cast<cuuint64_t>(K / 2)},
       {static_cast<cuuint32_t>(transposed ? kGemmRows / 2 : kGemmStepK / 2),
        static_cast<cuuint32_t>(transposed ? kGemmStepK : kGemmRows)},
-      CU_TENSOR_MAP_SWIZZLE_NONE,
+      // transposed: the 64-byte swizzle, for conflict-free ldmatrix (decode_step_transposed)
+      transposed ? CU_TENSOR_MAP_SWIZZLE_64B : CU_TENSOR_MAP_SWIZZLE_NONE,
       "a weight", N, K);
-  // transposed: the scales [K / 64][N] in x's type, boxes of 64 rows x 2 groups
+  // transposed: the scales [K / 64][N rounded up to 64] in x's type, boxes of 64 rows x 2 groups
   at::Tensor scales;
   CUtensorMap s_map = w_map;  // unused by the forward kernel
   if (transposed) {
-    scales = at::empty({K / kGemmStepK, N}, x.options());
+    const int64_t N_pad = ceil_div(N, kGemmStepK) * kGemmStepK;
+    scales = at::empty({K / kGemmStepK, N_pad}, x.options());
     s_map = tensor_map<2>(encode, CU_TENSOR_MAP_DATA_TYPE_UINT16, scales.data_ptr(),
-                          {static_cast<cuuint64_t>(N), static_cast<cuuint64_t>(K / kGemmStepK)},
-                          {static_cast<cuuint64_t>(N) * 2}, {kGemmStepK, 2}, CU_TENSOR_MAP_SWIZZLE_NONE,
-                          "the scales", K / kGemmStepK, N);
+                          {static_cast<cuuint64_t>(N_pad), static_cast<cuuint64_t>(K / kGemmStepK)},
+                          {static_cast<cuuint64_t>(N_pad) * 2}, {kGemmStepK, 2}, CU_TENSOR_MAP_SWIZZLE_NONE,
+                          "the scales", K / kGemmStepK, N_pad);
   }
   const int64_t token_tiles = ceil_div(M, kGemmTokens);
   const int64_t tiles = ceil_div(out_width, kGemmRows) * token_tiles;
@@ -614,7 +650,7 @@ at::Tensor run_gemm_4bit(const at::Tensor& x, const at::Tensor& packed, const at
       const int64_t entries = scales.numel();
       scale_table_kernel<T><<<static_cast<unsigned>(ceil_div(entries, 256)), 256, 0, stream>>>(
           absmax.data_ptr(), na, nc, off, reinterpret_cast<T*>(scales.data_ptr()), static_cast<int>(N),
-          static_cast<int>(K), lg_bs, lg_nbs, nested);
+          static_cast<int>(scales.size(1)), static_cast<int>(K), lg_bs, lg_nbs, nested);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       launch(gemm_4bit_kernel<T, true>);
     } else {
