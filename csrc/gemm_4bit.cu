@@ -475,14 +475,18 @@ bool gemm_kernel_usable(const void* kernel, int device) {
 // * at 4096 tokens it is even on average (0.96-1.05 by layer), and it needs no 16-bit W buffer;
 // * at 8192 tokens cuBLAS' faster main loop wins (1.02-1.05): dequantize + cuBLAS there.
 constexpr int64_t kGemmMaxTokens = 4096;
+// gemm_4bit_dx (x @ W, the backward's dX) against dequantize + cuBLAS, the same layers: 0.72-0.76
+// on the 65B-sized layers at 512 tokens, 0.96-1.02 at 2048, 1.01-1.05 at 4096 (its steps decode
+// more than the forward's: ldmatrix + a scale load for each row pair). Taken up to 2048 tokens.
+constexpr int64_t kGemmDxMaxTokens = 2048;
 // QLORA_KERNELS_GEMM: "0" turns the kernel off (dequantize + cuBLAS, for comparisons); "always"
 // runs it on problems of any size (tests, sanitizers); unset or anything else, by the rule above.
-bool gemm_kernel_wanted(int64_t M, int64_t N, int device) {
+bool gemm_kernel_wanted(int64_t M, int64_t N, int device, int64_t max_tokens) {
   const char* env = std::getenv("QLORA_KERNELS_GEMM");
   const std::string mode = env != nullptr ? env : "";
   if (mode == "0") return false;
   if (mode == "always") return true;
-  return M <= kGemmMaxTokens && 8 * ceil_div(N, kGemmRows) * ceil_div(M, kGemmTokens) >= 7 * multiprocessor_count(device);
+  return M <= max_tokens && 8 * ceil_div(N, kGemmRows) * ceil_div(M, kGemmTokens) >= 7 * multiprocessor_count(device);
 }
 
 // Token tiles a group of the tile order walks (see the kernel): 4, or QLORA_KERNELS_GEMM_GROUP.
@@ -498,26 +502,35 @@ int gemm_group(int64_t token_tiles) {
 // scales are one tensor copy of 64 rows x 2 groups. Within each 64 rows, row 16 s + 8 h + 2 t + e
 // sits at 16 t + 4 s + 2 h + e: lane t's 8 row pairs of a step are 32 contiguous bytes
 // (decode_step_transposed). Rows past N_w get 0 (their weight bytes read as 0 past the tensor).
+// One thread per (position, 16 column groups): consecutive threads write consecutive positions
+// (coalesced), and each reads its row's absmax codes for 16 groups, which are adjacent bytes (L1
+// serves all but the first). One thread per entry in group-major order read one byte per 32-byte
+// sector and took tens of microseconds on the 65B layers.
+constexpr int kScaleGroupsPerThread = 16;
 template <typename T>
 __global__ void scale_table_kernel(const void* __restrict__ absmax, const float* __restrict__ nested_absmax,
                                    const float* __restrict__ nested_code, const float* __restrict__ offset,
                                    T* __restrict__ out, int N_w, int N_pad, int K_w, int lg_bs, int lg_nbs,
                                    bool nested) {
-  const int64_t groups = K_w / kGemmStepK;
+  const int groups = K_w / kGemmStepK;
   const int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
-  if (i >= groups * N_pad) return;
-  const int64_t g = i / N_pad;
+  const int chunks = (groups + kScaleGroupsPerThread - 1) / kScaleGroupsPerThread;
+  if (i >= int64_t{chunks} * N_pad) return;
+  const int g0 = static_cast<int>(i / N_pad) * kScaleGroupsPerThread;
   const int p = static_cast<int>(i % N_pad);
   const int t = (p >> 4) & 3, s = (p >> 2) & 3, h = (p >> 1) & 1, e = p & 1;
   const int64_t n = (p & ~63) + 16 * s + 8 * h + 2 * t + e;
-  float value = 0.0f;
-  if (n < N_w) {
-    const int64_t block = (n * K_w + g * kGemmStepK) >> lg_bs;
-    value = nested ? fmaf(__ldg(nested_code + __ldg(static_cast<const uint8_t*>(absmax) + block)),
-                          __ldg(nested_absmax + (block >> lg_nbs)), __ldg(offset))
-                   : __ldg(static_cast<const float*>(absmax) + block);
+  const float off = nested ? __ldg(offset) : 0.0f;
+  for (int g = g0; g < min(g0 + kScaleGroupsPerThread, groups); ++g) {
+    float value = 0.0f;
+    if (n < N_w) {
+      const int64_t block = (n * K_w + int64_t{g} * kGemmStepK) >> lg_bs;
+      value = nested ? fmaf(__ldg(nested_code + __ldg(static_cast<const uint8_t*>(absmax) + block)),
+                            __ldg(nested_absmax + (block >> lg_nbs)), off)
+                     : __ldg(static_cast<const float*>(absmax) + block);
+    }
+    out[int64_t{g} * N_pad + p] = from_float<T>(value);
   }
-  out[i] = from_float<T>(value);
 }
 
 // gemm_4bit (transposed false): out [M, N] = x [M, K] @ W.T; gemm_4bit_dx (true): out [M, K] =
@@ -578,7 +591,7 @@ at::Tensor run_gemm_4bit(const at::Tensor& x, const at::Tensor& packed, const at
                      N < (int64_t{1} << 31) && K < (int64_t{1} << 31) && nblocks < (int64_t{1} << 31) &&
                      N * K < (int64_t{1} << 40) && x.is_contiguous() && is_aligned16(x.data_ptr()) &&
                      packed.is_contiguous() && is_aligned16(packed.data_ptr()) &&
-                     gemm_kernel_wanted(M, out_width, device) && gemm_kernel_usable(kernel_for(x.scalar_type()), device);
+                     gemm_kernel_wanted(M, out_width, device, transposed ? kGemmDxMaxTokens : kGemmMaxTokens) && gemm_kernel_usable(kernel_for(x.scalar_type()), device);
   if (!fused) {
     // dequantize + cuBLAS (float32 x, K not a multiple of 64, blocksize 32, GPUs other than sm_90)
     const at::Tensor W =
@@ -647,8 +660,8 @@ at::Tensor run_gemm_4bit(const at::Tensor& x, const at::Tensor& packed, const at
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (transposed) {
-      const int64_t entries = scales.numel();
-      scale_table_kernel<T><<<static_cast<unsigned>(ceil_div(entries, 256)), 256, 0, stream>>>(
+      const int64_t threads = ceil_div(scales.size(0), kScaleGroupsPerThread) * scales.size(1);
+      scale_table_kernel<T><<<static_cast<unsigned>(ceil_div(threads, 256)), 256, 0, stream>>>(
           absmax.data_ptr(), na, nc, off, reinterpret_cast<T*>(scales.data_ptr()), static_cast<int>(N),
           static_cast<int>(scales.size(1)), static_cast<int>(K), lg_bs, lg_nbs, nested);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
