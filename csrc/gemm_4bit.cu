@@ -533,13 +533,15 @@ __global__ void scale_table_kernel(const void* __restrict__ absmax, const float*
   }
 }
 
-// gemm_4bit (transposed false): out [M, N] = x [M, K] @ W.T; gemm_4bit_dx (true): out [M, K] =
-// x [M, N] @ W, W [N, K] in both.
+// gemm_4bit (transposed false): out [M, N] = x [M, K] @ W.T (+ bias) (+ accumulate);
+// gemm_4bit_dx (true): out [M, K] = x [M, N] @ W; W [N, K] in both. in_place (gemm_4bit_add_):
+// accumulate is also the output, written in place (acc_name is its argument's name).
 at::Tensor run_gemm_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
                          c10::string_view quant_type, int64_t N, int64_t K_w, const std::optional<at::Tensor>& nested_absmax,
                          const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
                          int64_t nested_blocksize, const std::optional<at::Tensor>& bias,
-                         const std::optional<at::Tensor>& accumulate, bool transposed) {
+                         const std::optional<at::Tensor>& accumulate, bool transposed, bool in_place = false,
+                         const char* acc_name = "accumulate") {
   check_cuda(x, "x");
   TORCH_CHECK(x.dim() == 2, "x: expected a 2-D tensor [M, K], got sizes ", dims(x.sizes()));
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf || x.scalar_type() == at::kFloat,
@@ -568,11 +570,11 @@ at::Tensor run_gemm_4bit(const at::Tensor& x, const at::Tensor& packed, const at
     check_numel(*bias, "bias", N, "N");
   }
   if (accumulate.has_value()) {
-    check_same_device(*accumulate, "accumulate", x, "x");
-    TORCH_CHECK(accumulate->scalar_type() == x.scalar_type(), "accumulate: expected dtype ", x.scalar_type(),
+    check_same_device(*accumulate, acc_name, x, "x");
+    TORCH_CHECK(accumulate->scalar_type() == x.scalar_type(), acc_name, ": expected dtype ", x.scalar_type(),
                 " (x's), got ", accumulate->scalar_type());
     TORCH_CHECK(accumulate->dim() == 2 && accumulate->size(0) == M && accumulate->size(1) == out_width,
-                "accumulate: expected sizes [", num(M), ", ", num(out_width), "], got ", dims(accumulate->sizes()));
+                acc_name, ": expected sizes [", num(M), ", ", num(out_width), "], got ", dims(accumulate->sizes()));
   }
   const c10::cuda::CUDAGuard guard(x.device());
   const int device = x.get_device();
@@ -601,6 +603,7 @@ at::Tensor run_gemm_4bit(const at::Tensor& x, const at::Tensor& packed, const at
     // the bias in cuBLAS' epilogue (beta = 1) where there is no accumulate to take that place
     // (gemm_4bit_dx has no bias)
     const at::Tensor Wx = transposed ? W : W.t();
+    if (in_place) return accumulate->addmm_(x, Wx);
     if (!accumulate.has_value()) return bias.has_value() ? at::addmm(*bias, x, Wx) : at::mm(x, Wx);
     at::Tensor out = at::addmm(*accumulate, x, Wx);
     return bias.has_value() ? out.add_(bias->unsqueeze(0)) : out;
@@ -610,7 +613,9 @@ at::Tensor run_gemm_4bit(const at::Tensor& x, const at::Tensor& packed, const at
   check_numel(absmax, "absmax", nblocks, "ceil(N * K / blocksize)");
   const at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
   const at::Tensor acc_c = accumulate.has_value() ? accumulate->contiguous() : at::Tensor();
-  at::Tensor out = at::empty({M, out_width}, x.options());
+  // in place: the kernel reads each output's accumulate before it writes that output, in the same
+  // thread (a non-contiguous destination gets the result copied back)
+  at::Tensor out = in_place ? acc_c : at::empty({M, out_width}, x.options());
   const bool vector_out = out_width % 8 == 0 && (!bias.has_value() || is_aligned16(bias_c.data_ptr())) &&
                           (!accumulate.has_value() || is_aligned16(acc_c.data_ptr()));
   PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
@@ -675,6 +680,7 @@ at::Tensor run_gemm_4bit(const at::Tensor& x, const at::Tensor& packed, const at
   } else {
     run(TypeTag<__half>{});
   }
+  if (in_place && !out.is_same(*accumulate)) accumulate->copy_(out);
   return out;
 }
 
@@ -691,10 +697,24 @@ at::Tensor gemm_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Te
 at::Tensor gemm_4bit_dx(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
                         c10::string_view quant_type, int64_t N, int64_t K,
                         const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
-                        const std::optional<at::Tensor>& offset, int64_t nested_blocksize,
-                        const std::optional<at::Tensor>& accumulate) {
+                        const std::optional<at::Tensor>& offset, int64_t nested_blocksize) {
   return run_gemm_4bit(x, packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code, offset,
-                       nested_blocksize, std::nullopt, accumulate, /*transposed=*/true);
+                       nested_blocksize, std::nullopt, std::nullopt, /*transposed=*/true);
+}
+
+// out += x @ W.T (transposed false) or out += x @ W (true), in place: the LoRA layer's base GEMMs
+// on its LoRA term. A functional accumulate costs a copy of it wherever cuBLAS runs instead
+// (addmm's beta = 1 into a new tensor copies the input first), and one more output alive.
+void gemm_4bit_add_(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                    int64_t blocksize, c10::string_view quant_type, int64_t N, int64_t K,
+                    const std::optional<at::Tensor>& nested_absmax, const std::optional<at::Tensor>& nested_code,
+                    const std::optional<at::Tensor>& offset, int64_t nested_blocksize, bool transposed) {
+  check_cuda(out, "out");
+  TORCH_CHECK(x.dim() == 2, "x: expected a 2-D tensor, got sizes ", dims(x.sizes()));
+  TORCH_CHECK(transposed || x.size(1) == K, "x: expected sizes [M, ", num(K), "] (W is [", num(N), ", ", num(K),
+              "]), got ", dims(x.sizes()));
+  run_gemm_4bit(x, packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code, offset, nested_blocksize,
+                std::nullopt, out, transposed, /*in_place=*/true, "out");
 }
 
 }  // namespace
@@ -703,4 +723,5 @@ at::Tensor gemm_4bit_dx(const at::Tensor& x, const at::Tensor& packed, const at:
 TORCH_LIBRARY_IMPL(qlora_kernels, CUDA, m) {
   m.impl("gemm_4bit", &qlora_kernels::gemm_4bit);
   m.impl("gemm_4bit_dx", &qlora_kernels::gemm_4bit_dx);
+  m.impl("gemm_4bit_add_", &qlora_kernels::gemm_4bit_add_);
 }

@@ -34,7 +34,12 @@ SCHEMAS = {
     "gemm_4bit_dx": (
         "gemm_4bit_dx(Tensor x, Tensor packed, Tensor absmax, int blocksize, str quant_type, int N, int K, "
         "Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, "
-        "int nested_blocksize=256, Tensor? accumulate=None) -> Tensor"
+        "int nested_blocksize=256) -> Tensor"
+    ),
+    "gemm_4bit_add_": (
+        "gemm_4bit_add_(Tensor(a!) out, Tensor x, Tensor packed, Tensor absmax, int blocksize, str quant_type, "
+        "int N, int K, Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, "
+        "int nested_blocksize=256, bool transposed=False) -> ()"
     ),
     "dropout_forward": "dropout_forward(Tensor x, int seed, float p, Tensor? device_seed=None) -> Tensor",
     "dropout_backward_add": "dropout_backward_add(Tensor(a!) out, Tensor grad, int seed, float p, Tensor? device_seed=None) -> ()",

@@ -134,9 +134,10 @@ def _forward_impl(x: Tensor, packed: Tensor, absmax: Tensor, blocksize: int, qua
     else:
         Y = _scaled_mm(xa, _as(B, dt).T, scale)
     if x2.is_cuda and ops.BACKEND == "cuda":
-        # Y = x @ W.T + Y: on an H100 the 4-bit GEMM (no dequantized W), else dequantize + cuBLAS
-        Y = ops.gemm_4bit(x2.contiguous(), packed, absmax, blocksize, quant_type, N, nested_absmax, nested_code,
-                          offset, nested_blocksize, None, Y)
+        # Y += x @ W.T in place: on an H100 the 4-bit GEMM (no dequantized W), else dequantize +
+        # cuBLAS (gemm_4bit_add_ chooses)
+        ops.gemm_4bit_add_(Y, x2.contiguous(), packed, absmax, blocksize, quant_type, N, K, nested_absmax,
+                           nested_code, offset, nested_blocksize, False)
     else:
         W = _dequantize(packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code, offset,
                         nested_blocksize, dt)
@@ -202,9 +203,9 @@ def _backward_impl(dY: Tensor, x: Tensor, packed: Tensor, absmax: Tensor, blocks
             # gradient) first, then dX += dY @ W with the big GEMM's beta = 1
             dX = _up(g, A_, seed, p)
             if x2.is_cuda and ops.BACKEND == "cuda":
-                # dX = dY @ W + dX: on an H100 the 4-bit GEMM with W as the reduction side
-                dX = ops.gemm_4bit_dx(dY2.contiguous(), packed, absmax, blocksize, quant_type, N, K, nested_absmax,
-                                      nested_code, offset, nested_blocksize, dX)
+                # dX += dY @ W in place: on an H100 the 4-bit GEMM with W as the reduction side
+                ops.gemm_4bit_add_(dX, dY2.contiguous(), packed, absmax, blocksize, quant_type, N, K,
+                                   nested_absmax, nested_code, offset, nested_blocksize, True)
             else:
                 W = _dequantize(packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code,
                                 offset, nested_blocksize, dt)

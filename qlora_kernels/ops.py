@@ -111,8 +111,14 @@ def _(x, packed, absmax, blocksize, quant_type, N, nested_absmax=None, nested_co
 
 @torch.library.register_fake("qlora_kernels::gemm_4bit_dx")
 def _(x, packed, absmax, blocksize, quant_type, N, K, nested_absmax=None, nested_code=None, offset=None,
-      nested_blocksize=256, accumulate=None):
+      nested_blocksize=256):
     return x.new_empty((x.shape[0], K))
+
+
+@torch.library.register_fake("qlora_kernels::gemm_4bit_add_")
+def _(out, x, packed, absmax, blocksize, quant_type, N, K, nested_absmax=None, nested_code=None, offset=None,
+      nested_blocksize=256, transposed=False):
+    return None
 
 
 @torch.library.register_fake("qlora_kernels::dropout_forward")
@@ -154,6 +160,7 @@ matmul_4bit = torch.ops.qlora_kernels.matmul_4bit.default
 matmul_4bit_grouped = torch.ops.qlora_kernels.matmul_4bit_grouped.default
 gemm_4bit = torch.ops.qlora_kernels.gemm_4bit.default
 gemm_4bit_dx = torch.ops.qlora_kernels.gemm_4bit_dx.default
+gemm_4bit_add_ = torch.ops.qlora_kernels.gemm_4bit_add_.default
 dropout_forward = torch.ops.qlora_kernels.dropout_forward.default
 dropout_backward_add = torch.ops.qlora_kernels.dropout_backward_add.default
 dropout_linear = torch.ops.qlora_kernels.dropout_linear.default

@@ -172,16 +172,41 @@ def gemm_4bit_dx(
     nested_code: torch.Tensor | None = None,
     offset: torch.Tensor | None = None,
     nested_blocksize: int = codes.NESTED_BLOCKSIZE,
-    accumulate: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x @ W (+ accumulate)`` for x ``[M, N]`` and the 4-bit W ``[N, K]`` (the backward's
-    ``dX = dY @ W``): float32 throughout, one rounding to x's dtype."""
+    """``x @ W`` for x ``[M, N]`` and the 4-bit W ``[N, K]`` (the backward's ``dX = dY @ W``):
+    float32 throughout, one rounding to x's dtype."""
     W = dequantize_4bit(packed, absmax, blocksize, quant_type, N * K, torch.float32,
                         nested_absmax, nested_code, offset, nested_blocksize).view(N, K)
-    out = x.to(torch.float32) @ W
-    if accumulate is not None:
-        out = out + accumulate.to(torch.float32)
-    return out.to(x.dtype)
+    return (x.to(torch.float32) @ W).to(x.dtype)
+
+
+def gemm_4bit_add_(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    quant_type: str,
+    N: int,
+    K: int,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    nested_blocksize: int = codes.NESTED_BLOCKSIZE,
+    transposed: bool = False,
+) -> None:
+    """``out += x @ W.T`` (x ``[M, K]``), or with ``transposed`` ``out += x @ W`` (x ``[M, N]``), in
+    place, W the 4-bit ``[N, K]``: float32 throughout, one rounding to out's dtype."""
+    W = dequantize_4bit(packed, absmax, blocksize, quant_type, N * K, torch.float32,
+                        nested_absmax, nested_code, offset, nested_blocksize).view(N, K)
+    width, want = (N, K) if transposed else (K, N)
+    if x.dim() != 2 or x.shape[1] != width:
+        raise ValueError(f"x: expected sizes [M, {width}], got {list(x.shape)}")
+    if out.shape != (x.shape[0], want) or out.dtype != x.dtype:
+        raise ValueError(f"out: expected sizes [{x.shape[0]}, {want}] and dtype {x.dtype}, got "
+                         f"{list(out.shape)}, {out.dtype}")
+    product = x.to(torch.float32) @ (W if transposed else W.T)
+    out.copy_((out.to(torch.float32) + product).to(out.dtype))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1052,22 +1052,31 @@ def test_gemm_4bit_gradients(device, gemm_always, rng):
     assert rel_err(acc.grad, dy) < 1e-2
 
 
-# gemm_4bit_dx: x @ W (the backward's dX = dY @ W), W the reduction side
-def gemm_dx(x, packed, state, accumulate=None):
+# gemm_4bit_dx: x @ W (the backward's dX = dY @ W), W the reduction side; gemm_4bit_add_: the
+# LoRA layer's in-place out += x @ W.T / x @ W
+def gemm_dx(x, packed, state):
     N, K = state.shape
     return torch.ops.qlora_kernels.gemm_4bit_dx(x, packed, state.absmax, state.blocksize, state.quant_type, N, K,
-                                                *_nested_args(state), accumulate)
+                                                *_nested_args(state))
+
+
+def gemm_add_(out, x, packed, state, transposed):
+    N, K = state.shape
+    torch.ops.qlora_kernels.gemm_4bit_add_(out, x, packed, state.absmax, state.blocksize, state.quant_type, N, K,
+                                           *_nested_args(state), transposed)
 
 
 # (M, N, K, quant_type, blocksize, nested, dtype, accumulate): N (the reduction) not a multiple of
-# 64 (1000, 136: the last step's rows past N read as zeros), K not a multiple of the 128-column
-# tile (4160, 320), partial token tiles, both formats and dtypes; the last takes the dequantize
-# path (K % 64 != 0).
+# 64 (1000, 136: the last step's rows past N read as zeros, their scales as 0), K not a multiple
+# of the 128-column tile (4160, 320), partial token tiles, both formats and dtypes, a 4096
+# blocksize (one scale for many steps); the last takes the dequantize path (K % 64 != 0); with
+# accumulate: through gemm_4bit_add_ (transposed).
 GEMM_DX_CASES = [
     (300, 1000, 4160, "nf4", 64, True, torch.bfloat16, True),
     (1300, 136, 320, "fp4", 128, False, torch.float16, True),
     (65, 4096, 1024, "nf4", 4096, True, torch.bfloat16, False),
     (70, 264, 4128, "nf4", 64, True, torch.bfloat16, True),
+    (33, 72, 4100, "nf4", 64, True, torch.bfloat16, False),
 ]
 
 
@@ -1077,11 +1086,13 @@ def test_gpu_gemm_4bit_dx(M, N, K, quant_type, blocksize, nested, dtype, with_ac
     _impl("cuda")
     packed, state = quantized_weight(N, K, quant_type, blocksize, nested, rng, "cuda")
     x = random_x((M, N), dtype, rng, "cuda")
-    acc = random_x((M, K), dtype, rng, "cuda") if with_acc else None
-    out = gemm_dx(x, packed, state, acc)
     want = x.cpu().float() @ reference_weight(packed, state)
-    if acc is not None:
-        want = want + acc.cpu().float()
+    if with_acc:
+        out = random_x((M, K), dtype, rng, "cuda")
+        want = want + out.cpu().float()
+        gemm_add_(out, x, packed, state, True)
+    else:
+        out = gemm_dx(x, packed, state)
     assert out.shape == (M, K) and out.dtype == dtype
     assert rel_err(out, want) < TOL[dtype]
     assert float((out.cpu().float() - want).abs().max() / want.abs().max()) < 8 * TOL[dtype]
@@ -1091,6 +1102,51 @@ def test_gpu_gemm_4bit_dx(M, N, K, quant_type, blocksize, nested, dtype, with_ac
 def test_gemm_4bit_dx_matches_the_reference(device, gemm_always, rng):
     packed, state = quantized_weight(136, 320, "nf4", 64, True, rng, device=device)
     x = random_x((300, 136), torch.bfloat16, rng, device)
-    acc = random_x((300, 320), torch.bfloat16, rng, device)
-    want = x.cpu().float() @ reference_weight(packed, state) + acc.cpu().float()
-    assert rel_err(gemm_dx(x, packed, state, acc), want) < 1e-2
+    assert rel_err(gemm_dx(x, packed, state), x.cpu().float() @ reference_weight(packed, state)) < 1e-2
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("mode", ["always", "0"])
+def test_gemm_4bit_add_in_place(device, mode, monkeypatch, rng):
+    """out += x @ W.T and out += x @ W into the caller's tensor (the kernel with "always", the
+    dequantize path with "0"), also into a strided view, which keeps its strides."""
+    monkeypatch.setenv("QLORA_KERNELS_GEMM", mode)
+    packed, state = quantized_weight(136, 320, "nf4", 64, True, rng, device=device)
+    W = reference_weight(packed, state)
+    for transposed, (width, out_width) in ((False, (320, 136)), (True, (136, 320))):
+        x = random_x((300, width), torch.bfloat16, rng, device)
+        product = x.cpu().float() @ (W if transposed else W.T)
+        out = random_x((300, out_width), torch.bfloat16, rng, device)
+        before, pointer = out.cpu().float(), out.data_ptr()
+        gemm_add_(out, x, packed, state, transposed)
+        assert out.data_ptr() == pointer
+        assert rel_err(out, before + product) < 1e-2
+        wide = random_x((300, out_width + 8), torch.bfloat16, rng, device)
+        view = wide[:, 4:4 + out_width]
+        left, right, before = wide[:, :4].clone(), wide[:, 4 + out_width:].clone(), view.cpu().float()
+        gemm_add_(view, x, packed, state, transposed)
+        assert rel_err(view, before + product) < 1e-2
+        assert torch.equal(wide[:, :4], left) and torch.equal(wide[:, 4 + out_width:], right)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_gemm_4bit_add_errors_name_the_argument(device, rng):
+    packed, state = quantized_weight(136, 320, "nf4", 64, True, rng, device=device)
+    x = random_x((30, 320), torch.bfloat16, rng, device)
+    error = (RuntimeError, ValueError)
+    with pytest.raises(error, match="out: expected"):
+        gemm_add_(random_x((30, 135), torch.bfloat16, rng, device), x, packed, state, False)
+    with pytest.raises(error, match="out: expected"):
+        gemm_add_(random_x((30, 136), torch.float16, rng, device), x, packed, state, False)
+    with pytest.raises(error, match="x: expected"):
+        gemm_add_(random_x((30, 136), torch.bfloat16, rng, device), x[:, :300], packed, state, False)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_gemm_4bit_add_opcheck(device, gemm_always, rng):
+    packed, state = quantized_weight(136, 128, "nf4", 64, True, rng, device=device)
+    for transposed, width, out_width in ((False, 128, 136), (True, 136, 128)):
+        x = random_x((70, width), torch.bfloat16, rng, device)
+        out = random_x((70, out_width), torch.bfloat16, rng, device)
+        torch.library.opcheck(torch.ops.qlora_kernels.gemm_4bit_add_.default,
+                              (out, x, packed, state.absmax, 64, "nf4", 136, 128, *_nested_args(state), transposed))

@@ -94,9 +94,12 @@ for N, qt, bs, dq in ((257, "nf4", 64, True), (264, "fp4", 128, False)):
         # 4160 columns in 33 tiles of 128 (a partial last one)
         dy = torch.randn(300, N, device="cuda", generator=g).to(dtype)
         acc_dx = torch.randn(300, 4160, device="cuda", generator=g).to(dtype)
-        if N % 8 == 0:  # the kernel's x rows must start on 16 bytes (257 takes the dequantize path)
-            torch.ops.qlora_kernels.gemm_4bit_dx(dy, packed, st.absmax, bs, qt, N, 4160, *_nested_args(st), acc_dx)
-        torch.ops.qlora_kernels.gemm_4bit_dx(dy, packed, st.absmax, bs, qt, N, 4160, *_nested_args(st), None)
+        # (N = 257 takes the dequantize path: the kernel's x rows must start on 16 bytes)
+        torch.ops.qlora_kernels.gemm_4bit_dx(dy, packed, st.absmax, bs, qt, N, 4160, *_nested_args(st))
+        # in place (gemm_4bit_add_, as the LoRA layer calls it), both orientations
+        torch.ops.qlora_kernels.gemm_4bit_add_(acc_dx, dy, packed, st.absmax, bs, qt, N, 4160, *_nested_args(st),
+                                               True)
+        torch.ops.qlora_kernels.gemm_4bit_add_(acc, x, packed, st.absmax, bs, qt, N, 4160, *_nested_args(st), False)
 del os.environ["QLORA_KERNELS_GEMM"]
 torch.cuda.synchronize()
 print("sanitize_matmul: all paths ran")

@@ -398,11 +398,23 @@ def gemm_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, block
 
 def gemm_4bit_dx(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
                  N: int, K: int, nested_absmax: torch.Tensor | None = None, nested_code: torch.Tensor | None = None,
-                 offset: torch.Tensor | None = None, nested_blocksize: int = codes.NESTED_BLOCKSIZE,
-                 accumulate: torch.Tensor | None = None) -> torch.Tensor:
+                 offset: torch.Tensor | None = None, nested_blocksize: int = codes.NESTED_BLOCKSIZE) -> torch.Tensor:
     """The op ``gemm_4bit_dx`` (``x @ W``) on the Triton backend: dequantize, then cuBLAS."""
     from .quant import dequantize_4bit
 
     W = dequantize_4bit(packed, absmax, blocksize, quant_type, N * K, x.dtype, nested_absmax, nested_code, offset,
                         nested_blocksize).view(N, K)
-    return torch.addmm(accumulate, x, W) if accumulate is not None else x @ W
+    return x @ W
+
+
+def gemm_4bit_add_(out: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int,
+                   quant_type: str, N: int, K: int, nested_absmax: torch.Tensor | None = None,
+                   nested_code: torch.Tensor | None = None, offset: torch.Tensor | None = None,
+                   nested_blocksize: int = codes.NESTED_BLOCKSIZE, transposed: bool = False) -> None:
+    """The op ``gemm_4bit_add_`` (``out += x @ W.T``, or ``x @ W`` transposed) on the Triton backend:
+    dequantize, then cuBLAS with beta = 1 in place."""
+    from .quant import dequantize_4bit
+
+    W = dequantize_4bit(packed, absmax, blocksize, quant_type, N * K, x.dtype, nested_absmax, nested_code, offset,
+                        nested_blocksize).view(N, K)
+    out.addmm_(x, W if transposed else W.T)
