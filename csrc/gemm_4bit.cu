@@ -27,9 +27,11 @@
 // * Near the end of K each thread prefetches its epilogue's accumulate rows into L2.
 // Numerics: the decoded weight is code * absmax rounded to x's type, as in matmul_4bit.cu (the
 // code value and the absmax each rounded to it first); sums in float32.
-// Where it stands (H100, see kGemmMaxTokens): 3-12% slower than cuBLAS on a bf16 W at 4096-8192
-// tokens. Left for later: persistent CTAs that overlap a tile's epilogue with the next one's main
-// loop, and the backward's dX = dY @ W (W as the reduction side: a transposed decode).
+// The transposed instantiation (gemm_4bit_dx, gemm_4bit_add_ with transposed): out[M, K] = x[M, N]
+// @ W, the backward's dX = dY @ W, with W as the reduction side; see decode_step_transposed.
+// Where it stands (H100, see kGemmMaxTokens and kGemmDxMaxTokens): 3-12% slower than cuBLAS on a
+// bf16 W at 4096-8192 tokens. Left for later: persistent CTAs that overlap a tile's epilogue with
+// the next one's main loop.
 #include <torch/library.h>
 
 #include <cuda.h>
@@ -475,9 +477,10 @@ bool gemm_kernel_usable(const void* kernel, int device) {
 // * at 4096 tokens it is even on average (0.96-1.05 by layer), and it needs no 16-bit W buffer;
 // * at 8192 tokens cuBLAS' faster main loop wins (1.02-1.05): dequantize + cuBLAS there.
 constexpr int64_t kGemmMaxTokens = 4096;
-// gemm_4bit_dx (x @ W, the backward's dX) against dequantize + cuBLAS, the same layers: 0.72-0.76
-// on the 65B-sized layers at 512 tokens, 0.96-1.02 at 2048, 1.01-1.05 at 4096 (its steps decode
-// more than the forward's: ldmatrix + a scale load for each row pair). Taken up to 2048 tokens.
+// gemm_4bit_dx (x @ W, the backward's dX) against dequantize + cuBLAS, the same layers: 0.69-0.74
+// on the 65B-sized layers at 512 tokens, 0.95-1.00 at 2048, 1.01-1.04 at 4096 (its steps decode
+// more than the forward's: ldmatrix + scale loads for row pairs; gemm_4bit_vs_dequantize.txt).
+// Taken up to 2048 tokens.
 constexpr int64_t kGemmDxMaxTokens = 2048;
 // QLORA_KERNELS_GEMM: "0" turns the kernel off (dequantize + cuBLAS, for comparisons); "always"
 // runs it on problems of any size (tests, sanitizers); unset or anything else, by the rule above.

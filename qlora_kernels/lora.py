@@ -18,13 +18,15 @@ run under a plain ``torch.autograd.Function`` (``_EagerLoRA``), which costs less
   ``dequantize_4bit`` into a bf16/fp16 buffer (freed right after its GEMM, so the caching
   allocator hands the block to the next layer's dequantize), then cuBLAS. The LoRA
   up-projection is not a separate pass over Y: it is written first (``Y = scale * xa @ B.T
-  (+ bias)``, small), and the base GEMM adds its product to it (``accumulate``: cuBLAS'
-  beta = 1), reading Y in its epilogue.
+  (+ bias)``, small), and the base GEMM adds its product to it in place (``gemm_4bit_add_``;
+  cuBLAS' beta = 1 on the fallback), reading Y in its epilogue.
 * ``qlora_kernels::matmul_4bit_lora_backward`` -> ``(dX, dA, dB)``: ``g = scale * dY @ B``
   ``[M, r]`` is computed once and shared by ``dA = g.T @ dropout(x)`` (with dropout one fused
   op, ``ops.dropout_grad_weight``: x read once, masked on its way into the sum) and
   ``dX = dY @ W + dropout_backward(g @ A)`` (the LoRA term first, ``ops.matmul_dropout``:
-  written once, masked as it is stored; then the base GEMM with beta = 1 on top); ``dB = scale * dY.T @ xa``.
+  written once, masked as it is stored; then the base GEMM adds onto it in place,
+  ``gemm_4bit_add_(..., transposed=True)``: up to 2048 tokens on an H100 the same wgmma kernel
+  with W as the reduction side, else dequantize + cuBLAS with beta = 1); ``dB = scale * dY.T @ xa``.
   Gradients not needed are not computed (dX when x needs none: no dequantize at all).
 
 Saved for backward: x, the small ``xa`` and the dropout seed (a CPU int64 scalar); never a
