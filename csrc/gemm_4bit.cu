@@ -32,6 +32,7 @@
 // Where it stands (H100, see kGemmMaxTokens and kGemmDxMaxTokens): 3-12% slower than cuBLAS on a
 // bf16 W at 4096-8192 tokens. Left for later: persistent CTAs that overlap a tile's epilogue with
 // the next one's main loop.
+#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include <cuda.h>
@@ -206,7 +207,8 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
                      const __grid_constant__ CUtensorMap s_map,
                      const void* __restrict__ absmax, const float* __restrict__ nested_absmax,
                      const float* __restrict__ nested_code, const float* __restrict__ offset,
-                     const T* __restrict__ bias, const T* __restrict__ accumulate, T* __restrict__ out, int M, int N,
+                     // accumulate may be out itself (gemm_4bit_add_): no __restrict__ on those two
+                     const T* __restrict__ bias, const T* accumulate, T* out, int M, int N,
                      int K, int lg_bs, int lg_nbs, int quant_type, bool nested, bool vector_out, int group) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   // The dynamic shared memory starts on 1024 bytes (the 128-byte swizzle's period) as declared;
@@ -716,6 +718,9 @@ void gemm_4bit_add_(at::Tensor& out, const at::Tensor& x, const at::Tensor& pack
   TORCH_CHECK(x.dim() == 2, "x: expected a 2-D tensor, got sizes ", dims(x.sizes()));
   TORCH_CHECK(transposed || x.size(1) == K, "x: expected sizes [M, ", num(K), "] (W is [", num(N), ", ", num(K),
               "]), got ", dims(x.sizes()));
+  const at::MemOverlapStatus overlap = at::get_overlap_status(out, x);
+  TORCH_CHECK(overlap != at::MemOverlapStatus::Full && overlap != at::MemOverlapStatus::Partial,
+              "out: must not overlap x (it is written while x is read)");
   run_gemm_4bit(x, packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code, offset, nested_blocksize,
                 std::nullopt, out, transposed, /*in_place=*/true, "out");
 }

@@ -207,6 +207,27 @@ def _gemm_backward(ctx, grad):
 torch.library.register_autograd("qlora_kernels::gemm_4bit", _gemm_backward, setup_context=_gemm_setup_context)
 
 
+# gemm_4bit_dx (out = x @ W, which the backward above calls): d x = grad @ W.T, through gemm_4bit,
+# so that a second derivative (create_graph=True) flows through the first backward's dX.
+def _dx_setup_context(ctx, inputs, output):
+    x, packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code, offset, nested_blocksize = inputs
+    ctx.format = (blocksize, quant_type, N, x.dtype, nested_blocksize)
+    ctx.save_for_backward(packed, absmax, nested_absmax, nested_code, offset)
+
+
+def _dx_backward(ctx, grad):
+    packed, absmax, nested_absmax, nested_code, offset = ctx.saved_tensors
+    blocksize, quant_type, N, dtype, nested_blocksize = ctx.format
+    dx = None
+    if ctx.needs_input_grad[0]:
+        dx = ops.gemm_4bit(grad.to(dtype).contiguous(), packed, absmax, blocksize, quant_type, N, nested_absmax,
+                           nested_code, offset, nested_blocksize, None, None)
+    return (dx,) + (None,) * 10
+
+
+torch.library.register_autograd("qlora_kernels::gemm_4bit_dx", _dx_backward, setup_context=_dx_setup_context)
+
+
 #: The most weights one grouped launch takes (the CUDA kernel's WeightSet).
 MAX_GROUP = 4
 

@@ -180,6 +180,32 @@ def gemm_4bit_dx(
     return (x.to(torch.float32) @ W).to(x.dtype)
 
 
+def check_gemm_4bit_add(out: torch.Tensor, x: torch.Tensor, N: int, K: int, transposed: bool) -> None:
+    """gemm_4bit_add_'s argument checks (the reference and Triton versions): x ``[M, K]`` (``[M, N]``
+    transposed), out ``[M, N]`` (``[M, K]``) in x's dtype, not overlapping x."""
+    width, want = (N, K) if transposed else (K, N)
+    if x.dim() != 2 or x.shape[1] != width:
+        raise ValueError(f"x: expected sizes [M, {width}], got {list(x.shape)}")
+    if out.shape != (x.shape[0], want) or out.dtype != x.dtype:
+        raise ValueError(f"out: expected sizes [{x.shape[0]}, {want}] and dtype {x.dtype}, got "
+                         f"{list(out.shape)}, {out.dtype}")
+    if out.device != x.device:
+        raise ValueError(f"out: expected device {x.device} (x's), got {out.device}")
+    if _memory_ranges_overlap(out, x):
+        raise ValueError("out: must not overlap x (it is written while x is read)")
+
+
+def _memory_ranges_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the byte ranges a and b span intersect (conservative for interleaved views)."""
+    def span(t):
+        extent = sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) + 1
+        return t.data_ptr(), t.data_ptr() + extent * t.element_size()
+    if a.numel() == 0 or b.numel() == 0:
+        return False
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
 def gemm_4bit_add_(
     out: torch.Tensor,
     x: torch.Tensor,
@@ -197,14 +223,9 @@ def gemm_4bit_add_(
 ) -> None:
     """``out += x @ W.T`` (x ``[M, K]``), or with ``transposed`` ``out += x @ W`` (x ``[M, N]``), in
     place, W the 4-bit ``[N, K]``: float32 throughout, one rounding to out's dtype."""
+    check_gemm_4bit_add(out, x, N, K, transposed)
     W = dequantize_4bit(packed, absmax, blocksize, quant_type, N * K, torch.float32,
                         nested_absmax, nested_code, offset, nested_blocksize).view(N, K)
-    width, want = (N, K) if transposed else (K, N)
-    if x.dim() != 2 or x.shape[1] != width:
-        raise ValueError(f"x: expected sizes [M, {width}], got {list(x.shape)}")
-    if out.shape != (x.shape[0], want) or out.dtype != x.dtype:
-        raise ValueError(f"out: expected sizes [{x.shape[0]}, {want}] and dtype {x.dtype}, got "
-                         f"{list(out.shape)}, {out.dtype}")
     product = x.to(torch.float32) @ (W if transposed else W.T)
     out.copy_((out.to(torch.float32) + product).to(out.dtype))
 

@@ -1067,16 +1067,17 @@ def gemm_add_(out, x, packed, state, transposed):
 
 
 # (M, N, K, quant_type, blocksize, nested, dtype, accumulate): N (the reduction) not a multiple of
-# 64 (1000, 136: the last step's rows past N read as zeros, their scales as 0), K not a multiple
-# of the 128-column tile (4160, 320), partial token tiles, both formats and dtypes, a 4096
-# blocksize (one scale for many steps); the last takes the dequantize path (K % 64 != 0); with
-# accumulate: through gemm_4bit_add_ (transposed).
+# 64 (1000, 136, 264: the last step's rows past N read as zeros, their scales as 0), K not a
+# multiple of the 128-column tile (4160, 320, 4288), partial token tiles, both formats and dtypes,
+# a 4096 blocksize (one scale for many steps); the last two take the dequantize path (K % 64 != 0,
+# then N % 8 != 0); with accumulate: through gemm_4bit_add_ (transposed).
 GEMM_DX_CASES = [
     (300, 1000, 4160, "nf4", 64, True, torch.bfloat16, True),
     (1300, 136, 320, "fp4", 128, False, torch.float16, True),
     (65, 4096, 1024, "nf4", 4096, True, torch.bfloat16, False),
-    (70, 264, 4128, "nf4", 64, True, torch.bfloat16, True),
+    (70, 264, 4288, "nf4", 64, True, torch.bfloat16, True),
     (33, 72, 4100, "nf4", 64, True, torch.bfloat16, False),
+    (40, 257, 128, "nf4", 64, True, torch.bfloat16, True),
 ]
 
 
@@ -1096,6 +1097,54 @@ def test_gpu_gemm_4bit_dx(M, N, K, quant_type, blocksize, nested, dtype, with_ac
     assert out.shape == (M, K) and out.dtype == dtype
     assert rel_err(out, want) < TOL[dtype]
     assert float((out.cpu().float() - want).abs().max() / want.abs().max()) < 8 * TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_gemm_4bit_dx_and_add_kernels_run(dtype, gemm_always, monkeypatch, rng):
+    """As for gemm_4bit: the transposed kernel's result is not the dequantize path's to the bit,
+    so a difference shows that it ran (gemm_4bit_dx, and gemm_4bit_add_ both ways); both are
+    within the bound, and the kernel repeats to the bit."""
+    _impl("cuda")
+    packed, state = quantized_weight(1000, 1024, "nf4", 64, True, rng, "cuda")
+    W = reference_weight(packed, state)
+    dy = random_x((600, 1000), dtype, rng, "cuda")
+    x = random_x((600, 1024), dtype, rng, "cuda")
+    acc_dx, acc = random_x((600, 1024), dtype, rng, "cuda"), random_x((600, 1000), dtype, rng, "cuda")
+
+    def run():
+        out_dx, out = acc_dx.clone(), acc.clone()
+        gemm_add_(out_dx, dy, packed, state, True)
+        gemm_add_(out, x, packed, state, False)
+        return gemm_dx(dy, packed, state), out_dx, out
+
+    fused = run()
+    monkeypatch.setenv("QLORA_KERNELS_GEMM", "0")
+    plain = run()
+    wants = (dy.cpu().float() @ W, dy.cpu().float() @ W + acc_dx.cpu().float(), x.cpu().float() @ W.T + acc.cpu().float())
+    for f, p, want in zip(fused, plain, wants):
+        assert not torch.equal(f, p)
+        assert rel_err(f, want) < TOL[dtype] and rel_err(p, want) < TOL[dtype]
+    monkeypatch.setenv("QLORA_KERNELS_GEMM", "always")
+    assert all(torch.equal(a, b) for a, b in zip(run(), fused))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_matmul_4bit_second_derivative(device, gemm_always, rng):
+    """dX = dY @ W (gemm_4bit_dx on the CUDA backend) is itself differentiable: with
+    create_graph=True, d(sum(dX * v)) / d(dY) = v @ W.T."""
+    lin = torch.nn.Linear(128, 72, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(72, 128, generator=rng) * 0.05)
+    layer = Linear4bit.from_linear(lin.to(torch.bfloat16).to(device))
+    x = torch.randn(300, 128, generator=rng).to(torch.bfloat16).to(device).requires_grad_()
+    dy = torch.randn(300, 72, generator=rng).to(torch.bfloat16).to(device).requires_grad_()
+    v = torch.randn(300, 128, generator=rng).to(device)
+    (dx,) = torch.autograd.grad(layer(x), x, dy, create_graph=True)
+    (dx.float() * v).sum().backward()
+    W = layer.dequantize(torch.float32)
+    assert rel_err(dx, dy.float() @ W) < 1e-2
+    assert rel_err(dy.grad, v @ W.T) < 1e-2
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -1140,6 +1189,10 @@ def test_gemm_4bit_add_errors_name_the_argument(device, rng):
         gemm_add_(random_x((30, 136), torch.float16, rng, device), x, packed, state, False)
     with pytest.raises(error, match="x: expected"):
         gemm_add_(random_x((30, 136), torch.bfloat16, rng, device), x[:, :300], packed, state, False)
+    # out written while x is read: refused (here out's rows are x's first 136 columns)
+    wide = random_x((30, 320), torch.bfloat16, rng, device)
+    with pytest.raises(error, match="out: must not overlap x"):
+        gemm_add_(wide[:, :136], wide, packed, state, False)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

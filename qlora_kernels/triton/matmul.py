@@ -413,8 +413,10 @@ def gemm_4bit_add_(out: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, abs
                    nested_blocksize: int = codes.NESTED_BLOCKSIZE, transposed: bool = False) -> None:
     """The op ``gemm_4bit_add_`` (``out += x @ W.T``, or ``x @ W`` transposed) on the Triton backend:
     dequantize, then cuBLAS with beta = 1 in place."""
+    from .. import reference
     from .quant import dequantize_4bit
 
+    reference.check_gemm_4bit_add(out, x, N, K, transposed)
     W = dequantize_4bit(packed, absmax, blocksize, quant_type, N * K, x.dtype, nested_absmax, nested_code, offset,
                         nested_blocksize).view(N, K)
     out.addmm_(x, W if transposed else W.T)
