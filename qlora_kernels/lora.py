@@ -25,7 +25,7 @@ run under a plain ``torch.autograd.Function`` (``_EagerLoRA``), which costs less
   op, ``ops.dropout_grad_weight``: x read once, masked on its way into the sum) and
   ``dX = dY @ W + dropout_backward(g @ A)`` (the LoRA term first, ``ops.matmul_dropout``:
   written once, masked as it is stored; then the base GEMM adds onto it in place,
-  ``gemm_4bit_add_(..., transposed=True)``: up to 2048 tokens on an H100 the same wgmma kernel
+  ``gemm_4bit_add_(..., transposed=True)``: up to 1024 tokens on an H100 the same wgmma kernel
   with W as the reduction side, else dequantize + cuBLAS with beta = 1); ``dB = scale * dY.T @ xa``.
   Gradients not needed are not computed (dX when x needs none: no dequantize at all).
 
