@@ -522,3 +522,13 @@ def test_cuda_graphs_with_paged_optimizer_state_train_like_unpaged(tmp_path, cap
         assert s1 == s2 and abs(a - b) < 2e-3 * abs(b), (s1, a, b)
     for (s1, a), (s2, b) in zip(paged.eval_losses, unpaged.eval_losses):
         assert s1 == s2 and abs(a - b) < 2e-3 * abs(b), (s1, a, b)
+
+
+def test_loss_plot_without_matplotlib_warns_and_returns_none(tmp_path, monkeypatch):
+    """The plot comes after the adapter is saved: a missing matplotlib must not fail the run."""
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(json.dumps({"step": 1, "loss": 2.5}) + "\n" + json.dumps({"step": 2, "loss": 2.0}) + "\n")
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # `import matplotlib` raises
+    with pytest.warns(UserWarning, match="matplotlib is not installed"):
+        assert loop.plot_losses(str(metrics), str(tmp_path / "loss.png")) is None
+    assert not (tmp_path / "loss.png").exists()

@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -270,8 +271,14 @@ def _oom_error(config: TrainConfig, device, where: str) -> TrainingError:
 
 
 def plot_losses(metrics_path: str, out_path: str) -> str | None:
-    """A PNG of the train and eval loss curves from the metrics log."""
-    import matplotlib
+    """A PNG of the train and eval loss curves from the metrics log; None (with a warning) where
+    matplotlib is not installed: the adapter is saved by then, and the run's sample still comes."""
+    try:
+        import matplotlib
+    except ImportError:
+        warnings.warn("qlora_kernels: matplotlib is not installed, so no loss.png (the metrics are in "
+                      f"{metrics_path}); pip install matplotlib, or pass --no-plot")
+        return None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
