@@ -175,9 +175,16 @@ def gemm_4bit_dx(
 ) -> torch.Tensor:
     """``x @ W`` for x ``[M, N]`` and the 4-bit W ``[N, K]`` (the backward's ``dX = dY @ W``):
     float32 throughout, one rounding to x's dtype."""
-    W = dequantize_4bit(packed, absmax, blocksize, quant_type, N * K, torch.float32,
-                        nested_absmax, nested_code, offset, nested_blocksize).view(N, K)
+    W = _weight_float32(packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code, offset,
+                        nested_blocksize)
     return (x.to(torch.float32) @ W).to(x.dtype)
+
+
+def _weight_float32(packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code, offset,
+                    nested_blocksize) -> torch.Tensor:
+    """W ``[N, K]`` in float32 (the many-row ops' reference operand)."""
+    return dequantize_4bit(packed, absmax, blocksize, quant_type, N * K, torch.float32, nested_absmax,
+                           nested_code, offset, nested_blocksize).view(N, K)
 
 
 def check_gemm_4bit_add(out: torch.Tensor, x: torch.Tensor, N: int, K: int, transposed: bool) -> None:
@@ -224,8 +231,8 @@ def gemm_4bit_add_(
     """``out += x @ W.T`` (x ``[M, K]``), or with ``transposed`` ``out += x @ W`` (x ``[M, N]``), in
     place, W the 4-bit ``[N, K]``: float32 throughout, one rounding to out's dtype."""
     check_gemm_4bit_add(out, x, N, K, transposed)
-    W = dequantize_4bit(packed, absmax, blocksize, quant_type, N * K, torch.float32,
-                        nested_absmax, nested_code, offset, nested_blocksize).view(N, K)
+    W = _weight_float32(packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code, offset,
+                        nested_blocksize)
     product = x.to(torch.float32) @ (W if transposed else W.T)
     out.copy_((out.to(torch.float32) + product).to(out.dtype))
 

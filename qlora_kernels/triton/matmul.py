@@ -50,6 +50,7 @@ import triton.language as tl
 
 from .. import codes, reference
 from .quant import _on_device, block_scale, kernel_absmax_args
+from .quant import dequantize_4bit as _dequantize_4bit  # aliased: ops.py maps op names to module attributes
 
 #: Bytes per group (one 16-byte load), i.e. 32 weights; K must be a multiple of GROUP_K.
 GROUP_BYTES = 16
@@ -377,6 +378,14 @@ def matmul_4bit(
 matmul_4bit_grouped = reference.grouped(matmul_4bit)
 
 
+def _weight(packed, absmax, blocksize, quant_type, N, K, dtype, nested_absmax, nested_code, offset,
+            nested_blocksize) -> torch.Tensor:
+    """W ``[N, K]`` in ``dtype`` by the Triton dequantize kernel: the many-row ops below then run
+    cuBLAS on it."""
+    return _dequantize_4bit(packed, absmax, blocksize, quant_type, N * K, dtype, nested_absmax, nested_code, offset,
+                            nested_blocksize).view(N, K)
+
+
 def gemm_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str, N: int,
               nested_absmax: torch.Tensor | None = None, nested_code: torch.Tensor | None = None,
               offset: torch.Tensor | None = None, nested_blocksize: int = codes.NESTED_BLOCKSIZE,
@@ -385,11 +394,9 @@ def gemm_4bit(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, block
     dtype, then cuBLAS (``accumulate`` as its beta = 1 input). At many rows the GEMM's arithmetic
     bounds the layer, and Triton's 4-bit dot kernel was 2-3.5x slower than this there
     (experiments/matmul_4bit_triton_dot_prefill_rejected.json)."""
-    from .quant import dequantize_4bit
-
     K = x.shape[-1]
-    W = dequantize_4bit(packed, absmax, blocksize, quant_type, N * K, x.dtype, nested_absmax, nested_code, offset,
-                        nested_blocksize).view(N, K)
+    W = _weight(packed, absmax, blocksize, quant_type, N, K, x.dtype, nested_absmax, nested_code, offset,
+                nested_blocksize)
     if accumulate is None:  # the bias in cuBLAS' epilogue, as F.linear adds it
         return torch.nn.functional.linear(x, W, bias)
     out = torch.addmm(accumulate, x, W.T)
@@ -400,11 +407,8 @@ def gemm_4bit_dx(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, bl
                  N: int, K: int, nested_absmax: torch.Tensor | None = None, nested_code: torch.Tensor | None = None,
                  offset: torch.Tensor | None = None, nested_blocksize: int = codes.NESTED_BLOCKSIZE) -> torch.Tensor:
     """The op ``gemm_4bit_dx`` (``x @ W``) on the Triton backend: dequantize, then cuBLAS."""
-    from .quant import dequantize_4bit
-
-    W = dequantize_4bit(packed, absmax, blocksize, quant_type, N * K, x.dtype, nested_absmax, nested_code, offset,
-                        nested_blocksize).view(N, K)
-    return x @ W
+    return x @ _weight(packed, absmax, blocksize, quant_type, N, K, x.dtype, nested_absmax, nested_code, offset,
+                       nested_blocksize)
 
 
 def gemm_4bit_add_(out: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int,
@@ -413,10 +417,7 @@ def gemm_4bit_add_(out: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, abs
                    nested_blocksize: int = codes.NESTED_BLOCKSIZE, transposed: bool = False) -> None:
     """The op ``gemm_4bit_add_`` (``out += x @ W.T``, or ``x @ W`` transposed) on the Triton backend:
     dequantize, then cuBLAS with beta = 1 in place."""
-    from .. import reference
-    from .quant import dequantize_4bit
-
     reference.check_gemm_4bit_add(out, x, N, K, transposed)
-    W = dequantize_4bit(packed, absmax, blocksize, quant_type, N * K, x.dtype, nested_absmax, nested_code, offset,
-                        nested_blocksize).view(N, K)
+    W = _weight(packed, absmax, blocksize, quant_type, N, K, x.dtype, nested_absmax, nested_code, offset,
+                nested_blocksize)
     out.addmm_(x, W if transposed else W.T)
