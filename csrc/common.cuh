@@ -190,6 +190,13 @@ inline std::string num(int64_t v) {
   return std::string(buf);
 }
 
+// Floats in messages, formatted the same way.
+inline std::string fnum(double v) {
+  char buf[40];
+  std::snprintf(buf, sizeof(buf), "%.17g", v);
+  return std::string(buf);
+}
+
 inline std::string dims(at::IntArrayRef d) {
   std::string s = "[";
   for (size_t i = 0; i < d.size(); ++i) s += (i ? ", " : "") + num(d[i]);

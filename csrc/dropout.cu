@@ -531,13 +531,6 @@ __global__ void __launch_bounds__(kGwWarps * 32, 3)  // 3 CTAs an SM: 80 registe
 #endif
 }
 
-// Floats in messages formatted here, like integers (see num() in common.cuh).
-std::string fnum(double v) {
-  char buf[40];
-  std::snprintf(buf, sizeof(buf), "%.17g", v);
-  return std::string(buf);
-}
-
 void check_p(double p) {
   TORCH_CHECK(p >= 0.0 && p < 1.0, "p: expected a dropout probability in [0, 1), got ", fnum(p));
 }

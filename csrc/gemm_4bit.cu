@@ -193,6 +193,33 @@ __device__ __forceinline__ void decode_step_transposed(uint32_t (&a)[16], uint32
     a[2 * i + 1] = scale_pair<T>(entry(((lo << 11) | (lo >> 9)) & 0x7F80u), sc[i]);
   }
 }
+
+// The 16 A registers of a LoRA step (gemm_4bit_lora): lora_scale * B [N, rank] at this lane's rows
+// n (= row0 + r_lo) and n + 8, columns c0 + 16 s + 2 t (+ 8), in the layout decode_step gives (the
+// pair at the lower column in the low half). B is small and shared by every token tile, so its rows
+// come from L2 with 4-byte loads (rank % 8 == 0: aligned). Rows past N and columns past rank are
+// zeros: xa's columns past rank are zero-filled by the TMA, but 0 x garbage could be NaN. The scale
+// is applied here, rounded to T with each element (exact when it is a power of two, as alpha / r
+// usually is; otherwise one rounding of s * B, like the rounding of B itself).
+template <typename T>
+__device__ __forceinline__ void lora_step_registers(uint32_t (&a)[16], const T* __restrict__ lora_b, int n, int N,
+                                                    int rank, int c0, int t, float lora_scale) {
+  const uint32_t* row_lo = reinterpret_cast<const uint32_t*>(lora_b + static_cast<int64_t>(min(n, N - 1)) * rank);
+  const uint32_t* row_hi = reinterpret_cast<const uint32_t*>(lora_b + static_cast<int64_t>(min(n + 8, N - 1)) * rank);
+  auto scaled = [&](uint32_t v) {
+    typename Pair<T>::type p;
+    memcpy(&p, &v, sizeof(v));
+    return pack2<T>(to_float(p.x) * lora_scale, to_float(p.y) * lora_scale);
+  };
+#pragma unroll
+  for (int s = 0; s < 4; ++s)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int c = c0 + 16 * s + 8 * h + 2 * t;  // even, so c < rank covers c + 1 (rank is even)
+      a[4 * s + 2 * h] = c < rank && n < N ? scaled(__ldg(row_lo + c / 2)) : 0u;
+      a[4 * s + 2 * h + 1] = c < rank && n + 8 < N ? scaled(__ldg(row_hi + c / 2)) : 0u;
+    }
+}
 #endif
 
 // See the top of the file. Grid: one CTA per tile (1-D, in the tile order below). Rows past N and
@@ -203,7 +230,8 @@ __device__ __forceinline__ void decode_step_transposed(uint32_t (&a)[16], uint32
 template <typename T, bool kTransposed>
 __global__ void __launch_bounds__(kGemmThreads, 1)
     gemm_4bit_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap w_map,
-                     const __grid_constant__ CUtensorMap s_map,
+                     const __grid_constant__ CUtensorMap s_map, const __grid_constant__ CUtensorMap xa_map,
+                     const T* __restrict__ lora_b, int rank, int lora_steps, float lora_scale,
                      const void* __restrict__ absmax, const float* __restrict__ nested_absmax,
                      const float* __restrict__ nested_code, const float* __restrict__ offset,
                      // accumulate may be out itself (gemm_4bit_add_): no __restrict__ on those two
@@ -253,12 +281,18 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
     if (warp == kGemmConsumers / 32 && lane == 0) {
       uint64_t policy;
       asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;" : "=l"(policy));
-      for (int step = 0; step < nsteps; ++step) {
-        const int slot = step % kGemmStages;
-        if (step >= kGemmStages) {
-          mbarrier_wait(&empty[slot], ((step / kGemmStages) & 1) ^ 1);
+      for (int i = 0; i < lora_steps + nsteps; ++i) {
+        const int slot = i % kGemmStages;
+        if (i >= kGemmStages) {
+          mbarrier_wait(&empty[slot], ((i / kGemmStages) & 1) ^ 1);
           fence_reads_before_async_copy();  // the consumers read the weight stage through the generic proxy
         }
+        if (i < lora_steps) {  // a LoRA step: 64 columns of xa only (B's rows come from global memory)
+          mbarrier_expect_bytes(&full[slot], kGemmXBytes);
+          tensor_copy_2d(s_x + slot * kGemmXBytes, &xa_map, i * kGemmStepK, tok0, &full[slot], policy);
+          continue;
+        }
+        const int step = i - lora_steps;
         mbarrier_expect_bytes(&full[slot], kGemmXBytes + kGemmWBytes + (kTransposed ? kGemmScaleBytes : 0));
         tensor_copy_2d(s_x + slot * kGemmXBytes, &x_map, step * kGemmStepK, tok0, &full[slot], policy);
         if constexpr (kTransposed) {
@@ -307,9 +341,18 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
   const uint32_t w_lane_offset = 64u * lane + ((((warp >> 1) ^ (lane >> 1)) & 3u) << 4);
   const uint32_t byte_shift = 8u * (warp & 1);
   const int scale_lane_offset = (warp >> 2) * kGemmStepK + 16 * t;
-  auto load = [&](int step, uint32_t (&a)[16]) {
-    const int slot = step % kGemmStages;
-    mbarrier_wait(&full[slot], (step / kGemmStages) & 1);
+  // Unified step i: LoRA steps first (i < lora_steps), then K's steps (step = i - lora_steps);
+  // slot and phase follow i, as in the producer.
+  auto load = [&](int i, uint32_t (&a)[16]) {
+    const int slot = i % kGemmStages;
+    if (i < lora_steps) {
+      // B's registers come from global memory (L2), so they are loaded before the wait for xa
+      lora_step_registers<T>(a, lora_b, row0 + r_lo, N, rank, i * kGemmStepK, t, lora_scale);
+      mbarrier_wait(&full[slot], (i / kGemmStages) & 1);
+      return;
+    }
+    const int step = i - lora_steps;
+    mbarrier_wait(&full[slot], (i / kGemmStages) & 1);
     const uint8_t* w = s_w + slot * kGemmWBytes;
     if constexpr (kTransposed) {
       decode_step_transposed<T>(a, shared_address(w) + w_lane_offset,
@@ -341,13 +384,14 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
   // Near the end of K, each consumer thread asks L2 for the accumulate rows of the token its
   // epilogue starts with (256 threads, 256 tokens, 2 lines of 128 bytes each), so that the
   // epilogue's loads of it do not wait for DRAM.
-  const int prefetch_step = max(0, nsteps - 8);
+  const int total = lora_steps + nsteps;
+  const int prefetch_step = max(0, total - 8);
   auto prefetch_accumulate = [&] {
     const int tok = tok0 + tid;
     if (accumulate != nullptr && tok < M)
       for (int n = row0; n < min(row0 + kGemmRows, N); n += 64) prefetch_l2(accumulate + static_cast<int64_t>(tok) * N + n);
   };
-  for (; step + 2 < nsteps; step += 2) {
+  for (; step + 2 < total; step += 2) {
     if (step == (prefetch_step & ~1)) prefetch_accumulate();
     load(step + 1, a_odd);
     issue(step + 1, a_odd);
@@ -360,8 +404,8 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
     hold(a_odd);
     release(step + 1);
   }
-  if (nsteps <= 2) prefetch_accumulate();
-  if (step + 1 < nsteps) {
+  if (total <= 2) prefetch_accumulate();
+  if (step + 1 < total) {
     load(step + 1, a_odd);
     issue(step + 1, a_odd);
     wgmma_wait<1>();
@@ -539,6 +583,38 @@ __global__ void scale_table_kernel(const void* __restrict__ absmax, const float*
   }
 }
 
+// Whether run_gemm_4bit takes the kernel for x [M, K] @ W.T (or x [M, N] @ W, transposed), W [N, K]
+// (the operands' shapes and dtypes already checked): forward: K % 64 == 0 (a step is one absmax block
+// of a row); transposed: K % 64 == 0 (a tile's column groups are absmax blocks) and N % 8 == 0 (x's
+// rows start on 16 bytes for the TMA); 16-bit x; sizes in 32 bits; by the rule of gemm_kernel_wanted.
+bool gemm_kernel_takes(const at::Tensor& x, const at::Tensor& packed, int64_t blocksize, int64_t N, int64_t K,
+                       bool transposed) {
+  const int64_t M = x.size(0);
+  const int device = x.get_device();
+  auto kernel_for = [transposed](at::ScalarType dtype) {
+    if (dtype == at::kBFloat16)
+      return transposed ? reinterpret_cast<const void*>(gemm_4bit_kernel<__nv_bfloat16, true>)
+                        : reinterpret_cast<const void*>(gemm_4bit_kernel<__nv_bfloat16, false>);
+    return transposed ? reinterpret_cast<const void*>(gemm_4bit_kernel<__half, true>)
+                      : reinterpret_cast<const void*>(gemm_4bit_kernel<__half, false>);
+  };
+  return x.scalar_type() != at::kFloat && K > 0 && K % kGemmStepK == 0 && (!transposed || N % 8 == 0) &&
+         blocksize >= kGemmStepK && M > 0 && N > 0 && M < (int64_t{1} << 31) && N < (int64_t{1} << 31) &&
+         K < (int64_t{1} << 31) && ceil_div(N * K, blocksize) < (int64_t{1} << 31) && N * K < (int64_t{1} << 40) &&
+         x.is_contiguous() && is_aligned16(x.data_ptr()) && packed.is_contiguous() &&
+         is_aligned16(packed.data_ptr()) &&
+         gemm_kernel_wanted(M, transposed ? K : N, device, transposed ? kGemmDxMaxTokens : kGemmMaxTokens) &&
+         gemm_kernel_usable(kernel_for(x.scalar_type()), device);
+}
+
+// gemm_4bit_lora's LoRA term, scale * xa [M, r] @ B [N, r].T, taken by the kernel as extra steps
+// (r % 8 == 0, xa contiguous on 16 bytes, B contiguous; gemm_4bit_lora checks).
+struct LoraTerm {
+  const at::Tensor& xa;
+  const at::Tensor& B;
+  double scale;
+};
+
 // gemm_4bit (transposed false): out [M, N] = x [M, K] @ W.T (+ bias) (+ accumulate);
 // gemm_4bit_dx (true): out [M, K] = x [M, N] @ W; W [N, K] in both. in_place (gemm_4bit_add_):
 // accumulate is also the output, written in place (acc_name is its argument's name).
@@ -547,7 +623,7 @@ at::Tensor run_gemm_4bit(const at::Tensor& x, const at::Tensor& packed, const at
                          const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
                          int64_t nested_blocksize, const std::optional<at::Tensor>& bias,
                          const std::optional<at::Tensor>& accumulate, bool transposed, bool in_place = false,
-                         const char* acc_name = "accumulate") {
+                         const char* acc_name = "accumulate", const LoraTerm* lora = nullptr) {
   check_cuda(x, "x");
   TORCH_CHECK(x.dim() == 2, "x: expected a 2-D tensor [M, K], got sizes ", dims(x.sizes()));
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf || x.scalar_type() == at::kFloat,
@@ -583,23 +659,9 @@ at::Tensor run_gemm_4bit(const at::Tensor& x, const at::Tensor& packed, const at
                 acc_name, ": expected sizes [", num(M), ", ", num(out_width), "], got ", dims(accumulate->sizes()));
   }
   const c10::cuda::CUDAGuard guard(x.device());
-  const int device = x.get_device();
   const int64_t nblocks = ceil_div(N * K, blocksize);
-  auto kernel_for = [transposed](at::ScalarType dtype) {
-    if (dtype == at::kBFloat16)
-      return transposed ? reinterpret_cast<const void*>(gemm_4bit_kernel<__nv_bfloat16, true>)
-                        : reinterpret_cast<const void*>(gemm_4bit_kernel<__nv_bfloat16, false>);
-    return transposed ? reinterpret_cast<const void*>(gemm_4bit_kernel<__half, true>)
-                      : reinterpret_cast<const void*>(gemm_4bit_kernel<__half, false>);
-  };
-  // forward: K % 64 == 0 (a step is one absmax block of a row); transposed: K % 64 == 0 (a tile's
-  // column groups are absmax blocks) and N % 8 == 0 (x's rows start on 16 bytes for the TMA)
-  const bool fused = x.scalar_type() != at::kFloat && K > 0 && K % kGemmStepK == 0 && (!transposed || N % 8 == 0) &&
-                     blocksize >= kGemmStepK && M > 0 && N > 0 && M < (int64_t{1} << 31) &&
-                     N < (int64_t{1} << 31) && K < (int64_t{1} << 31) && nblocks < (int64_t{1} << 31) &&
-                     N * K < (int64_t{1} << 40) && x.is_contiguous() && is_aligned16(x.data_ptr()) &&
-                     packed.is_contiguous() && is_aligned16(packed.data_ptr()) &&
-                     gemm_kernel_wanted(M, out_width, device, transposed ? kGemmDxMaxTokens : kGemmMaxTokens) && gemm_kernel_usable(kernel_for(x.scalar_type()), device);
+  const bool fused = gemm_kernel_takes(x, packed, blocksize, N, K_w, transposed);
+  TORCH_INTERNAL_ASSERT(lora == nullptr || fused, "gemm_4bit: a LoRA term for the dequantize path");
   if (!fused) {
     // dequantize + cuBLAS (float32 x, K not a multiple of 64, blocksize 32, GPUs other than sm_90)
     const at::Tensor W =
@@ -650,6 +712,16 @@ at::Tensor run_gemm_4bit(const at::Tensor& x, const at::Tensor& packed, const at
                           {static_cast<cuuint64_t>(N_pad) * 2}, {kGemmStepK, 2}, CU_TENSOR_MAP_SWIZZLE_NONE,
                           "the scales", K / kGemmStepK, N_pad);
   }
+  // gemm_4bit_lora: xa [M, r] in the boxes and swizzle of x (columns past r read as zeros)
+  const CUtensorMap xa_map =
+      lora == nullptr
+          ? x_map
+          : tensor_map<2>(encode, CU_TENSOR_MAP_DATA_TYPE_UINT16, lora->xa.data_ptr(),
+                          {static_cast<cuuint64_t>(lora->xa.size(1)), static_cast<cuuint64_t>(M)},
+                          {static_cast<cuuint64_t>(lora->xa.size(1)) * 2}, {kGemmStepK, kGemmTokens},
+                          CU_TENSOR_MAP_SWIZZLE_128B, "xa", M, lora->xa.size(1));
+  const int rank = lora == nullptr ? 0 : static_cast<int>(lora->xa.size(1));
+  const int lora_steps = static_cast<int>(ceil_div(rank, kGemmStepK));
   const int64_t token_tiles = ceil_div(M, kGemmTokens);
   const int64_t tiles = ceil_div(out_width, kGemmRows) * token_tiles;
   TORCH_CHECK(tiles < (int64_t{1} << 31), "x, N: too many tiles");
@@ -663,7 +735,8 @@ at::Tensor run_gemm_4bit(const at::Tensor& x, const at::Tensor& packed, const at
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     auto launch = [&](auto kernel) {
       kernel<<<grid, kGemmThreads, kGemmSmem, stream>>>(
-          x_map, w_map, s_map, absmax.data_ptr(), na, nc, off,
+          x_map, w_map, s_map, xa_map, lora == nullptr ? nullptr : reinterpret_cast<const T*>(lora->B.data_ptr()),
+          rank, lora_steps, lora == nullptr ? 0.0f : static_cast<float>(lora->scale), absmax.data_ptr(), na, nc, off,
           bias.has_value() ? reinterpret_cast<const T*>(bias_c.data_ptr()) : nullptr,
           accumulate.has_value() ? reinterpret_cast<const T*>(acc_c.data_ptr()) : nullptr,
           reinterpret_cast<T*>(out.data_ptr()), static_cast<int>(M), static_cast<int>(out_width),
@@ -708,6 +781,58 @@ at::Tensor gemm_4bit_dx(const at::Tensor& x, const at::Tensor& packed, const at:
                        nested_blocksize, std::nullopt, std::nullopt, /*transposed=*/true);
 }
 
+// x @ W.T + scale * xa @ B.T (+ bias): the LoRA layer's forward after its down-projection xa [M, r].
+// Where the kernel runs, the LoRA term is r / 64 extra steps of its main loop (xa's columns as the
+// x side, B's rows as the weight side) summed in float32 with the product: no [M, N] LoRA term is
+// written and read back (at 4096 tokens x 8192 features, 64 MB each way). Elsewhere (dequantize
+// + cuBLAS, r % 8 != 0, a strided xa or B) the LoRA term (and bias) is written first and the base
+// GEMM adds onto it in place.
+at::Tensor gemm_4bit_lora(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
+                          c10::string_view quant_type, int64_t N, const std::optional<at::Tensor>& nested_absmax,
+                          const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
+                          int64_t nested_blocksize, const at::Tensor& xa, const at::Tensor& B, double scale,
+                          const std::optional<at::Tensor>& bias) {
+  check_cuda(x, "x");
+  TORCH_CHECK(x.dim() == 2, "x: expected a 2-D tensor [M, K], got sizes ", dims(x.sizes()));
+  const int64_t M = x.size(0);
+  check_same_device(xa, "xa", x, "x");
+  TORCH_CHECK(xa.dim() == 2 && xa.size(0) == M, "xa: expected sizes [", num(M), ", r], got ", dims(xa.sizes()));
+  TORCH_CHECK(xa.scalar_type() == x.scalar_type(), "xa: expected dtype ", x.scalar_type(), " (x's), got ",
+              xa.scalar_type());
+  const int64_t r = xa.size(1);
+  check_same_device(B, "B", x, "x");
+  TORCH_CHECK(B.dim() == 2 && B.size(0) == N && B.size(1) == r, "B: expected sizes [", num(N), ", ", num(r),
+              "], got ", dims(B.sizes()));
+  TORCH_CHECK(B.scalar_type() == x.scalar_type(), "B: expected dtype ", x.scalar_type(), " (x's), got ",
+              B.scalar_type());
+  TORCH_CHECK(std::isfinite(scale), "scale: expected a finite number, got ", fnum(scale));
+  if (bias.has_value()) {
+    check_same_device(*bias, "bias", x, "x");
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "bias: expected dtype ", x.scalar_type(), " (x's), got ",
+                bias->scalar_type());
+    check_numel(*bias, "bias", N, "N");
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  // QLORA_KERNELS_GEMM_LORA=0: the two-pass way everywhere (for comparisons)
+  const bool fusable = env_flag("QLORA_KERNELS_GEMM_LORA", true) && r > 0 && r % 8 == 0 && r < (int64_t{1} << 20) && xa.is_contiguous() &&
+                       is_aligned16(xa.data_ptr()) && B.is_contiguous() &&
+                       reinterpret_cast<uintptr_t>(B.data_ptr()) % 4 == 0 &&
+                       gemm_kernel_takes(x, packed, blocksize, N, x.size(1), false);
+  if (fusable) {
+    const LoraTerm lora{xa, B, scale};
+    return run_gemm_4bit(x, packed, absmax, blocksize, quant_type, N, x.size(1), nested_absmax, nested_code, offset,
+                         nested_blocksize, bias, std::nullopt, /*transposed=*/false, /*in_place=*/false, "accumulate",
+                         &lora);
+  }
+  // the LoRA term (scale as cuBLAS' alpha, one rounding) and the bias first; beta = 0 ignores the
+  // uninitialized output
+  at::Tensor out = bias.has_value() ? at::addmm(*bias, xa, B.t(), 1, scale)
+                                    : at::empty({M, N}, x.options()).addmm_(xa, B.t(), 0, scale);
+  run_gemm_4bit(x, packed, absmax, blocksize, quant_type, N, x.size(1), nested_absmax, nested_code, offset,
+                nested_blocksize, std::nullopt, out, /*transposed=*/false, /*in_place=*/true, "out");
+  return out;
+}
+
 // out += x @ W.T (transposed false) or out += x @ W (true), in place: the LoRA layer's base GEMMs
 // on its LoRA term. A functional accumulate costs a copy of it wherever cuBLAS runs instead
 // (addmm's beta = 1 into a new tensor copies the input first), and one more output alive.
@@ -742,4 +867,5 @@ TORCH_LIBRARY_IMPL(qlora_kernels, CUDA, m) {
   m.impl("gemm_4bit", &qlora_kernels::gemm_4bit);
   m.impl("gemm_4bit_dx", &qlora_kernels::gemm_4bit_dx);
   m.impl("gemm_4bit_add_", &qlora_kernels::gemm_4bit_add_);
+  m.impl("gemm_4bit_lora", &qlora_kernels::gemm_4bit_lora);
 }

@@ -35,6 +35,10 @@ TORCH_LIBRARY(qlora_kernels, m) {
       "gemm_4bit_add_(Tensor(a!) out, Tensor x, Tensor packed, Tensor absmax, int blocksize, str quant_type, "
       "int N, int K, Tensor? nested_absmax=None, Tensor? nested_code=None, Tensor? offset=None, "
       "int nested_blocksize=256, bool transposed=False) -> ()");
+  m.def(
+      "gemm_4bit_lora(Tensor x, Tensor packed, Tensor absmax, int blocksize, str quant_type, int N, "
+      "Tensor? nested_absmax, Tensor? nested_code, Tensor? offset, int nested_blocksize, Tensor xa, Tensor B, "
+      "float scale, Tensor? bias=None) -> Tensor");
   m.def("dropout_forward(Tensor x, int seed, float p, Tensor? device_seed=None) -> Tensor");
   m.def("dropout_backward_add(Tensor(a!) out, Tensor grad, int seed, float p, Tensor? device_seed=None) -> ()");
   m.def("dropout_linear(Tensor x, Tensor weight, int seed, float p, Tensor? device_seed=None) -> Tensor");

@@ -17,9 +17,10 @@ run under a plain ``torch.autograd.Function`` (``_EagerLoRA``), which costs less
   saves the dequantize pass (8192 x 22016 at 4096 tokens: ~155 us of ~2.1 ms); elsewhere our
   ``dequantize_4bit`` into a bf16/fp16 buffer (freed right after its GEMM, so the caching
   allocator hands the block to the next layer's dequantize), then cuBLAS. The LoRA
-  up-projection is not a separate pass over Y: it is written first (``Y = scale * xa @ B.T
-  (+ bias)``, small), and the base GEMM adds its product to it in place (``gemm_4bit_add_``;
-  cuBLAS' beta = 1 on the fallback), reading Y in its epilogue.
+  up-projection is not a separate pass over Y: the op ``gemm_4bit_lora`` takes xa and B, and
+  the wgmma kernel runs ``scale * xa @ B.T`` as r / 64 extra steps of its main loop, so Y is
+  written once and never read back. Where cuBLAS runs instead, the LoRA term (and bias) is
+  written first and the base GEMM adds onto it in place (beta = 1).
 * ``qlora_kernels::matmul_4bit_lora_backward`` -> ``(dX, dA, dB)``: ``g = scale * dY @ B``
   ``[M, r]`` is computed once and shared by ``dA = g.T @ dropout(x)`` (with dropout one fused
   op, ``ops.dropout_grad_weight``: x read once, masked on its way into the sum) and
@@ -128,23 +129,23 @@ def _forward_impl(x: Tensor, packed: Tensor, absmax: Tensor, blocksize: int, qua
     x2 = x.reshape(-1, K)
     # The dropped-out x lives only until xa is computed (before W's buffer is allocated).
     xa = _down(x2, _as(A, dt), seed, p)
-    # The LoRA term (and bias) first, then the base GEMM adds its product to it: it reads Y in
-    # its epilogue, under the arithmetic of the big GEMM. (The other order, base GEMM then
-    # Y += LoRA, costs one more full read and write of Y.)
+    if x2.is_cuda and ops.BACKEND == "cuda":
+        # On an H100 one kernel: the 4-bit GEMM with the up-projection as extra steps of its main
+        # loop (Y written once, never read back). Elsewhere the same as below, with our dequantize.
+        return (ops.gemm_4bit_lora(x2.contiguous(), packed, absmax, blocksize, quant_type, N, nested_absmax,
+                                   nested_code, offset, nested_blocksize, xa, _as(B, dt), scale,
+                                   None if bias is None else _as(bias, dt)).view(*lead, N),
+                xa.view(*lead, xa.shape[-1]))
+    # The LoRA term (and bias) first, then the base GEMM adds its product to it (cuBLAS' beta = 1):
+    # the other order, base GEMM then Y += LoRA, costs one more full read and write of Y.
     if bias is not None:
         Y = torch.addmm(_as(bias, dt), xa, _as(B, dt).T, alpha=scale)
     else:
         Y = _scaled_mm(xa, _as(B, dt).T, scale)
-    if x2.is_cuda and ops.BACKEND == "cuda":
-        # Y += x @ W.T in place: on an H100 the 4-bit GEMM (no dequantized W), else dequantize +
-        # cuBLAS (gemm_4bit_add_ chooses)
-        ops.gemm_4bit_add_(Y, x2.contiguous(), packed, absmax, blocksize, quant_type, N, K, nested_absmax,
-                           nested_code, offset, nested_blocksize, False)
-    else:
-        W = _dequantize(packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code, offset,
-                        nested_blocksize, dt)
-        Y.addmm_(x2, W.T)
-        del W
+    W = _dequantize(packed, absmax, blocksize, quant_type, N, K, nested_absmax, nested_code, offset,
+                    nested_blocksize, dt)
+    Y.addmm_(x2, W.T)
+    del W
     return Y.view(*lead, N), xa.view(*lead, xa.shape[-1])
 
 

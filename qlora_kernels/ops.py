@@ -121,6 +121,12 @@ def _(out, x, packed, absmax, blocksize, quant_type, N, K, nested_absmax=None, n
     return None
 
 
+@torch.library.register_fake("qlora_kernels::gemm_4bit_lora")
+def _(x, packed, absmax, blocksize, quant_type, N, nested_absmax, nested_code, offset, nested_blocksize, xa, B,
+      scale, bias=None):
+    return x.new_empty((x.shape[0], N))
+
+
 @torch.library.register_fake("qlora_kernels::dropout_forward")
 def _(x, seed, p, device_seed=None):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -161,6 +167,7 @@ matmul_4bit_grouped = torch.ops.qlora_kernels.matmul_4bit_grouped.default
 gemm_4bit = torch.ops.qlora_kernels.gemm_4bit.default
 gemm_4bit_dx = torch.ops.qlora_kernels.gemm_4bit_dx.default
 gemm_4bit_add_ = torch.ops.qlora_kernels.gemm_4bit_add_.default
+gemm_4bit_lora = torch.ops.qlora_kernels.gemm_4bit_lora.default
 dropout_forward = torch.ops.qlora_kernels.dropout_forward.default
 dropout_backward_add = torch.ops.qlora_kernels.dropout_backward_add.default
 dropout_linear = torch.ops.qlora_kernels.dropout_linear.default

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import functools
 
+import math
+
 import torch
 
 from . import codes
@@ -235,6 +237,53 @@ def gemm_4bit_add_(
                         nested_blocksize)
     product = x.to(torch.float32) @ (W if transposed else W.T)
     out.copy_((out.to(torch.float32) + product).to(out.dtype))
+
+
+def check_gemm_4bit_lora(x: torch.Tensor, N: int, xa: torch.Tensor, B: torch.Tensor, scale: float,
+                         bias: torch.Tensor | None) -> None:
+    """gemm_4bit_lora's argument checks (the reference and Triton versions): xa ``[M, r]`` and B
+    ``[N, r]`` in x's dtype and on its device, a finite scale, a bias of N elements."""
+    if x.dim() != 2:
+        raise ValueError(f"x: expected a 2-D tensor [M, K], got sizes {list(x.shape)}")
+    if xa.dim() != 2 or xa.shape[0] != x.shape[0]:
+        raise ValueError(f"xa: expected sizes [{x.shape[0]}, r], got {list(xa.shape)}")
+    if B.dim() != 2 or tuple(B.shape) != (N, xa.shape[1]):
+        raise ValueError(f"B: expected sizes [{N}, {xa.shape[1]}], got {list(B.shape)}")
+    for name, t in (("xa", xa), ("B", B), ("bias", bias)):
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            raise ValueError(f"{name}: expected dtype {x.dtype} (x's), got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"{name}: expected device {x.device} (x's), got {t.device}")
+    if bias is not None and bias.numel() != N:
+        raise ValueError(f"bias: expected {N} elements (N), got {bias.numel()}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale: expected a finite number, got {scale}")
+
+
+def gemm_4bit_lora(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    blocksize: int,
+    quant_type: str,
+    N: int,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    nested_blocksize: int,
+    xa: torch.Tensor,
+    B: torch.Tensor,
+    scale: float,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x @ W.T + scale * xa @ B.T (+ bias)``, the LoRA layer's forward after its down-projection
+    xa ``[M, r]`` (B ``[N, r]``): float32 throughout, one rounding to x's dtype."""
+    check_gemm_4bit_lora(x, N, xa, B, scale, bias)
+    out = matmul_4bit(x.to(torch.float32), packed, absmax, blocksize, quant_type, N, nested_absmax, nested_code,
+                      offset, nested_blocksize, bias)
+    return (out + scale * (xa.to(torch.float32) @ B.to(torch.float32).T)).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------

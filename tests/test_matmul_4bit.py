@@ -1203,3 +1203,121 @@ def test_gemm_4bit_add_opcheck(device, gemm_always, rng):
         out = random_x((70, out_width), torch.bfloat16, rng, device)
         torch.library.opcheck(torch.ops.qlora_kernels.gemm_4bit_add_.default,
                               (out, x, packed, state.absmax, 64, "nf4", 136, 128, *_nested_args(state), transposed))
+
+
+# gemm_4bit_lora: x @ W.T + scale * xa @ B.T (+ bias), the LoRA layer's forward after xa = x @ A.T;
+# on an H100 the LoRA term runs as r / 64 extra steps of the kernel's main loop
+def gemm_lora(x, packed, state, xa, B, scale, bias=None):
+    N, _ = state.shape
+    return torch.ops.qlora_kernels.gemm_4bit_lora(x, packed, state.absmax, state.blocksize, state.quant_type, N,
+                                                  *_nested_args(state), xa, B, scale, bias)
+
+
+def lora_operands(M, K, N, r, dtype, g, device, packed, state):
+    """x, xa, B with the LoRA term about as large as the base product, so that an error in
+    either shows in the relative error."""
+    x = random_x((M, K), dtype, g, device)
+    xa = random_x((M, r), dtype, g, device)
+    B = torch.randn(N, r, generator=g)
+    base = (x.cpu().float() @ reference_weight(packed, state).T).norm()
+    B = (B * base / (xa.cpu().float() @ B.T).norm()).to(dtype).to(device)
+    return x, xa, B
+
+
+def expected_lora(x, packed, state, xa, B, scale, bias=None):
+    return expected(x, packed, state, bias) + scale * (xa.cpu().float() @ B.cpu().float().T)
+
+
+# (M, K, N, r, dtype, bias, scale): one LoRA step (r 64), columns past r read as zeros (16, 8),
+# two steps, the second 8 wide (72), two full ones (128); N not a multiple of the 128-row tile
+# (1000, 136, 264, 200), partial token tiles, K of one step (64) and of 65 (4160); scales that are
+# not powers of two (s * B is then rounded to x's type once). r = 12 (r % 8 != 0) writes the LoRA
+# term first and adds the kernel's product onto it in place.
+GEMM_LORA_CASES = [
+    (300, 1024, 1000, 64, torch.bfloat16, True, 0.25),
+    (1300, 320, 136, 16, torch.float16, False, 2.0),
+    (70, 4160, 264, 72, torch.bfloat16, True, 1 / 3),
+    (257, 64, 4288, 8, torch.bfloat16, False, 0.5),
+    (40, 128, 72, 128, torch.float16, True, 0.3),
+    (33, 256, 200, 12, torch.bfloat16, True, 0.75),
+]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("M,K,N,r,dtype,with_bias,scale", GEMM_LORA_CASES)
+def test_gemm_4bit_lora(device, M, K, N, r, dtype, with_bias, scale, gemm_always, rng):
+    packed, state = quantized_weight(N, K, "nf4", 64, True, rng, device)
+    x, xa, B = lora_operands(M, K, N, r, dtype, rng, device, packed, state)
+    bias = random_x((N,), dtype, rng, device) if with_bias else None
+    out = gemm_lora(x, packed, state, xa, B, scale, bias)
+    want = expected_lora(x, packed, state, xa, B, scale, bias)
+    assert out.shape == (M, N) and out.dtype == dtype
+    assert rel_err(out, want) < TOL[dtype]
+    assert float((out.cpu().float() - want).abs().max() / want.abs().max()) < 8 * TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("r", [64, 24])
+def test_gpu_gemm_4bit_lora_triton(r, rng):
+    """The Triton backend's version (LoRA term first, then dequantize + cuBLAS onto it)."""
+    from qlora_kernels.triton import matmul as TM
+
+    packed, state = quantized_weight(264, 320, "fp4", 128, False, rng, "cuda")
+    x, xa, B = lora_operands(130, 320, 264, r, torch.bfloat16, rng, "cuda", packed, state)
+    bias = random_x((264,), torch.bfloat16, rng, "cuda")
+    out = TM.gemm_4bit_lora(x, packed, state.absmax, state.blocksize, state.quant_type, 264, *_nested_args(state),
+                            xa, B, 0.5, bias)
+    assert rel_err(out, expected_lora(x, packed, state, xa, B, 0.5, bias)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not is_h100_class(), reason="the wgmma kernel runs on compute capability 9.0")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_gemm_4bit_lora_kernel_runs(dtype, gemm_always, monkeypatch, rng):
+    """The LoRA steps in the kernel: not the two-pass path's bits (that one rounds the LoRA term to
+    x's type before the sum, and cuBLAS runs the base product), both within the bound; the kernel
+    repeats to the bit; and a strided xa (the LoRA term written first, then the kernel in place)
+    gives the same values."""
+    _impl("cuda")
+    packed, state = quantized_weight(1000, 1024, "nf4", 64, True, rng, "cuda")
+    x, xa, B = lora_operands(600, 1024, 1000, 64, dtype, rng, "cuda", packed, state)
+    want = expected_lora(x, packed, state, xa, B, 0.25)
+    fused = gemm_lora(x, packed, state, xa, B, 0.25)
+    monkeypatch.setenv("QLORA_KERNELS_GEMM", "0")
+    plain = gemm_lora(x, packed, state, xa, B, 0.25)
+    assert not torch.equal(fused, plain)
+    assert rel_err(fused, want) < TOL[dtype] and rel_err(plain, want) < TOL[dtype]
+    monkeypatch.setenv("QLORA_KERNELS_GEMM", "always")
+    assert torch.equal(gemm_lora(x, packed, state, xa, B, 0.25), fused)
+    xa_strided = torch.empty(600, 128, dtype=dtype, device="cuda")[:, ::2].copy_(xa)
+    two_pass = gemm_lora(x, packed, state, xa_strided, B, 0.25)
+    assert not torch.equal(two_pass, fused) and rel_err(two_pass, want) < TOL[dtype]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_gemm_4bit_lora_errors_name_the_argument(device, rng):
+    packed, state = quantized_weight(136, 320, "nf4", 64, True, rng, device=device)
+    x = random_x((30, 320), torch.bfloat16, rng, device)
+    xa, B = random_x((30, 16), torch.bfloat16, rng, device), random_x((136, 16), torch.bfloat16, rng, device)
+    error = (RuntimeError, ValueError)
+    cases = [
+        ((x, packed, state, xa[:29], B, 0.5), "xa: expected sizes [30, r]"),
+        ((x, packed, state, xa.half(), B, 0.5), "xa: expected dtype"),
+        ((x, packed, state, xa, B[:, :8], 0.5), "B: expected sizes [136, 16]"),
+        ((x, packed, state, xa, B.float(), 0.5), "B: expected dtype"),
+        ((x, packed, state, xa, B, float("nan")), "scale: expected a finite number"),
+        ((x, packed, state, xa, B, 0.5, random_x((135,), torch.bfloat16, rng, device)), "bias: expected"),
+    ]
+    for args, message in cases:
+        with pytest.raises(error, match=re.escape(message)):
+            gemm_lora(*args)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_gemm_4bit_lora_opcheck(device, gemm_always, rng):
+    packed, state = quantized_weight(136, 128, "nf4", 64, True, rng, device=device)
+    x = random_x((70, 128), torch.bfloat16, rng, device)
+    xa, B = random_x((70, 16), torch.bfloat16, rng, device), random_x((136, 16), torch.bfloat16, rng, device)
+    bias = random_x((136,), torch.bfloat16, rng, device)
+    torch.library.opcheck(torch.ops.qlora_kernels.gemm_4bit_lora.default,
+                          (x, packed, state.absmax, 64, "nf4", 136, *_nested_args(state), xa, B, 0.5, bias))

@@ -100,6 +100,13 @@ for N, qt, bs, dq in ((257, "nf4", 64, True), (264, "fp4", 128, False)):
         torch.ops.qlora_kernels.gemm_4bit_add_(acc_dx, dy, packed, st.absmax, bs, qt, N, 4160, *_nested_args(st),
                                                True)
         torch.ops.qlora_kernels.gemm_4bit_add_(acc, x, packed, st.absmax, bs, qt, N, 4160, *_nested_args(st), False)
+        # with the LoRA term as extra steps (gemm_4bit_lora): r 16 (one step, columns past r read
+        # as zeros from xa and not loaded from B) and 72 (two steps, the second 8 wide)
+        for r in (16, 72):
+            xa = torch.randn(300, r, device="cuda", generator=g).to(dtype)
+            B = torch.randn(N, r, device="cuda", generator=g).to(dtype)
+            torch.ops.qlora_kernels.gemm_4bit_lora(x, packed, st.absmax, bs, qt, N, *_nested_args(st), xa, B, 0.5,
+                                                   bias)
 del os.environ["QLORA_KERNELS_GEMM"]
 torch.cuda.synchronize()
 print("sanitize_matmul: all paths ran")

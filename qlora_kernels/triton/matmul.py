@@ -421,3 +421,19 @@ def gemm_4bit_add_(out: torch.Tensor, x: torch.Tensor, packed: torch.Tensor, abs
     W = _weight(packed, absmax, blocksize, quant_type, N, K, x.dtype, nested_absmax, nested_code, offset,
                 nested_blocksize)
     out.addmm_(x, W if transposed else W.T)
+
+
+def gemm_4bit_lora(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, blocksize: int, quant_type: str,
+                   N: int, nested_absmax: torch.Tensor | None, nested_code: torch.Tensor | None,
+                   offset: torch.Tensor | None, nested_blocksize: int, xa: torch.Tensor, B: torch.Tensor,
+                   scale: float, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """The op ``gemm_4bit_lora`` (``x @ W.T + scale * xa @ B.T (+ bias)``) on the Triton backend: the
+    LoRA term (and bias) first, then dequantize and cuBLAS with beta = 1 onto it in place."""
+    reference.check_gemm_4bit_lora(x, N, xa, B, scale, bias)
+    W = _weight(packed, absmax, blocksize, quant_type, N, x.shape[1], x.dtype, nested_absmax, nested_code, offset,
+                nested_blocksize)
+    if bias is not None:
+        out = torch.addmm(bias, xa, B.T, alpha=scale)
+    else:  # beta = 0: the uninitialized output is ignored
+        out = torch.empty((x.shape[0], N), dtype=x.dtype, device=x.device).addmm_(xa, B.T, beta=0, alpha=scale)
+    return out.addmm_(x, W.T)
