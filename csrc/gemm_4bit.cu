@@ -70,29 +70,55 @@
   "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), \
   "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
 
+// The same for m64n128k16: 64 accumulators, %0 .. %63.
+#define QK_WGMMA_D64_REGS \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+
+#define QK_WGMMA_D64_OPERANDS \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+  "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), \
+  "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), \
+  "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), \
+  "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), \
+  "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), \
+  "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), \
+  "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+
 namespace qlora_kernels {
 namespace {
 
-constexpr int kGemmTokens = 256;  // tokens per CTA tile: the wgmma's N
+// Tokens per CTA tile (the wgmma's N): 256, or 128 where 256-token tiles would leave SMs idle
+// (gemm_tile_tokens); the kernel's template parameter kTokens.
+constexpr int kGemmTokens = 256;
+constexpr int kGemmTokensSmall = 128;
 constexpr int kGemmRows = 128;    // weight rows per CTA tile: 2 consumer warpgroups x 64
 constexpr int kGemmStepK = 64;    // K per stage: one absmax block of 64 (or part of a larger one)
 // Stages in flight: on an H100 five were slower than four on 5 of the 7 LLaMA layers at 4096
 // tokens (by up to 3%), the others within 1%.
 constexpr int kGemmStages = 4;
-constexpr int kGemmXBytes = kGemmTokens * kGemmStepK * 2;  // 32 KB a stage
+constexpr int gemm_x_bytes(int tokens) { return tokens * kGemmStepK * 2; }  // 32 KB a stage (16 KB)
 constexpr int kGemmWBytes = kGemmRows * kGemmStepK / 2;    // 4 KB a stage
 constexpr int kGemmConsumers = 256;                        // two warpgroups
 constexpr int kGemmThreads = kGemmConsumers + 128;         // + the producer warpgroup (one lane of it copies)
 // The staged output tile: a token's 128 float32 outputs, padded by 4 so that the accumulator
 // stores (lanes t 0..3 two tokens apart, g 0..7 one row apart) fall in 32 different banks.
 constexpr int kGemmOutPitch = kGemmRows + 4;
-constexpr int kGemmStageArea = kGemmStages * (kGemmXBytes + kGemmWBytes);
+constexpr int gemm_stage_area(int tokens) { return kGemmStages * (gemm_x_bytes(tokens) + kGemmWBytes); }
 // The transposed kernel's scale stages (x @ W, W the reduction side): a step's 64 rows x the
 // tile's two 64-column groups of scales, in x's 16-bit type.
 constexpr int kGemmScaleBytes = 2 * kGemmStepK * 2;
-constexpr int kGemmSmem = kGemmStageArea + kTableBytes + 256 * 4 + kGemmStages * kGemmScaleBytes + 2 * kGemmStages * 8;
-static_assert((kGemmStageArea + kTableBytes + 256 * 4) % 128 == 0, "the scale stages start on 128 bytes");
-static_assert(kGemmTokens * kGemmOutPitch * 4 <= kGemmStageArea, "the staged output tile fits in the stages");
+constexpr int gemm_smem(int tokens) {
+  return gemm_stage_area(tokens) + kTableBytes + 256 * 4 + kGemmStages * kGemmScaleBytes + 2 * kGemmStages * 8;
+}
+static_assert((gemm_stage_area(kGemmTokens) + kTableBytes + 256 * 4) % 128 == 0 &&
+                  (gemm_stage_area(kGemmTokensSmall) + kTableBytes + 256 * 4) % 128 == 0,
+              "the scale stages start on 128 bytes");
+static_assert(kGemmTokens * kGemmOutPitch * 4 <= gemm_stage_area(kGemmTokens) &&
+                  kGemmTokensSmall * kGemmOutPitch * 4 <= gemm_stage_area(kGemmTokensSmall),
+              "the staged output tile fits in the stages");
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 // d += a (four registers: the m64k16 A operand) x B (k16 x 256 tokens in shared memory at desc).
@@ -113,6 +139,36 @@ __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint32_t a0, u
         "}, {%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"
         : QK_WGMMA_D_OPERANDS
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc));
+  }
+}
+// The same with 128 tokens (64 accumulators).
+template <typename T>
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                                 uint64_t desc) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.eq.u32 p, 1, 1;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {" QK_WGMMA_D64_REGS
+        "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+        : QK_WGMMA_D64_OPERANDS
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.eq.u32 p, 1, 1;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {" QK_WGMMA_D64_REGS
+        "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+        : QK_WGMMA_D64_OPERANDS
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc));
+  }
+}
+template <typename T, int kTokens>
+__device__ __forceinline__ void wgmma_tile_k16(float (&d)[kTokens / 2], uint32_t a0, uint32_t a1, uint32_t a2,
+                                               uint32_t a3, uint64_t desc) {
+  if constexpr (kTokens == 256) {
+    wgmma_m64n256k16<T>(d, a0, a1, a2, a3, desc);
+  } else {
+    static_assert(kTokens == 128, "token tiles of 256 or 128");
+    wgmma_m64n128k16<T>(d, a0, a1, a2, a3, desc);
   }
 }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
@@ -227,7 +283,7 @@ __device__ __forceinline__ void lora_step_registers(uint32_t (&a)[16], const T* 
 // kTransposed: out = x @ W (x [M, N_w], W [N_w, K_w]; the backward's dX = dY @ W): the tile's 128
 // output features are W's columns, K is W's rows, and the scales come by s_map (see
 // decode_step_transposed). In that mode N and K below are K_w and N_w.
-template <typename T, bool kTransposed>
+template <typename T, bool kTransposed, int kTokens>
 __global__ void __launch_bounds__(kGemmThreads, 1)
     gemm_4bit_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap w_map,
                      const __grid_constant__ CUtensorMap s_map, const __grid_constant__ CUtensorMap xa_map,
@@ -244,8 +300,9 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
   extern __shared__ __align__(1024) uint8_t smem[];
   if (threadIdx.x == 0 && (shared_address(smem) & 1023u) != 0) __trap();
   uint8_t* s_x = smem;
-  uint8_t* s_w = smem + kGemmStages * kGemmXBytes;
-  uint8_t* s_table = smem + kGemmStageArea;
+  constexpr int kXBytes = gemm_x_bytes(kTokens);
+  uint8_t* s_w = smem + kGemmStages * kXBytes;
+  uint8_t* s_table = smem + gemm_stage_area(kTokens);
   float* s_code8 = reinterpret_cast<float*>(s_table + kTableBytes);
   // kTransposed: kGemmStages x 2 x 64 scales, on 128 bytes as tensor copies want
   T* s_scales = reinterpret_cast<T*>(s_code8 + 256);
@@ -257,13 +314,13 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
   const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0);
   // Tile order: CTAs in launch order walk `group` token tiles for each row tile, then the next
   // row tile, so that the CTAs running at once share both their weight and their x tiles in L2.
-  const int token_tiles = (M + kGemmTokens - 1) / kGemmTokens;
+  const int token_tiles = (M + kTokens - 1) / kTokens;
   const int row_tiles = (N + kGemmRows - 1) / kGemmRows;
   const int tiles_in_group = group * row_tiles;
   const int id = static_cast<int>(blockIdx.x);
   const int first_token_tile = id / tiles_in_group * group;
   const int group_size = min(token_tiles - first_token_tile, group);
-  const int tok0 = (first_token_tile + id % tiles_in_group % group_size) * kGemmTokens;
+  const int tok0 = (first_token_tile + id % tiles_in_group % group_size) * kTokens;
   const int row0 = id % tiles_in_group / group_size * kGemmRows;
   const int nsteps = (K + kGemmStepK - 1) / kGemmStepK;  // K % 64 == 0 but in the transposed mode
   if (tid == 0) {
@@ -288,13 +345,13 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
           fence_reads_before_async_copy();  // the consumers read the weight stage through the generic proxy
         }
         if (i < lora_steps) {  // a LoRA step: 64 columns of xa only (B's rows come from global memory)
-          mbarrier_expect_bytes(&full[slot], kGemmXBytes);
-          tensor_copy_2d(s_x + slot * kGemmXBytes, &xa_map, i * kGemmStepK, tok0, &full[slot], policy);
+          mbarrier_expect_bytes(&full[slot], kXBytes);
+          tensor_copy_2d(s_x + slot * kXBytes, &xa_map, i * kGemmStepK, tok0, &full[slot], policy);
           continue;
         }
         const int step = i - lora_steps;
-        mbarrier_expect_bytes(&full[slot], kGemmXBytes + kGemmWBytes + (kTransposed ? kGemmScaleBytes : 0));
-        tensor_copy_2d(s_x + slot * kGemmXBytes, &x_map, step * kGemmStepK, tok0, &full[slot], policy);
+        mbarrier_expect_bytes(&full[slot], kXBytes + kGemmWBytes + (kTransposed ? kGemmScaleBytes : 0));
+        tensor_copy_2d(s_x + slot * kXBytes, &x_map, step * kGemmStepK, tok0, &full[slot], policy);
         if constexpr (kTransposed) {
           // W's rows step * 64 .. as 64 rows x the tile's 64 bytes (128 columns), and their scales
           tensor_copy_2d(s_w + slot * kGemmWBytes, &w_map, row0 / 2, step * kGemmStepK, &full[slot], policy);
@@ -332,9 +389,9 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
     raw = load_scales(lo_row, hi_row, (step + 1) * kGemmStepK, step + 1 < nsteps, absmax, nested, nested_absmax,
                       lg_bs, lg_nbs);
   };
-  float d[128];
+  float d[kTokens / 2];
 #pragma unroll
-  for (int i = 0; i < 128; ++i) d[i] = 0.0f;
+  for (int i = 0; i < kTokens / 2; ++i) d[i] = 0.0f;
   uint32_t a_even[16], a_odd[16];  // the A registers of even and odd steps
   // kTransposed (see decode_step_transposed): this lane's ldmatrix row (lane) in the swizzled stage,
   // in its warp's 16-byte column chunk; its byte of the b16 it receives; its 32 bytes of scales
@@ -364,10 +421,11 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
     }
   };
   auto issue = [&](int step, uint32_t (&a)[16]) {
-    const uint64_t desc = swizzle128_descriptor(s_x + (step % kGemmStages) * kGemmXBytes);
+    const uint64_t desc = swizzle128_descriptor(s_x + (step % kGemmStages) * kXBytes);
     wgmma_fence();
 #pragma unroll
-    for (int s = 0; s < 4; ++s) wgmma_m64n256k16<T>(d, a[4 * s], a[4 * s + 1], a[4 * s + 2], a[4 * s + 3], desc + 2 * s);
+    for (int s = 0; s < 4; ++s)
+      wgmma_tile_k16<T, kTokens>(d, a[4 * s], a[4 * s + 1], a[4 * s + 2], a[4 * s + 3], desc + 2 * s);
     wgmma_commit();
   };
   // step's x and weights are no longer read: its wgmmas are done (waited for) and its weight
@@ -388,7 +446,7 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
   const int prefetch_step = max(0, total - 8);
   auto prefetch_accumulate = [&] {
     const int tok = tok0 + tid;
-    if (accumulate != nullptr && tok < M)
+    if (accumulate != nullptr && tid < kTokens && tok < M)
       for (int n = row0; n < min(row0 + kGemmRows, N); n += 64) prefetch_l2(accumulate + static_cast<int64_t>(tok) * N + n);
   };
   for (; step + 2 < total; step += 2) {
@@ -425,14 +483,14 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
     // accumulator rows r_lo and r_lo + 8 are the adjacent columns col, col + 1 (decode_step_transposed)
     const int col = 32 * (warp >> 1) + 4 * g + 2 * (warp & 1);
 #pragma unroll
-    for (int j = 0; j < 32; ++j)
+    for (int j = 0; j < kTokens / 8; ++j)
 #pragma unroll
       for (int i = 0; i < 2; ++i)
         *reinterpret_cast<float2*>(s_out + (8 * j + 2 * t + i) * kGemmOutPitch + col) =
             make_float2(d[4 * j + i], d[4 * j + i + 2]);
   } else {
 #pragma unroll
-    for (int j = 0; j < 32; ++j)
+    for (int j = 0; j < kTokens / 8; ++j)
 #pragma unroll
       for (int i = 0; i < 4; ++i) s_out[(8 * j + 2 * t + (i & 1)) * kGemmOutPitch + r_lo + (i >= 2 ? 8 : 0)] = d[4 * j + i];
   }
@@ -440,7 +498,7 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
   // 8 outputs (16 bytes) a thread at a time, 16 threads a token: chunk c of the tile is token
   // c / 16, rows 8 (c % 16) ..; this thread's are c = tid + 256 i.
   constexpr int kChunksPerToken = kGemmRows / 8;
-  constexpr int kChunks = kGemmTokens * kChunksPerToken / kGemmConsumers;  // 16 a thread
+  constexpr int kChunks = kTokens * kChunksPerToken / kGemmConsumers;  // 16 a thread (8)
   auto chunk_at = [&](int i, int& tok, int& n, const float*& src) {
     const int c = tid + kGemmConsumers * i;
     tok = tok0 + c / kChunksPerToken;
@@ -500,13 +558,14 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
 // raised: compiled for sm_90a (setup.py builds compute capability 9.0 as 9.0a), the device is 9.0
 // (sm_90a code runs there only), this build's code for it is sm_90 (not PTX of an older one) and
 // the driver encodes tensor maps.
-bool gemm_kernel_usable(const void* kernel, int device) {
+bool gemm_kernel_usable(const void* kernel, int smem, int device) {
 #if defined(QLORA_KERNELS_SM90A)
   return compute_capability_major(device) == 9 &&
          device_attribute(device, cudaDevAttrComputeCapabilityMinor) == 0 &&
-         sm90_ctas_per_sm(kernel, kGemmThreads, kGemmSmem, device) > 0 && tensor_map_encoder() != nullptr;
+         sm90_ctas_per_sm(kernel, kGemmThreads, smem, device) > 0 && tensor_map_encoder() != nullptr;
 #else
   (void)kernel;
+  (void)smem;
   (void)device;
   return false;
 #endif
@@ -516,9 +575,8 @@ bool gemm_kernel_usable(const void* kernel, int device) {
 // from 4096 x 4096 to 28672 x 8192, median of interleaved rounds; benchmarks/results/
 // NVIDIA-H100-80GB-HBM3/gemm_4bit_vs_dequantize.txt):
 // * up to 2048 tokens by 1-35% (the dequantize pass is a large share of a small GEMM: 8192 x
-//   8192 at 512 tokens 110 against 170 us), when the problem has tiles for ~all SMs: with fewer
-//   its 128 x 256 tiles leave SMs idle where cuBLAS picks smaller ones (4096 x 11008 at 512
-//   tokens, 64 tiles: 124 against 114 us);
+//   8192 at 512 tokens 110 against 170 us), when the problem has tiles for enough SMs (see
+//   gemm_tile_tokens; 128-token tiles where 256-token ones would leave most SMs idle);
 // * at 4096 tokens it is even on average (0.96-1.05 by layer), and it needs no 16-bit W buffer;
 // * at 8192 tokens cuBLAS' faster main loop wins (1.02-1.05): dequantize + cuBLAS there.
 constexpr int64_t kGemmMaxTokens = 4096;
@@ -529,14 +587,36 @@ constexpr int64_t kGemmMaxTokens = 4096;
 // 512, 0.94-1.00x at 1024); at 2048 the layer read 1-3% slower on the 7B shapes and a 7B training
 // step at 4 x 512 tokens 1.2% slower, against the 4-5% its GEMM alone gained: taken up to 1024.
 constexpr int64_t kGemmDxMaxTokens = 1024;
+// The token tile for M tokens x N outputs (a reduction of `reduction`), or 0 for dequantize +
+// cuBLAS. Measured on an H100 (CUDA-graph replay, the LLaMA 7B and 65B layers at 256-1024 tokens;
+// tile_vs_dequantize_small_m.txt in benchmarks/results/NVIDIA-H100-80GB-HBM3):
+// * 256-token tiles from half as many tiles as SMs: at 86 tiles (11008 x 4096 at 256 tokens)
+//   0.56x (forward) and 0.68x (dX, 4096 x 11008) the time of dequantize + cuBLAS, whose
+//   dequantize pass is a large share of a small GEMM.
+// * below that, 128-token tiles, which fill twice as many SMs: forward 0.60-0.95x from 64 such
+//   tiles; dX 0.68-0.90x with ~one per SM and a reduction of 8192 or more (with 4096, 1.08-1.25x:
+//   its scale table and prologue are not paid back). Their main loop is slower (two tiles of 128
+//   decode each weight twice; 1.2-1.5x dequantize + cuBLAS with many tiles), so they are taken
+//   only there.
 // QLORA_KERNELS_GEMM: "0" turns the kernel off (dequantize + cuBLAS, for comparisons); "always"
 // runs it on problems of any size (tests, sanitizers); unset or anything else, by the rule above.
-bool gemm_kernel_wanted(int64_t M, int64_t N, int device, int64_t max_tokens) {
+// QLORA_KERNELS_GEMM_TILE=128 or 256: that tile wherever the kernel runs (tests, comparisons).
+int gemm_tile_tokens(int64_t M, int64_t N, int64_t reduction, bool transposed, int device, int64_t max_tokens) {
   const char* env = std::getenv("QLORA_KERNELS_GEMM");
   const std::string mode = env != nullptr ? env : "";
-  if (mode == "0") return false;
-  if (mode == "always") return true;
-  return M <= max_tokens && 8 * ceil_div(N, kGemmRows) * ceil_div(M, kGemmTokens) >= 7 * multiprocessor_count(device);
+  if (mode == "0") return 0;
+  const char* tile_env = std::getenv("QLORA_KERNELS_GEMM_TILE");
+  const int forced = tile_env != nullptr ? std::atoi(tile_env) : 0;
+  const int64_t sms = multiprocessor_count(device);
+  const int64_t big = ceil_div(N, kGemmRows) * ceil_div(M, kGemmTokens);
+  const int64_t small = ceil_div(N, kGemmRows) * ceil_div(M, kGemmTokensSmall);
+  int tile = 0;
+  if (mode == "always" || (M <= max_tokens && 2 * big >= sms))
+    tile = kGemmTokens;
+  else if (M <= max_tokens && (transposed ? 8 * small >= 7 * sms && reduction >= 8192 : 16 * small >= 7 * sms))
+    tile = kGemmTokensSmall;
+  if (tile != 0 && (forced == kGemmTokens || forced == kGemmTokensSmall)) tile = forced;
+  return tile;
 }
 
 // Token tiles a group of the tile order walks (see the kernel): 4, or QLORA_KERNELS_GEMM_GROUP.
@@ -583,28 +663,36 @@ __global__ void scale_table_kernel(const void* __restrict__ absmax, const float*
   }
 }
 
-// Whether run_gemm_4bit takes the kernel for x [M, K] @ W.T (or x [M, N] @ W, transposed), W [N, K]
+// The token tile with which run_gemm_4bit takes the kernel (0: it does not) for x [M, K] @ W.T (or x [M, N] @ W, transposed), W [N, K]
 // (the operands' shapes and dtypes already checked): forward: K % 64 == 0 (a step is one absmax block
 // of a row); transposed: K % 64 == 0 (a tile's column groups are absmax blocks) and N % 8 == 0 (x's
-// rows start on 16 bytes for the TMA); 16-bit x; sizes in 32 bits; by the rule of gemm_kernel_wanted.
-bool gemm_kernel_takes(const at::Tensor& x, const at::Tensor& packed, int64_t blocksize, int64_t N, int64_t K,
-                       bool transposed) {
+// rows start on 16 bytes for the TMA); 16-bit x; sizes in 32 bits; by the rule of gemm_tile_tokens.
+template <typename T>
+const void* gemm_kernel_pointer(bool transposed, int tokens) {
+  if (tokens == kGemmTokens)
+    return transposed ? reinterpret_cast<const void*>(gemm_4bit_kernel<T, true, kGemmTokens>)
+                      : reinterpret_cast<const void*>(gemm_4bit_kernel<T, false, kGemmTokens>);
+  return transposed ? reinterpret_cast<const void*>(gemm_4bit_kernel<T, true, kGemmTokensSmall>)
+                    : reinterpret_cast<const void*>(gemm_4bit_kernel<T, false, kGemmTokensSmall>);
+}
+
+int gemm_kernel_tile(const at::Tensor& x, const at::Tensor& packed, int64_t blocksize, int64_t N, int64_t K,
+                     bool transposed) {
   const int64_t M = x.size(0);
   const int device = x.get_device();
-  auto kernel_for = [transposed](at::ScalarType dtype) {
-    if (dtype == at::kBFloat16)
-      return transposed ? reinterpret_cast<const void*>(gemm_4bit_kernel<__nv_bfloat16, true>)
-                        : reinterpret_cast<const void*>(gemm_4bit_kernel<__nv_bfloat16, false>);
-    return transposed ? reinterpret_cast<const void*>(gemm_4bit_kernel<__half, true>)
-                      : reinterpret_cast<const void*>(gemm_4bit_kernel<__half, false>);
-  };
-  return x.scalar_type() != at::kFloat && K > 0 && K % kGemmStepK == 0 && (!transposed || N % 8 == 0) &&
-         blocksize >= kGemmStepK && M > 0 && N > 0 && M < (int64_t{1} << 31) && N < (int64_t{1} << 31) &&
-         K < (int64_t{1} << 31) && ceil_div(N * K, blocksize) < (int64_t{1} << 31) && N * K < (int64_t{1} << 40) &&
-         x.is_contiguous() && is_aligned16(x.data_ptr()) && packed.is_contiguous() &&
-         is_aligned16(packed.data_ptr()) &&
-         gemm_kernel_wanted(M, transposed ? K : N, device, transposed ? kGemmDxMaxTokens : kGemmMaxTokens) &&
-         gemm_kernel_usable(kernel_for(x.scalar_type()), device);
+  const bool shapes_ok = x.scalar_type() != at::kFloat && K > 0 && K % kGemmStepK == 0 &&
+                         (!transposed || N % 8 == 0) && blocksize >= kGemmStepK && M > 0 && N > 0 &&
+                         M < (int64_t{1} << 31) && N < (int64_t{1} << 31) && K < (int64_t{1} << 31) &&
+                         ceil_div(N * K, blocksize) < (int64_t{1} << 31) && N * K < (int64_t{1} << 40) &&
+                         x.is_contiguous() && is_aligned16(x.data_ptr()) && packed.is_contiguous() &&
+                         is_aligned16(packed.data_ptr());
+  if (!shapes_ok) return 0;
+  const int tokens = gemm_tile_tokens(M, transposed ? K : N, transposed ? N : K, transposed, device,
+                                     transposed ? kGemmDxMaxTokens : kGemmMaxTokens);
+  if (tokens == 0) return 0;
+  const void* kernel = x.scalar_type() == at::kBFloat16 ? gemm_kernel_pointer<__nv_bfloat16>(transposed, tokens)
+                                                        : gemm_kernel_pointer<__half>(transposed, tokens);
+  return gemm_kernel_usable(kernel, gemm_smem(tokens), device) ? tokens : 0;
 }
 
 // gemm_4bit_lora's LoRA term, scale * xa [M, r] @ B [N, r].T, taken by the kernel as extra steps
@@ -660,7 +748,8 @@ at::Tensor run_gemm_4bit(const at::Tensor& x, const at::Tensor& packed, const at
   }
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t nblocks = ceil_div(N * K, blocksize);
-  const bool fused = gemm_kernel_takes(x, packed, blocksize, N, K_w, transposed);
+  const int tile = gemm_kernel_tile(x, packed, blocksize, N, K_w, transposed);
+  const bool fused = tile > 0;
   TORCH_INTERNAL_ASSERT(lora == nullptr || fused, "gemm_4bit: a LoRA term for the dequantize path");
   if (!fused) {
     // dequantize + cuBLAS (float32 x, K not a multiple of 64, blocksize 32, GPUs other than sm_90)
@@ -691,7 +780,7 @@ at::Tensor run_gemm_4bit(const at::Tensor& x, const at::Tensor& packed, const at
   const CUtensorMap x_map = tensor_map<2>(
       encode, CU_TENSOR_MAP_DATA_TYPE_UINT16, x.data_ptr(),
       {static_cast<cuuint64_t>(reduction), static_cast<cuuint64_t>(M)}, {static_cast<cuuint64_t>(reduction) * 2},
-      {kGemmStepK, kGemmTokens}, CU_TENSOR_MAP_SWIZZLE_128B, "x", M, reduction);
+      {kGemmStepK, static_cast<cuuint32_t>(tile)}, CU_TENSOR_MAP_SWIZZLE_128B, "x", M, reduction);
   // W as bytes [N, K / 2]: boxes of 128 rows x 32 bytes (forward) or 64 rows x 64 bytes (transposed)
   const CUtensorMap w_map = tensor_map<2>(
       encode, CU_TENSOR_MAP_DATA_TYPE_UINT8, packed.data_ptr(),
@@ -718,11 +807,11 @@ at::Tensor run_gemm_4bit(const at::Tensor& x, const at::Tensor& packed, const at
           ? x_map
           : tensor_map<2>(encode, CU_TENSOR_MAP_DATA_TYPE_UINT16, lora->xa.data_ptr(),
                           {static_cast<cuuint64_t>(lora->xa.size(1)), static_cast<cuuint64_t>(M)},
-                          {static_cast<cuuint64_t>(lora->xa.size(1)) * 2}, {kGemmStepK, kGemmTokens},
+                          {static_cast<cuuint64_t>(lora->xa.size(1)) * 2}, {kGemmStepK, static_cast<cuuint32_t>(tile)},
                           CU_TENSOR_MAP_SWIZZLE_128B, "xa", M, lora->xa.size(1));
   const int rank = lora == nullptr ? 0 : static_cast<int>(lora->xa.size(1));
   const int lora_steps = static_cast<int>(ceil_div(rank, kGemmStepK));
-  const int64_t token_tiles = ceil_div(M, kGemmTokens);
+  const int64_t token_tiles = ceil_div(M, tile);
   const int64_t tiles = ceil_div(out_width, kGemmRows) * token_tiles;
   TORCH_CHECK(tiles < (int64_t{1} << 31), "x, N: too many tiles");
   const int group = gemm_group(token_tiles);
@@ -734,7 +823,7 @@ at::Tensor run_gemm_4bit(const at::Tensor& x, const at::Tensor& packed, const at
     const float* off = nested ? offset->data_ptr<float>() : nullptr;
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
     auto launch = [&](auto kernel) {
-      kernel<<<grid, kGemmThreads, kGemmSmem, stream>>>(
+      kernel<<<grid, kGemmThreads, gemm_smem(tile), stream>>>(
           x_map, w_map, s_map, xa_map, lora == nullptr ? nullptr : reinterpret_cast<const T*>(lora->B.data_ptr()),
           rank, lora_steps, lora == nullptr ? 0.0f : static_cast<float>(lora->scale), absmax.data_ptr(), na, nc, off,
           bias.has_value() ? reinterpret_cast<const T*>(bias_c.data_ptr()) : nullptr,
@@ -749,9 +838,14 @@ at::Tensor run_gemm_4bit(const at::Tensor& x, const at::Tensor& packed, const at
           absmax.data_ptr(), na, nc, off, reinterpret_cast<T*>(scales.data_ptr()), static_cast<int>(N),
           static_cast<int>(scales.size(1)), static_cast<int>(K), lg_bs, lg_nbs, nested);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      launch(gemm_4bit_kernel<T, true>);
+      if (tile == kGemmTokens)
+        launch(gemm_4bit_kernel<T, true, kGemmTokens>);
+      else
+        launch(gemm_4bit_kernel<T, true, kGemmTokensSmall>);
+    } else if (tile == kGemmTokens) {
+      launch(gemm_4bit_kernel<T, false, kGemmTokens>);
     } else {
-      launch(gemm_4bit_kernel<T, false>);
+      launch(gemm_4bit_kernel<T, false, kGemmTokensSmall>);
     }
   };
   if (x.scalar_type() == at::kBFloat16) {
@@ -817,7 +911,7 @@ at::Tensor gemm_4bit_lora(const at::Tensor& x, const at::Tensor& packed, const a
   const bool fusable = env_flag("QLORA_KERNELS_GEMM_LORA", true) && r > 0 && r % 8 == 0 && r < (int64_t{1} << 20) && xa.is_contiguous() &&
                        is_aligned16(xa.data_ptr()) && B.is_contiguous() &&
                        reinterpret_cast<uintptr_t>(B.data_ptr()) % 4 == 0 &&
-                       gemm_kernel_takes(x, packed, blocksize, N, x.size(1), false);
+                       gemm_kernel_tile(x, packed, blocksize, N, x.size(1), false) > 0;
   if (fusable) {
     const LoraTerm lora{xa, B, scale};
     return run_gemm_4bit(x, packed, absmax, blocksize, quant_type, N, x.size(1), nested_absmax, nested_code, offset,

@@ -919,6 +919,14 @@ def gemm_always(monkeypatch):
     monkeypatch.setenv("QLORA_KERNELS_GEMM", "always")
 
 
+@pytest.fixture(params=[256, 128], ids=["tile256", "tile128"])
+def gemm_tile(request, monkeypatch):
+    """The kernel's token tile: 256, or 128 (which it takes where 256-token tiles would leave SMs
+    idle), forced wherever the kernel runs."""
+    monkeypatch.setenv("QLORA_KERNELS_GEMM_TILE", str(request.param))
+    return request.param
+
+
 # (M, K, N, quant_type, blocksize, nested, dtype, bias, accumulate): partial token tiles (65,
 # 300, 1000), N not a multiple of the 128-row tile (257, 1000, 136; 257 % 8 != 0 takes the
 # element-wise epilogue), absmax blocks straddling rows (blocksize 4096 > K), one K step (64), a
@@ -939,7 +947,8 @@ GEMM_CASES = [
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("M,K,N,quant_type,blocksize,nested,dtype,with_bias,with_acc", GEMM_CASES)
-def test_gpu_gemm_4bit(M, K, N, quant_type, blocksize, nested, dtype, with_bias, with_acc, gemm_always, rng):
+def test_gpu_gemm_4bit(M, K, N, quant_type, blocksize, nested, dtype, with_bias, with_acc, gemm_always, gemm_tile,
+                       rng):
     _impl("cuda")
     packed, state = quantized_weight(N, K, quant_type, blocksize, nested, rng, "cuda")
     x = random_x((M, K), dtype, rng, "cuda")
@@ -959,7 +968,7 @@ def test_gpu_gemm_4bit(M, K, N, quant_type, blocksize, nested, dtype, with_bias,
 @pytest.mark.gpu
 @pytest.mark.skipif(not is_h100_class(), reason="the wgmma kernel runs on compute capability 9.0")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_gemm_4bit_kernel_runs_and_matches_the_dequantize_path(dtype, gemm_always, monkeypatch, rng):
+def test_gpu_gemm_4bit_kernel_runs_and_matches_the_dequantize_path(dtype, gemm_always, gemm_tile, monkeypatch, rng):
     """The kernel's result is not the dequantize path's to the bit (it rounds code and absmax to
     x's type first), so a difference shows that it ran; both are within the error bound."""
     packed, state = quantized_weight(1000, 1024, "nf4", 64, True, rng, "cuda")
@@ -1083,7 +1092,7 @@ GEMM_DX_CASES = [
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("M,N,K,quant_type,blocksize,nested,dtype,with_acc", GEMM_DX_CASES)
-def test_gpu_gemm_4bit_dx(M, N, K, quant_type, blocksize, nested, dtype, with_acc, gemm_always, rng):
+def test_gpu_gemm_4bit_dx(M, N, K, quant_type, blocksize, nested, dtype, with_acc, gemm_always, gemm_tile, rng):
     _impl("cuda")
     packed, state = quantized_weight(N, K, quant_type, blocksize, nested, rng, "cuda")
     x = random_x((M, N), dtype, rng, "cuda")
@@ -1101,7 +1110,7 @@ def test_gpu_gemm_4bit_dx(M, N, K, quant_type, blocksize, nested, dtype, with_ac
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_gemm_4bit_dx_and_add_kernels_run(dtype, gemm_always, monkeypatch, rng):
+def test_gpu_gemm_4bit_dx_and_add_kernels_run(dtype, gemm_always, gemm_tile, monkeypatch, rng):
     """As for gemm_4bit: the transposed kernel's result is not the dequantize path's to the bit,
     so a difference shows that it ran (gemm_4bit_dx, and gemm_4bit_add_ both ways); both are
     within the bound, and the kernel repeats to the bit."""
@@ -1257,6 +1266,14 @@ def test_gemm_4bit_lora(device, M, K, N, r, dtype, with_bias, scale, gemm_always
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("M,K,N,r,dtype,with_bias,scale", GEMM_LORA_CASES)
+def test_gpu_gemm_4bit_lora_small_tile(M, K, N, r, dtype, with_bias, scale, gemm_always, monkeypatch, rng):
+    """test_gemm_4bit_lora's cases with the kernel's 128-token tile."""
+    monkeypatch.setenv("QLORA_KERNELS_GEMM_TILE", "128")
+    test_gemm_4bit_lora("cuda", M, K, N, r, dtype, with_bias, scale, None, rng)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("r", [64, 24])
 def test_gpu_gemm_4bit_lora_triton(r, rng):
     """The Triton backend's version (LoRA term first, then dequantize + cuBLAS onto it)."""
@@ -1273,7 +1290,7 @@ def test_gpu_gemm_4bit_lora_triton(r, rng):
 @pytest.mark.gpu
 @pytest.mark.skipif(not is_h100_class(), reason="the wgmma kernel runs on compute capability 9.0")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_gemm_4bit_lora_kernel_runs(dtype, gemm_always, monkeypatch, rng):
+def test_gpu_gemm_4bit_lora_kernel_runs(dtype, gemm_always, gemm_tile, monkeypatch, rng):
     """The LoRA steps in the kernel: not the two-pass path's bits (that one rounds the LoRA term to
     x's type before the sum, and cuBLAS runs the base product), both within the bound; the kernel
     repeats to the bit; and a strided xa (the LoRA term written first, then the kernel in place)
