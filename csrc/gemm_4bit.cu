@@ -287,7 +287,7 @@ template <typename T, bool kTransposed, int kTokens>
 __global__ void __launch_bounds__(kGemmThreads, 1)
     gemm_4bit_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap w_map,
                      const __grid_constant__ CUtensorMap s_map, const __grid_constant__ CUtensorMap xa_map,
-                     const T* __restrict__ lora_b, int rank, int lora_steps, float lora_scale,
+                     const T* __restrict__ lora_b, int rank, int num_lora_steps, float lora_scale,
                      const void* __restrict__ absmax, const float* __restrict__ nested_absmax,
                      const float* __restrict__ nested_code, const float* __restrict__ offset,
                      // accumulate may be out itself (gemm_4bit_add_): no __restrict__ on those two
@@ -309,6 +309,8 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
   uint64_t* full = reinterpret_cast<uint64_t*>(reinterpret_cast<uint8_t*>(s_scales) + kGemmStages * kGemmScaleBytes);
   uint64_t* empty = full + kGemmStages;
 
+  // LoRA steps (gemm_4bit_lora) come first in the step sequence; the transposed kernel has none
+  const int lora_steps = kTransposed ? 0 : num_lora_steps;
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = __shfl_sync(0xffffffffu, tid >> 5, 0);
