@@ -6,9 +6,10 @@
 // dequantize_4bit into a 16-bit buffer and then cuBLAS, writes and reads back 2 bytes per weight
 // for nothing: 8192 x 22016 at 4096 tokens spent ~155 us of ~2.1 ms in the dequantize (H100).
 //
-// How (one CTA per tile of 128 weight rows x 256 tokens, walking K in steps of 64):
+// How (one CTA per tile of 128 weight rows x 256 tokens, or x 128 where 256-token tiles would leave
+// most SMs idle (gemm_tile_tokens; the template parameter kTokens), walking K in steps of 64):
 // * D^T = W . x^T: the weight is wgmma's A operand (64 rows per consumer warpgroup, from
-//   registers), x the B operand (256 tokens, from shared memory). A register A operand has the
+//   registers), x the B operand (the tile's tokens, from shared memory). A register A operand has the
 //   mma.sync m16n8k16 layout: lane (g = lane / 4, t = lane % 4) of warp w holds rows 16 w + g and
 //   + 8, columns 2t, 2t + 1 and 2t + 8, 2t + 9 of each 16-column slice s. In packed W those are
 //   the high and low nibble of byte 8 s + t and of byte 8 s + t + 4: byte t of the 4-byte words
@@ -17,13 +18,16 @@
 //   up byte t of every word: a byte permute, a shift-or and one shared load from the byte -> pair
 //   table (decode_4bit.cuh), then one HMUL2 by the row's absmax. A 64-element step is one absmax
 //   block (blocksize a multiple of 64), so a row has one scale a step.
-// * x comes as a 256 x 64 box by the TMA in the 128-byte swizzle that wgmma's descriptor reads;
+// * x comes as a (tokens) x 64 box by the TMA in the 128-byte swizzle that wgmma's descriptor reads;
 //   the packed weight as a 128 x 32-byte box. A producer warp keeps kGemmStages steps in flight
 //   (mbarriers full / empty); the two consumer warpgroups decode step k + 1 while the wgmmas of
 //   step k run (A registers double-buffered, wgmma.wait_group 1).
 // * The epilogue stages the float32 tile in shared memory (the stages' memory, free by then) and
-//   writes each token's 128 outputs as 16-byte stores, adding the bias and `accumulate` (the
-//   LoRA term of matmul_4bit_lora) in float32 before the one rounding, as cuBLAS' beta = 1 does.
+//   writes each token's 128 outputs as 16-byte stores, adding the bias and `accumulate` (an
+//   in-place gemm_4bit_add_'s output) in float32 before the one rounding, as cuBLAS' beta = 1 does.
+// * gemm_4bit_lora (kLora): the LoRA term scale * xa @ B.T is ceil(r / 64) extra steps before K's:
+//   xa's columns come as the x stage, B's rows as the A registers (lora_step_registers), so the
+//   accumulator starts with the LoRA term and nothing is read back in the epilogue.
 // * Near the end of K each thread prefetches its epilogue's accumulate rows into L2.
 // Numerics: the decoded weight is code * absmax rounded to x's type, as in matmul_4bit.cu (the
 // code value and the absmax each rounded to it first); sums in float32.
@@ -255,8 +259,9 @@ __device__ __forceinline__ void decode_step_transposed(uint32_t (&a)[16], uint32
 // pair at the lower column in the low half). B is small and shared by every token tile, so its rows
 // come from L2 with 4-byte loads (rank % 8 == 0: aligned). Rows past N and columns past rank are
 // zeros: xa's columns past rank are zero-filled by the TMA, but 0 x garbage could be NaN. The scale
-// is applied here, rounded to T with each element (exact when it is a power of two, as alpha / r
-// usually is; otherwise one rounding of s * B, like the rounding of B itself).
+// is applied here, rounded to T with each element: in bf16 exact for a power of two (as alpha / r
+// usually is), otherwise one rounding of s * B, like the rounding of B itself; fp16 comes here only
+// with a scale that keeps s * B exact (gemm_4bit_lora).
 template <typename T>
 __device__ __forceinline__ void lora_step_registers(uint32_t (&a)[16], const T* __restrict__ lora_b, int n, int N,
                                                     int rank, int c0, int t, float lora_scale) {
@@ -445,7 +450,7 @@ __global__ void __launch_bounds__(kGemmThreads, 1)
   issue(0, a_even);
   int step = 0;
   // Near the end of K, each consumer thread asks L2 for the accumulate rows of the token its
-  // epilogue starts with (256 threads, 256 tokens, 2 lines of 128 bytes each), so that the
+  // epilogue starts with (one thread a token, 2 lines of 128 bytes each), so that the
   // epilogue's loads of it do not wait for DRAM.
   const int total = lora_steps + nsteps;
   const int prefetch_step = max(0, total - 8);
@@ -671,10 +676,6 @@ __global__ void scale_table_kernel(const void* __restrict__ absmax, const float*
   }
 }
 
-// The token tile with which run_gemm_4bit takes the kernel (0: it does not) for x [M, K] @ W.T (or x [M, N] @ W, transposed), W [N, K]
-// (the operands' shapes and dtypes already checked): forward: K % 64 == 0 (a step is one absmax block
-// of a row); transposed: K % 64 == 0 (a tile's column groups are absmax blocks) and N % 8 == 0 (x's
-// rows start on 16 bytes for the TMA); 16-bit x; sizes in 32 bits; by the rule of gemm_tile_tokens.
 // The kernel for x's type T, the orientation, the token tile and whether it runs LoRA steps.
 template <typename T, int kTokens>
 const void* gemm_kernel_pointer(bool transposed, bool lora) {
@@ -688,11 +689,16 @@ const void* gemm_kernel_pointer(bool transposed, int tokens, bool lora) {
                                : gemm_kernel_pointer<T, kGemmTokensSmall>(transposed, lora);
 }
 
+// The token tile with which run_gemm_4bit takes the kernel (0: it does not) for x [M, K] @ W.T (or
+// x [M, N] @ W, transposed), W [N, K]: forward: K % 64 == 0 (a step is one absmax block of a row);
+// transposed: K % 64 == 0 (a tile's column groups are absmax blocks) and N % 8 == 0 (x's rows start
+// on 16 bytes for the TMA); bf16 or fp16 x; sizes in 32 bits; by the rule of gemm_tile_tokens.
 int gemm_kernel_tile(const at::Tensor& x, const at::Tensor& packed, int64_t blocksize, int64_t N, int64_t K,
                      bool transposed, bool lora = false) {
   const int64_t M = x.size(0);
   const int device = x.get_device();
-  const bool shapes_ok = x.scalar_type() != at::kFloat && K > 0 && K % kGemmStepK == 0 &&
+  const bool sixteen_bit = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
+  const bool shapes_ok = sixteen_bit && K > 0 && K % kGemmStepK == 0 &&
                          (!transposed || N % 8 == 0) && blocksize >= kGemmStepK && M > 0 && N > 0 &&
                          M < (int64_t{1} << 31) && N < (int64_t{1} << 31) && K < (int64_t{1} << 31) &&
                          ceil_div(N * K, blocksize) < (int64_t{1} << 31) && N * K < (int64_t{1} << 40) &&
@@ -716,7 +722,8 @@ struct LoraTerm {
   double scale;
 };
 
-// gemm_4bit (transposed false): out [M, N] = x [M, K] @ W.T (+ bias) (+ accumulate);
+// gemm_4bit (transposed false): out [M, N] = x [M, K] @ W.T (+ bias) (+ accumulate) (+ lora's
+// scale * xa @ B.T, as LoRA steps of the kernel: the caller checked that it takes them);
 // gemm_4bit_dx (true): out [M, K] = x [M, N] @ W; W [N, K] in both. in_place (gemm_4bit_add_):
 // accumulate is also the output, written in place (acc_name is its argument's name).
 at::Tensor run_gemm_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
@@ -789,7 +796,7 @@ at::Tensor run_gemm_4bit(const at::Tensor& x, const at::Tensor& packed, const at
   const bool vector_out = out_width % 8 == 0 && (!bias.has_value() || is_aligned16(bias_c.data_ptr())) &&
                           (!accumulate.has_value() || is_aligned16(acc_c.data_ptr()));
   PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
-  // x [M, reduction] in boxes of 256 tokens x 64 elements, in the 128-byte swizzle
+  // x [M, reduction] in boxes of (tile) tokens x 64 elements, in the 128-byte swizzle
   const CUtensorMap x_map = tensor_map<2>(
       encode, CU_TENSOR_MAP_DATA_TYPE_UINT16, x.data_ptr(),
       {static_cast<cuuint64_t>(reduction), static_cast<cuuint64_t>(M)}, {static_cast<cuuint64_t>(reduction) * 2},
@@ -884,11 +891,12 @@ at::Tensor gemm_4bit_dx(const at::Tensor& x, const at::Tensor& packed, const at:
 }
 
 // x @ W.T + scale * xa @ B.T (+ bias): the LoRA layer's forward after its down-projection xa [M, r].
-// Where the kernel runs, the LoRA term is r / 64 extra steps of its main loop (xa's columns as the
+// Where the kernel runs, the LoRA term is ceil(r / 64) extra steps of its main loop (xa's columns as the
 // x side, B's rows as the weight side) summed in float32 with the product: no [M, N] LoRA term is
 // written and read back (at 4096 tokens x 8192 features, 64 MB each way). Elsewhere (dequantize
-// + cuBLAS, r % 8 != 0, a strided xa or B) the LoRA term (and bias) is written first and the base
-// GEMM adds onto it in place.
+// + cuBLAS, r % 8 != 0, a strided xa or B, fp16 with a scale that s * B could not carry exactly)
+// the LoRA term (and bias) is written first (scale applied in float32) and the base GEMM (the
+// kernel or cuBLAS) adds onto it in place. QLORA_KERNELS_GEMM_LORA=0: that way everywhere.
 at::Tensor gemm_4bit_lora(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, int64_t blocksize,
                           c10::string_view quant_type, int64_t N, const std::optional<at::Tensor>& nested_absmax,
                           const std::optional<at::Tensor>& nested_code, const std::optional<at::Tensor>& offset,
@@ -912,11 +920,18 @@ at::Tensor gemm_4bit_lora(const at::Tensor& x, const at::Tensor& packed, const a
     check_same_device(*bias, "bias", x, "x");
     TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "bias: expected dtype ", x.scalar_type(), " (x's), got ",
                 bias->scalar_type());
-    check_numel(*bias, "bias", N, "N");
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "bias: expected sizes [", num(N), "], got ",
+                dims(bias->sizes()));
   }
   const c10::cuda::CUDAGuard guard(x.device());
-  // QLORA_KERNELS_GEMM_LORA=0: the two-pass way everywhere (for comparisons)
-  const bool fusable = env_flag("QLORA_KERNELS_GEMM_LORA", true) && r > 0 && r % 8 == 0 && r < (int64_t{1} << 20) && xa.is_contiguous() &&
+  // The kernel folds scale into B, rounded to x's type. In bf16 (float32's exponent range) that is
+  // one rounding, none for a power of two. fp16's range is narrow: a small B times a scale below 1
+  // would go subnormal (B ~ 1e-4 early in training, scale 1/64: 1.6e-6), so fp16 takes the kernel
+  // only with a power-of-two scale in [1, 256] (exact short of |B| > 255).
+  int exponent = 0;
+  const bool scale_exact_pow2 = std::frexp(std::fabs(scale), &exponent) == 0.5 && exponent >= 1 && exponent <= 9;
+  const bool scale_ok = x.scalar_type() == at::kBFloat16 || (x.scalar_type() == at::kHalf && scale_exact_pow2);
+  const bool fusable = env_flag("QLORA_KERNELS_GEMM_LORA", true) && scale_ok && r > 0 && r % 8 == 0 && r < (int64_t{1} << 20) && xa.is_contiguous() &&
                        is_aligned16(xa.data_ptr()) && B.is_contiguous() &&
                        reinterpret_cast<uintptr_t>(B.data_ptr()) % 4 == 0 &&
                        gemm_kernel_tile(x, packed, blocksize, N, x.size(1), false, /*lora=*/true) > 0;

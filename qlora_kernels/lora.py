@@ -12,15 +12,16 @@ run under a plain ``torch.autograd.Function`` (``_EagerLoRA``), which costs less
 * ``qlora_kernels::matmul_4bit_lora`` (forward) -> ``(Y, xa)`` with ``xa = dropout(x) @ A.T``
   ``[M, r]`` (with dropout one fused op, ``ops.dropout_linear``: the CUDA kernel reads x once,
   masking it as it multiplies, instead of a dropout pass writing the dropped-out x for a GEMM
-  to read back). The base GEMM is the op ``gemm_4bit``: on an H100 (compute capability 9.0) a
+  to read back). The rest is the op ``gemm_4bit_lora``: on an H100 (compute capability 9.0) a
   wgmma GEMM that reads W in 4 bits and decodes it in registers (``csrc/gemm_4bit.cu``), which
   saves the dequantize pass (8192 x 22016 at 4096 tokens: ~155 us of ~2.1 ms); elsewhere our
   ``dequantize_4bit`` into a bf16/fp16 buffer (freed right after its GEMM, so the caching
   allocator hands the block to the next layer's dequantize), then cuBLAS. The LoRA
-  up-projection is not a separate pass over Y: the op ``gemm_4bit_lora`` takes xa and B, and
-  the wgmma kernel runs ``scale * xa @ B.T`` as r / 64 extra steps of its main loop, so Y is
-  written once and never read back. Where cuBLAS runs instead, the LoRA term (and bias) is
-  written first and the base GEMM adds onto it in place (beta = 1).
+  up-projection is not a separate pass over Y: ``gemm_4bit_lora`` takes xa and B, and the
+  wgmma kernel runs ``scale * xa @ B.T`` as ceil(r / 64) extra steps of its main loop, so Y is
+  written once and never read back. Elsewhere (cuBLAS, r % 8 != 0, fp16 with a scale that is
+  not a power of two in [1, 256]) the LoRA term (and bias) is written first and the base GEMM
+  adds onto it in place.
 * ``qlora_kernels::matmul_4bit_lora_backward`` -> ``(dX, dA, dB)``: ``g = scale * dY @ B``
   ``[M, r]`` is computed once and shared by ``dA = g.T @ dropout(x)`` (with dropout one fused
   op, ``ops.dropout_grad_weight``: x read once, masked on its way into the sum) and

@@ -16,7 +16,6 @@ operation, in the order the kernels use, so that results match to the bit:
 from __future__ import annotations
 
 import functools
-
 import math
 
 import torch
@@ -242,7 +241,7 @@ def gemm_4bit_add_(
 def check_gemm_4bit_lora(x: torch.Tensor, N: int, xa: torch.Tensor, B: torch.Tensor, scale: float,
                          bias: torch.Tensor | None) -> None:
     """gemm_4bit_lora's argument checks (the reference and Triton versions): xa ``[M, r]`` and B
-    ``[N, r]`` in x's dtype and on its device, a finite scale, a bias of N elements."""
+    ``[N, r]`` in x's dtype and on its device, a finite scale, a bias ``[N]``."""
     if x.dim() != 2:
         raise ValueError(f"x: expected a 2-D tensor [M, K], got sizes {list(x.shape)}")
     if xa.dim() != 2 or xa.shape[0] != x.shape[0]:
@@ -256,8 +255,8 @@ def check_gemm_4bit_lora(x: torch.Tensor, N: int, xa: torch.Tensor, B: torch.Ten
             raise ValueError(f"{name}: expected dtype {x.dtype} (x's), got {t.dtype}")
         if t.device != x.device:
             raise ValueError(f"{name}: expected device {x.device} (x's), got {t.device}")
-    if bias is not None and bias.numel() != N:
-        raise ValueError(f"bias: expected {N} elements (N), got {bias.numel()}")
+    if bias is not None and tuple(bias.shape) != (N,):
+        raise ValueError(f"bias: expected sizes [{N}], got {list(bias.shape)}")
     if not math.isfinite(scale):
         raise ValueError(f"scale: expected a finite number, got {scale}")
 

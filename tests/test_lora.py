@@ -542,8 +542,8 @@ def test_gpu_gradients_vs_float32(K, N, M, p, rng):
 @pytest.mark.parametrize("M,K,N", [(300, 4160, 264), (70, 320, 136), (33, 257, 4160)])
 def test_gpu_gradients_through_the_gemm_kernels(M, K, N, p, monkeypatch, rng):
     """The layer with the 4-bit GEMMs forced on small problems (QLORA_KERNELS_GEMM=always): the
-    forward's Y += x @ W.T and the backward's dX += dY @ W in place (gemm_4bit_add_; the last case's
-    K = 257 takes dequantize + cuBLAS in both)."""
+    forward in one kernel with LoRA steps (gemm_4bit_lora) and the backward's dX += dY @ W in place
+    (gemm_4bit_add_); the last case's K = 257 takes dequantize + cuBLAS in both."""
     monkeypatch.setenv("QLORA_KERNELS_GEMM", "always")
     check_against_float32(M, K, N, 16, torch.bfloat16, "cuda", p, rng, bias=True)
 

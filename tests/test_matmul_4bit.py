@@ -912,6 +912,27 @@ def is_h100_class() -> bool:
     return HAS_CUDA and qk.backend() == "cuda" and torch.cuda.get_device_capability() == (9, 0)
 
 
+def gemm_kernel_runs(fn) -> set[tuple[bool, int, bool]]:
+    """(transposed, token tile, LoRA steps) of each wgmma GEMM kernel fn launched, read from the
+    profiler's kernel names: gemm_4bit_kernel<T, transposed, tokens, lora>, demangled or not."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    runs = set()
+    for event in prof.events():
+        name = event.name
+        if "gemm_4bit_kernel" not in name:
+            continue
+        demangled = re.search(r"gemm_4bit_kernel<[^,]+,\s*(true|false),\s*(\d+),\s*(true|false)\s*>", name)
+        mangled = re.search(r"gemm_4bit_kernel\w*?Lb([01])ELi(\d+)ELb([01])E", name)
+        assert demangled or mangled, f"no template arguments in the kernel name {name!r}"
+        if demangled:
+            runs.add((demangled.group(1) == "true", int(demangled.group(2)), demangled.group(3) == "true"))
+        else:
+            runs.add((mangled.group(1) == "1", int(mangled.group(2)), mangled.group(3) == "1"))
+    return runs
+
+
 @pytest.fixture
 def gemm_always(monkeypatch):
     """The wgmma kernel on these small problems too (by default it takes problems of one tile
@@ -975,6 +996,7 @@ def test_gpu_gemm_4bit_kernel_runs_and_matches_the_dequantize_path(dtype, gemm_a
     x = random_x((600, 1024), dtype, rng, "cuda")
     acc = random_x((600, 1000), dtype, rng, "cuda")
     fused = gemm(x, packed, state, None, acc)
+    assert gemm_kernel_runs(lambda: gemm(x, packed, state, None, acc)) == {(False, gemm_tile, False)}
     monkeypatch.setenv("QLORA_KERNELS_GEMM", "0")
     plain = gemm(x, packed, state, None, acc)
     want = expected(x, packed, state) + acc.cpu().float()
@@ -1128,6 +1150,7 @@ def test_gpu_gemm_4bit_dx_and_add_kernels_run(dtype, gemm_always, gemm_tile, mon
         return gemm_dx(dy, packed, state), out_dx, out
 
     fused = run()
+    assert gemm_kernel_runs(run) == {(True, gemm_tile, False), (False, gemm_tile, False)}
     monkeypatch.setenv("QLORA_KERNELS_GEMM", "0")
     plain = run()
     wants = (dy.cpu().float() @ W, dy.cpu().float() @ W + acc_dx.cpu().float(), x.cpu().float() @ W.T + acc.cpu().float())
@@ -1237,25 +1260,31 @@ def expected_lora(x, packed, state, xa, B, scale, bias=None):
     return expected(x, packed, state, bias) + scale * (xa.cpu().float() @ B.cpu().float().T)
 
 
-# (M, K, N, r, dtype, bias, scale): one LoRA step (r 64), columns past r read as zeros (16, 8),
-# two steps, the second 8 wide (72), two full ones (128); N not a multiple of the 128-row tile
-# (1000, 136, 264, 200), partial token tiles, K of one step (64) and of 65 (4160); scales that are
-# not powers of two (s * B is then rounded to x's type once). r = 12 (r % 8 != 0) writes the LoRA
-# term first and adds the kernel's product onto it in place.
+# (M, K, N, r, dtype, bias, scale, quant_type, blocksize, nested): one LoRA step (r 64), columns
+# past r read as zeros (16, 8), two steps, the second 8 wide (72), two full ones (128), four (256:
+# the producer waits for a slot during the LoRA steps); N not a multiple of the 128-row tile (1000,
+# 136, 264, 200, 257: the element-wise epilogue), partial token tiles, K of one step (64) and of 65
+# (4160); bf16 scales that are not powers of two (s * B is then rounded to bf16 once); both
+# formats, plain absmax, blocksizes above 64. Two-pass (the LoRA term first, then the base GEMM in
+# place): r = 12 (r % 8 != 0), fp16 with scale 0.3 (not an exact power of two in [1, 256]), float32.
 GEMM_LORA_CASES = [
-    (300, 1024, 1000, 64, torch.bfloat16, True, 0.25),
-    (1300, 320, 136, 16, torch.float16, False, 2.0),
-    (70, 4160, 264, 72, torch.bfloat16, True, 1 / 3),
-    (257, 64, 4288, 8, torch.bfloat16, False, 0.5),
-    (40, 128, 72, 128, torch.float16, True, 0.3),
-    (33, 256, 200, 12, torch.bfloat16, True, 0.75),
+    (300, 1024, 1000, 64, torch.bfloat16, True, 0.25, "nf4", 64, True),
+    (1300, 320, 136, 16, torch.float16, False, 2.0, "nf4", 64, True),
+    (70, 4160, 264, 72, torch.bfloat16, True, 1 / 3, "nf4", 64, True),
+    (257, 64, 4288, 8, torch.bfloat16, False, 0.5, "fp4", 64, False),
+    (40, 128, 72, 128, torch.float16, True, 1.0, "nf4", 256, True),
+    (300, 512, 257, 256, torch.bfloat16, True, -0.5, "fp4", 128, False),
+    (33, 256, 200, 12, torch.bfloat16, True, 0.75, "nf4", 64, True),
+    (40, 128, 72, 16, torch.float16, True, 0.3, "nf4", 64, True),
+    (65, 192, 136, 16, torch.float32, True, 0.5, "nf4", 64, True),
 ]
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-@pytest.mark.parametrize("M,K,N,r,dtype,with_bias,scale", GEMM_LORA_CASES)
-def test_gemm_4bit_lora(device, M, K, N, r, dtype, with_bias, scale, gemm_always, rng):
-    packed, state = quantized_weight(N, K, "nf4", 64, True, rng, device)
+@pytest.mark.parametrize("M,K,N,r,dtype,with_bias,scale,quant_type,blocksize,nested", GEMM_LORA_CASES)
+def test_gemm_4bit_lora(device, M, K, N, r, dtype, with_bias, scale, quant_type, blocksize, nested, gemm_always,
+                        rng):
+    packed, state = quantized_weight(N, K, quant_type, blocksize, nested, rng, device)
     x, xa, B = lora_operands(M, K, N, r, dtype, rng, device, packed, state)
     bias = random_x((N,), dtype, rng, device) if with_bias else None
     out = gemm_lora(x, packed, state, xa, B, scale, bias)
@@ -1266,11 +1295,12 @@ def test_gemm_4bit_lora(device, M, K, N, r, dtype, with_bias, scale, gemm_always
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M,K,N,r,dtype,with_bias,scale", GEMM_LORA_CASES)
-def test_gpu_gemm_4bit_lora_small_tile(M, K, N, r, dtype, with_bias, scale, gemm_always, monkeypatch, rng):
+@pytest.mark.parametrize("M,K,N,r,dtype,with_bias,scale,quant_type,blocksize,nested", GEMM_LORA_CASES)
+def test_gpu_gemm_4bit_lora_small_tile(M, K, N, r, dtype, with_bias, scale, quant_type, blocksize, nested,
+                                       gemm_always, monkeypatch, rng):
     """test_gemm_4bit_lora's cases with the kernel's 128-token tile."""
     monkeypatch.setenv("QLORA_KERNELS_GEMM_TILE", "128")
-    test_gemm_4bit_lora("cuda", M, K, N, r, dtype, with_bias, scale, None, rng)
+    test_gemm_4bit_lora("cuda", M, K, N, r, dtype, with_bias, scale, quant_type, blocksize, nested, None, rng)
 
 
 @pytest.mark.gpu
@@ -1291,24 +1321,50 @@ def test_gpu_gemm_4bit_lora_triton(r, rng):
 @pytest.mark.skipif(not is_h100_class(), reason="the wgmma kernel runs on compute capability 9.0")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_gemm_4bit_lora_kernel_runs(dtype, gemm_always, gemm_tile, monkeypatch, rng):
-    """The LoRA steps in the kernel: not the two-pass path's bits (that one rounds the LoRA term to
-    x's type before the sum, and cuBLAS runs the base product), both within the bound; the kernel
-    repeats to the bit; and a strided xa (the LoRA term written first, then the kernel in place)
-    gives the same values."""
+    """The LoRA steps in the kernel (the profiler names the kernel that ran): not the dequantize
+    path's bits (that one rounds the LoRA term to x's type before the sum, and cuBLAS runs the base
+    product), both within the bound; the kernel repeats to the bit. A strided xa, and in fp16 a
+    scale below 1, take the two-pass way (the LoRA term first, then the kernel without LoRA steps
+    in place): within the bound, not the same bits."""
     _impl("cuda")
     packed, state = quantized_weight(1000, 1024, "nf4", 64, True, rng, "cuda")
     x, xa, B = lora_operands(600, 1024, 1000, 64, dtype, rng, "cuda", packed, state)
-    want = expected_lora(x, packed, state, xa, B, 0.25)
-    fused = gemm_lora(x, packed, state, xa, B, 0.25)
+    want = expected_lora(x, packed, state, xa, B, 2.0)
+    fused = gemm_lora(x, packed, state, xa, B, 2.0)
+    assert gemm_kernel_runs(lambda: gemm_lora(x, packed, state, xa, B, 2.0)) == {(False, gemm_tile, True)}
     monkeypatch.setenv("QLORA_KERNELS_GEMM", "0")
-    plain = gemm_lora(x, packed, state, xa, B, 0.25)
+    plain = gemm_lora(x, packed, state, xa, B, 2.0)
+    assert gemm_kernel_runs(lambda: gemm_lora(x, packed, state, xa, B, 2.0)) == set()
     assert not torch.equal(fused, plain)
     assert rel_err(fused, want) < TOL[dtype] and rel_err(plain, want) < TOL[dtype]
     monkeypatch.setenv("QLORA_KERNELS_GEMM", "always")
-    assert torch.equal(gemm_lora(x, packed, state, xa, B, 0.25), fused)
+    assert torch.equal(gemm_lora(x, packed, state, xa, B, 2.0), fused)
     xa_strided = torch.empty(600, 128, dtype=dtype, device="cuda")[:, ::2].copy_(xa)
-    two_pass = gemm_lora(x, packed, state, xa_strided, B, 0.25)
+    two_pass = gemm_lora(x, packed, state, xa_strided, B, 2.0)
+    assert gemm_kernel_runs(lambda: gemm_lora(x, packed, state, xa_strided, B, 2.0)) == {(False, gemm_tile, False)}
     assert not torch.equal(two_pass, fused) and rel_err(two_pass, want) < TOL[dtype]
+    fused_small_scale = {(False, gemm_tile, dtype == torch.bfloat16)}
+    assert gemm_kernel_runs(lambda: gemm_lora(x, packed, state, xa, B, 0.25)) == fused_small_scale
+    assert rel_err(gemm_lora(x, packed, state, xa, B, 0.25), expected_lora(x, packed, state, xa, B, 0.25)) < TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not is_h100_class(), reason="the wgmma kernel runs on compute capability 9.0")
+def test_gpu_gemm_4bit_default_tile(monkeypatch, rng):
+    """The default rule (nothing forced): 8192 weight rows at 128 tokens take 128-token tiles (64
+    tiles; a 256-token one would be half empty), at 512 tokens 256-token tiles (128 tiles); 1024
+    rows at 128 tokens have too few tiles and dequantize (no kernel)."""
+    _impl("cuda")
+    for var in ("QLORA_KERNELS_GEMM", "QLORA_KERNELS_GEMM_TILE"):
+        monkeypatch.delenv(var, raising=False)
+    packed, state = quantized_weight(8192, 256, "nf4", 64, True, rng, "cuda")
+    for M, tile in ((128, 128), (512, 256)):
+        x = random_x((M, 256), torch.bfloat16, rng, "cuda")
+        assert gemm_kernel_runs(lambda: gemm(x, packed, state)) == {(False, tile, False)}
+        assert rel_err(gemm(x, packed, state), expected(x, packed, state)) < 1e-2
+    packed, state = quantized_weight(1024, 256, "nf4", 64, True, rng, "cuda")
+    x = random_x((128, 256), torch.bfloat16, rng, "cuda")
+    assert gemm_kernel_runs(lambda: gemm(x, packed, state)) == set()
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -1323,7 +1379,8 @@ def test_gemm_4bit_lora_errors_name_the_argument(device, rng):
         ((x, packed, state, xa, B[:, :8], 0.5), "B: expected sizes [136, 16]"),
         ((x, packed, state, xa, B.float(), 0.5), "B: expected dtype"),
         ((x, packed, state, xa, B, float("nan")), "scale: expected a finite number"),
-        ((x, packed, state, xa, B, 0.5, random_x((135,), torch.bfloat16, rng, device)), "bias: expected"),
+        ((x, packed, state, xa, B, 0.5, random_x((135,), torch.bfloat16, rng, device)), "bias: expected sizes [136]"),
+        ((x, packed, state, xa, B, 0.5, random_x((136, 1), torch.bfloat16, rng, device)), "bias: expected sizes [136]"),
     ]
     for args, message in cases:
         with pytest.raises(error, match=re.escape(message)):

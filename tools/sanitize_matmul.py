@@ -12,9 +12,11 @@ plain and double-quantized absmax, with and without bias. On sm_90 M = 1 and 3 t
 bulk-copy kernel; they run again with it turned off, and once with more row tiles than its
 persistent grid has CTAs, alone and grouped. On sm_90 9-64 tokens take the rows kernel; each of
 its configurations runs, and the register kernel in its place. Then gemm_4bit, the many-token
-op (on sm_90 its wgmma kernel).
+op (on sm_90 its wgmma kernel, with both token tiles), gemm_4bit_dx, gemm_4bit_add_ and
+gemm_4bit_lora (the kernel's LoRA steps).
 """
 
+import itertools
 import os
 import sys
 
@@ -81,7 +83,8 @@ del os.environ["QLORA_KERNELS_MM_ROWS"]
 # 16-byte one), 65 K steps, with and without bias and accumulate, both dtypes and formats
 print("gemm_4bit", flush=True)
 os.environ["QLORA_KERNELS_GEMM"] = "always"
-for N, qt, bs, dq in ((257, "nf4", 64, True), (264, "fp4", 128, False)):
+for (N, qt, bs, dq), tile in itertools.product(((257, "nf4", 64, True), (264, "fp4", 128, False)), ("256", "128")):
+    os.environ["QLORA_KERNELS_GEMM_TILE"] = tile  # both token tiles of the kernel
     W = torch.randn(N, 4160, device="cuda", generator=g)
     packed, st = qk.quantize_4bit(W, quant_type=qt, blocksize=bs, double_quant=dq)
     for dtype in (torch.bfloat16, torch.float16):
@@ -107,6 +110,6 @@ for N, qt, bs, dq in ((257, "nf4", 64, True), (264, "fp4", 128, False)):
             B = torch.randn(N, r, device="cuda", generator=g).to(dtype)
             torch.ops.qlora_kernels.gemm_4bit_lora(x, packed, st.absmax, bs, qt, N, *_nested_args(st), xa, B, 0.5,
                                                    bias)
-del os.environ["QLORA_KERNELS_GEMM"]
+del os.environ["QLORA_KERNELS_GEMM"], os.environ["QLORA_KERNELS_GEMM_TILE"]
 torch.cuda.synchronize()
 print("sanitize_matmul: all paths ran")
