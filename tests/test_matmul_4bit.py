@@ -914,22 +914,20 @@ def is_h100_class() -> bool:
 
 def gemm_kernel_runs(fn) -> set[tuple[bool, int, bool]]:
     """(transposed, token tile, LoRA steps) of each wgmma GEMM kernel fn launched, read from the
-    profiler's kernel names: gemm_4bit_kernel<T, transposed, tokens, lora>, demangled or not."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
+    profiler's kernel names: gemm_4bit_kernel<T, transposed, tokens, lora> (bools as true/false
+    or 1/0), or the mangled name."""
+    _, names = _kernel_names(fn)
+    flag = {"true": True, "1": True, "false": False, "0": False}
     runs = set()
-    for event in prof.events():
-        name = event.name
+    for name in names:
         if "gemm_4bit_kernel" not in name:
             continue
-        demangled = re.search(r"gemm_4bit_kernel<[^,]+,\s*(true|false),\s*(\d+),\s*(true|false)\s*>", name)
+        demangled = re.search(r"gemm_4bit_kernel<[^,]+,\s*(?:\(bool\))?(true|false|1|0),\s*(\d+),"
+                              r"\s*(?:\(bool\))?(true|false|1|0)\s*>", name)
         mangled = re.search(r"gemm_4bit_kernel\w*?Lb([01])ELi(\d+)ELb([01])E", name)
-        assert demangled or mangled, f"no template arguments in the kernel name {name!r}"
-        if demangled:
-            runs.add((demangled.group(1) == "true", int(demangled.group(2)), demangled.group(3) == "true"))
-        else:
-            runs.add((mangled.group(1) == "1", int(mangled.group(2)), mangled.group(3) == "1"))
+        found = demangled or mangled
+        assert found, f"no template arguments in the kernel name {name!r}"
+        runs.add((flag[found.group(1)], int(found.group(2)), flag[found.group(3)]))
     return runs
 
 
