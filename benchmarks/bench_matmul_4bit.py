@@ -17,6 +17,7 @@ crossover to the dequantize path.
 from __future__ import annotations
 
 import argparse
+import re
 
 import torch
 import torch.nn.functional as Fn
@@ -72,7 +73,7 @@ def make_cases(N: int, K: int, copies: int, bnb_F):
 def run(shapes, ms, copy_gbs, bnb_F, rep_ms):
     from qlora_kernels.matmul import fused_max_m
 
-    header = (f"{'model':<5}{'shape':<13}{'M':>4} {'impl':<8}{'path':<7}{'time us':>9}{'GB/s':>7}{'% copy':>8}"
+    header = (f"{'model':<5}{'shape':<13}{'M':>4} {'impl':<8}{'path':<9}{'time us':>9}{'GB/s':>7}{'% copy':>8}"
               f"{'vs bf16':>9}{'vs bnb':>8}{'eager us':>10}")
     print(header)
     print("-" * len(header))
@@ -89,14 +90,15 @@ def run(shapes, ms, copy_gbs, bnb_F, rep_ms):
                 items = list(zip(xs, pool))
                 times[name], eager[name] = common.bench_gpu_and_eager(
                     name, lambda item, fn=fn: fn(item), items, rep_ms=rep_ms)
+            paths = {"triton": "fused", "ours": "fused" if M <= fused_max_m() else
+                     gemm_path(lambda: cases["ours"][0]((xs[0], cases["ours"][1][0])))}
             for name, ms_ in times.items():
                 nbytes = cases[name][2]
                 gbs = nbytes / ms_ / 1e6
                 vs_bf16 = times["bf16"] / ms_
                 vs_bnb = times["bnb"] / ms_ if "bnb" in times and name != "bnb" else None
-                path = "fused" if name == "triton" or (name == "ours" and M <= fused_max_m()) else (
-                    "deq" if name == "ours" else "")
-                print(f"{model_of(shape):<5}{shape:<13}{M:>4} {name:<8}{path:<7}{ms_ * 1e3:>9.1f}{gbs:>7.0f}"
+                path = paths.get(name, "")
+                print(f"{model_of(shape):<5}{shape:<13}{M:>4} {name:<8}{path:<9}{ms_ * 1e3:>9.1f}{gbs:>7.0f}"
                       f"{100 * gbs / copy_gbs:>7.1f}%{vs_bf16:>8.2f}x"
                       + (f"{vs_bnb:>7.2f}x" if vs_bnb else " " * 8) + f"{eager[name] * 1e3:>10.1f}", flush=True)
                 rows.append({"model": model_of(shape), "shape": shape, "N": N, "K": K, "M": M, "impl": name,
@@ -107,6 +109,21 @@ def run(shapes, ms, copy_gbs, bnb_F, rep_ms):
         del cases
         torch.cuda.empty_cache()
     return rows
+
+
+def gemm_path(call) -> str:
+    """Which path ``call`` (ours above the fused kernel's rows: the op gemm_4bit) took, from the
+    kernels one profiled call launched: "wgmma256" / "wgmma128" (csrc/gemm_4bit.cu's kernel and
+    its token tile) or "deq" (dequantize + cuBLAS)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    for event in prof.events():
+        found = re.search(r"gemm_4bit_kernel(?:<[^,]+,\s*(?:\(bool\))?(?:true|false|1|0),\s*(\d+)|\w*?Lb[01]ELi(\d+)E)",
+                          event.name)
+        if found:
+            return "wgmma" + (found.group(1) or found.group(2))
+    return "deq"
 
 
 # The tiles csrc/matmul_4bit.cu compiles (its kCompiled), by n-tiles of 8 tokens T, as
