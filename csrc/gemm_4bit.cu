@@ -125,45 +125,37 @@ static_assert(kGemmTokens * kGemmOutPitch * 4 <= gemm_stage_area(kGemmTokens) &&
               "the staged output tile fits in the stages");
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// One wgmma with a register A operand: SHAPE (m64n256k16 / m64n128k16), AB the inputs' type (bf16,
+// f16), D_REGS the accumulators' operand list, A_DESC the operands of a0..a3 and of the descriptor.
+#define QK_WGMMA_REGISTER_A(SHAPE, AB, D_REGS, A_DESC)                                             \
+  "{\n.reg .pred p;\nsetp.eq.u32 p, 1, 1;\n"                                                     \
+  "wgmma.mma_async.sync.aligned." SHAPE ".f32." AB "." AB " {" D_REGS "}, " A_DESC ", p, 1, 1, 0;\n}\n"
+
 // d += a (four registers: the m64k16 A operand) x B (k16 x 256 tokens in shared memory at desc).
 template <typename T>
 __device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                                  uint64_t desc) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.eq.u32 p, 1, 1;\n"
-        "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {" QK_WGMMA_D_REGS
-        "}, {%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"
-        : QK_WGMMA_D_OPERANDS
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc));
-  } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.eq.u32 p, 1, 1;\n"
-        "wgmma.mma_async.sync.aligned.m64n256k16.f32.f16.f16 {" QK_WGMMA_D_REGS
-        "}, {%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"
-        : QK_WGMMA_D_OPERANDS
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc));
-  }
+#define QK_A_DESC "{%128, %129, %130, %131}, %132"
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    asm volatile(QK_WGMMA_REGISTER_A("m64n256k16", "bf16", QK_WGMMA_D_REGS, QK_A_DESC)
+                 : QK_WGMMA_D_OPERANDS : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc));
+  else
+    asm volatile(QK_WGMMA_REGISTER_A("m64n256k16", "f16", QK_WGMMA_D_REGS, QK_A_DESC)
+                 : QK_WGMMA_D_OPERANDS : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc));
+#undef QK_A_DESC
 }
 // The same with 128 tokens (64 accumulators).
 template <typename T>
 __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                                  uint64_t desc) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.eq.u32 p, 1, 1;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {" QK_WGMMA_D64_REGS
-        "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
-        : QK_WGMMA_D64_OPERANDS
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc));
-  } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.eq.u32 p, 1, 1;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 {" QK_WGMMA_D64_REGS
-        "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
-        : QK_WGMMA_D64_OPERANDS
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc));
-  }
+#define QK_A_DESC "{%64, %65, %66, %67}, %68"
+  if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    asm volatile(QK_WGMMA_REGISTER_A("m64n128k16", "bf16", QK_WGMMA_D64_REGS, QK_A_DESC)
+                 : QK_WGMMA_D64_OPERANDS : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc));
+  else
+    asm volatile(QK_WGMMA_REGISTER_A("m64n128k16", "f16", QK_WGMMA_D64_REGS, QK_A_DESC)
+                 : QK_WGMMA_D64_OPERANDS : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc));
+#undef QK_A_DESC
 }
 template <typename T, int kTokens>
 __device__ __forceinline__ void wgmma_tile_k16(float (&d)[kTokens / 2], uint32_t a0, uint32_t a1, uint32_t a2,
